@@ -1,0 +1,52 @@
+// Deterministic work splitting for the CPU kernels.
+//
+// Work (images, rows) is cut into at most one chunk per thread. Each chunk
+// owns its slice of the weight-gradient accumulators, and the slices are
+// summed in chunk order afterwards, so results depend only on the thread
+// count, never on scheduling.
+#pragma once
+
+#include <algorithm>
+#include <utility>
+
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/core/Tensor.h>
+
+namespace tucker_ops::cpu {
+
+// Number of chunks for `work` items with at least `min_items` per chunk.
+inline int64_t num_chunks(int64_t work, int64_t min_items) {
+  if (work <= 0) return 0;
+  const int64_t by_work = (work + min_items - 1) / min_items;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_work));
+}
+
+// Half-open item range [begin, end) of chunk c out of n over `work` items.
+inline std::pair<int64_t, int64_t> chunk_range(int64_t c, int64_t n, int64_t work) {
+  const int64_t base = work / n, rem = work % n;
+  const int64_t begin = c * base + std::min(c, rem);
+  return {begin, begin + base + (c < rem ? 1 : 0)};
+}
+
+// Runs body(chunk) for every chunk in [0, n), in parallel. at::parallel_for
+// does not carry the caller's thread-local state (grad mode, inference mode,
+// dispatch-key exclusions) to its OpenMP workers, so it is restored here:
+// the at:: calls inside a kernel must see the same state on every thread.
+template <typename F>
+void for_each_chunk(int64_t n, const F& body) {
+  const at::ThreadLocalState state;
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t c = begin; c < end; ++c) body(c);
+  });
+}
+
+// Sums a (chunks, ...) accumulator over its first dimension in chunk order.
+inline at::Tensor sum_chunks(const at::Tensor& acc) {
+  at::Tensor total = acc.select(0, 0).clone();
+  for (int64_t c = 1; c < acc.size(0); ++c) total.add_(acc.select(0, c));
+  return total;
+}
+
+}  // namespace tucker_ops::cpu

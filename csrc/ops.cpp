@@ -1,0 +1,28 @@
+// The op contract: the one place the schemas are written in C++.
+// Backends (csrc/cpu, csrc/cuda) add kernels with TORCH_LIBRARY_IMPL; fake
+// (meta) kernels and autograd are registered from tucker_ops/_ops.py.
+//
+// The backward ops return (grad_input, grad_first, grad_core, grad_last,
+// grad_bias). An entry not requested in output_mask, or whose argument is
+// None, is an empty tensor of shape (0,).
+#include <torch/library.h>
+
+TORCH_LIBRARY(tucker_ops, m) {
+  // pt2_compliant: the ops have fake kernels and register_autograd formulas,
+  // so torch.compile / torch.export may trace through them.
+  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
+  m.def(
+      "tucker_conv2d(Tensor input, Tensor? first, Tensor core, Tensor? last, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
+      tags);
+  m.def("tucker_linear(Tensor input, Tensor? first, Tensor core, Tensor? last, Tensor? bias) -> Tensor", tags);
+  m.def(
+      "tucker_conv2d_backward(Tensor grad_output, Tensor input, Tensor? first, Tensor core, Tensor? last, "
+      "int[2] stride, int[2] padding, int[2] dilation, bool[5] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      tags);
+  m.def(
+      "tucker_linear_backward(Tensor grad_output, Tensor input, Tensor? first, Tensor core, Tensor? last, "
+      "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      tags);
+}

@@ -1,0 +1,525 @@
+"""The registered ``tucker_ops`` torch ops, seen from Python.
+
+Loads the compiled library (``tucker_ops._C``, which defines the schemas and the
+backend kernels), registers the fake (meta) kernels and the autograd formulas,
+and exposes the entry points that pick the fused op or ``reference.py``.
+
+The fake kernels repeat the C++ shape checks (csrc/checks.cpp) with
+``torch._check_*`` so that meta tensors, fake tensors and symbolic shapes raise
+the same errors eager mode does, and never return a wrong output shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.machinery
+import pathlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["tucker_conv2d", "tucker_linear", "use_reference"]
+
+_BACKENDS = ("fused", "reference")
+
+
+# -- loading ------------------------------------------------------------------------
+
+
+def _library_loaded() -> bool:
+    # Another copy (for example a CMake build loaded with torch.ops.load_library)
+    # may already have defined the ops; defining them twice is an error.
+    return hasattr(torch.ops.tucker_ops, "tucker_conv2d")
+
+
+def _load_library() -> None:
+    if _library_loaded():
+        return
+    # Look next to this file only: an import-system search could find the _C of
+    # another copy of the package (an editable install's finder, say).
+    here = pathlib.Path(__file__).resolve().parent
+    candidates = [here / f"_C{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    origin = next((str(path) for path in candidates if path.is_file()), None)
+    if origin is None:
+        raise ImportError(
+            "tucker_ops._C, the compiled extension with the tucker_ops kernels, was not found. "
+            "Build it from the repository root with `pip install --no-build-isolation -e .` "
+            "(or `python setup.py build_ext --inplace`), or install a built wheel."
+        )
+    try:
+        torch.ops.load_library(origin)
+    except OSError as e:
+        raise ImportError(
+            f"tucker_ops._C at {origin} could not be loaded ({e}). It was probably built against "
+            f"another torch than the installed {torch.__version__}; rebuild it with "
+            "`pip install --no-build-isolation -e .`."
+        ) from e
+
+
+_load_library()
+_OPS = torch.ops.tucker_ops
+
+
+# -- shape checks for the fake kernels (mirror csrc/checks.cpp) -----------------------
+
+# Dtypes the compiled backends implement, per device type. Devices not listed
+# (meta) accept every floating dtype, since no real kernel will run.
+_BACKEND_DTYPES: dict[str, tuple[torch.dtype, ...]] = {"cpu": (torch.float32, torch.float64)}
+
+
+def _check_tensors(op: str, input: Tensor, named: Sequence[tuple[str, Tensor | None]]) -> None:
+    supported = _BACKEND_DTYPES.get(input.device.type)
+    if supported is None:
+        torch._check_type(
+            input.dtype.is_floating_point,
+            lambda: f"{op}: expected input to have a floating dtype, but got {input.dtype}",
+        )
+    else:
+        torch._check_type(
+            input.dtype in supported,
+            lambda: f"{op}: expected input to have one of the dtypes {', '.join(map(str, supported))} "
+            f"(supported on {input.device.type}), but got {input.dtype}",
+        )
+    for name, t in named:
+        if t is None:
+            continue
+        torch._check_type(
+            t.dtype == input.dtype,
+            lambda: f"{op}: expected {name} to have the same dtype as input ({input.dtype}), but got {t.dtype}",
+        )
+        torch._check(
+            t.device == input.device,
+            lambda: f"{op}: expected {name} to be on the same device as input ({input.device}), but got {t.device}",
+        )
+
+
+def _check_dim(op: str, t: Tensor | None, name: str, dim: int, layout: str) -> None:
+    if t is not None:
+        torch._check_value(
+            t.dim() == dim,
+            lambda: f"{op}: expected {name} to be {dim}-D {layout}, but got a {t.dim()}-D tensor "
+            f"of shape {list(t.shape)}",
+        )
+
+
+def _check_no_zero_dims(op: str, t: Tensor | None, name: str, layout: str) -> None:
+    if t is None:
+        return
+    for size in t.shape:
+        torch._check_value(
+            size > 0,
+            lambda: f"{op}: expected {name} {layout} to have no zero-size dimension, but got shape {list(t.shape)}",
+        )
+
+
+def _check_factors(
+    op: str,
+    channels_in,
+    first: Tensor | None,
+    core: Tensor,
+    last: Tensor | None,
+    bias: Tensor | None,
+    channels: str,
+    channels_src: str,
+    out_channels: str,
+):
+    """Rank/channel consistency; returns the output feature count (C_out / out)."""
+    if first is not None:
+        torch._check_value(
+            first.shape[1] == channels_in,
+            lambda: f"{op}: expected first to have shape (R_in, {channels}) with {channels} = {channels_in} "
+            f"({channels_src}), but got first of shape {list(first.shape)}",
+        )
+        torch._check_value(
+            core.shape[1] == first.shape[0],
+            lambda: f"{op}: expected core.size(1) to equal R_in = {first.shape[0]} (first.size(0)), "
+            f"but got core of shape {list(core.shape)}",
+        )
+    else:
+        torch._check_value(
+            core.shape[1] == channels_in,
+            lambda: f"{op}: expected core.size(1) to equal {channels} = {channels_in} ({channels_src}; "
+            f"first is None), but got core of shape {list(core.shape)}",
+        )
+    out_features = core.shape[0]
+    if last is not None:
+        torch._check_value(
+            last.shape[1] == core.shape[0],
+            lambda: f"{op}: expected last to have shape ({out_channels}, R_out) with R_out = {core.shape[0]} "
+            f"(core.size(0)), but got last of shape {list(last.shape)}",
+        )
+        out_features = last.shape[0]
+    if bias is not None:
+        source = "last.size(0)" if last is not None else "core.size(0); last is None"
+        torch._check_value(
+            bias.shape[0] == out_features,
+            lambda: f"{op}: expected bias to have shape ({out_features},) ({source}), "
+            f"but got bias of shape {list(bias.shape)}",
+        )
+    return out_features
+
+
+def _check_pair(op: str, value: Sequence, name: str, minimum: int, bound: str) -> None:
+    torch._check_value(
+        len(value) == 2,
+        lambda: f"{op}: expected {name} to have 2 elements (h, w), but got a list of length {len(value)}: "
+        f"{list(value)}",
+    )
+    torch._check_value(
+        value[0] >= minimum and value[1] >= minimum,
+        lambda: f"{op}: expected every element of {name} to be {bound}, but got {name} = {list(value)}",
+    )
+
+
+def _conv2d_output_shape(
+    op: str,
+    input: Tensor,
+    first: Tensor | None,
+    core: Tensor,
+    last: Tensor | None,
+    bias: Tensor | None,
+    stride: Sequence,
+    padding: Sequence,
+    dilation: Sequence,
+) -> tuple:
+    """Validates conv arguments like ``check_tucker_conv2d_args``; returns ``(N, C_out, H_out, W_out)``."""
+    _check_tensors(op, input, (("first", first), ("core", core), ("last", last), ("bias", bias)))
+    _check_dim(op, input, "input", 4, "(N, C_in, H, W)")
+    _check_dim(op, first, "first", 2, "(R_in, C_in)")
+    _check_dim(op, core, "core", 4, "(R_out, R_in, kh, kw)")
+    _check_dim(op, last, "last", 2, "(C_out, R_out)")
+    _check_dim(op, bias, "bias", 1, "(C_out,)")
+    n, c_in, h, w = input.shape
+    torch._check_value(
+        c_in > 0 and h > 0 and w > 0,
+        lambda: f"{op}: expected input (N, C_in, H, W) to have non-zero C_in, H and W (only N may be 0), "
+        f"but got shape {list(input.shape)}",
+    )
+    _check_no_zero_dims(op, first, "first", "(R_in, C_in)")
+    _check_no_zero_dims(op, core, "core", "(R_out, R_in, kh, kw)")
+    _check_no_zero_dims(op, last, "last", "(C_out, R_out)")
+    c_out = _check_factors(op, c_in, first, core, last, bias, "C_in", "input.size(1)", "C_out")
+    _check_pair(op, stride, "stride", 1, ">= 1")
+    _check_pair(op, padding, "padding", 0, ">= 0")
+    _check_pair(op, dilation, "dilation", 1, ">= 1")
+    kh, kw = core.shape[2], core.shape[3]
+    for dim, size, k, pad, dil in (("H", h, kh, padding[0], dilation[0]), ("W", w, kw, padding[1], dilation[1])):
+        # The kernels index with int64; plain-int arguments that would overflow it are rejected there too.
+        if all(type(v) is int for v in (size, k, pad, dil)):
+            torch._check_value(
+                size + 2 * pad < 2**63 and dil * (k - 1) < 2**63,
+                lambda: f"{op}: padding or dilation along {dim} is too large: input size {size}, kernel size {k}, "
+                f"padding {pad}, dilation {dil} overflow 64-bit index arithmetic",
+            )
+    # numerator + 1 is the number of valid kernel positions; < 0 means none.
+    num_h = h + 2 * padding[0] - dilation[0] * (kh - 1) - 1
+    num_w = w + 2 * padding[1] - dilation[1] * (kw - 1) - 1
+    torch._check_value(
+        num_h >= 0 and num_w >= 0,
+        lambda: f"{op}: kernel (kh, kw) = ({kh}, {kw}) with dilation {list(dilation)} does not fit the padded "
+        f"input (H + 2*pad_h, W + 2*pad_w) = ({h + 2 * padding[0]}, {w + 2 * padding[1]}); expected an output "
+        f"size (H_out, W_out) of at least (1, 1), but got "
+        f"({max(num_h // stride[0] + 1, 0)}, {max(num_w // stride[1] + 1, 0)})",
+    )
+    return (n, c_out, num_h // stride[0] + 1, num_w // stride[1] + 1)
+
+
+def _linear_output_shape(
+    op: str, input: Tensor, first: Tensor | None, core: Tensor, last: Tensor | None, bias: Tensor | None
+) -> tuple:
+    """Validates linear arguments like ``check_tucker_linear_args``; returns ``(..., out)``."""
+    _check_tensors(op, input, (("first", first), ("core", core), ("last", last), ("bias", bias)))
+    torch._check_value(
+        input.dim() >= 1,
+        lambda: f"{op}: expected input to be at least 1-D (..., in), but got a 0-D tensor (a scalar)",
+    )
+    _check_dim(op, first, "first", 2, "(R_in, in)")
+    _check_dim(op, core, "core", 2, "(R_out, R_in)")
+    _check_dim(op, last, "last", 2, "(out, R_out)")
+    _check_dim(op, bias, "bias", 1, "(out,)")
+    torch._check_value(
+        input.shape[-1] > 0,
+        lambda: f"{op}: expected input (..., in) to have non-zero in (only leading dimensions may be 0), "
+        f"but got shape {list(input.shape)}",
+    )
+    _check_no_zero_dims(op, first, "first", "(R_in, in)")
+    _check_no_zero_dims(op, core, "core", "(R_out, R_in)")
+    _check_no_zero_dims(op, last, "last", "(out, R_out)")
+    out_features = _check_factors(op, input.shape[-1], first, core, last, bias, "in", "input.size(-1)", "out")
+    return (*input.shape[:-1], out_features)
+
+
+def _check_grad_output(op: str, grad_output: Tensor, input: Tensor, expected: tuple) -> None:
+    _check_tensors(op, input, (("grad_output", grad_output),))
+    torch._check_value(
+        grad_output.dim() == len(expected),
+        lambda: f"{op}: expected grad_output to have the forward output's shape {list(expected)}, "
+        f"but got grad_output of shape {list(grad_output.shape)}",
+    )
+    for got, want in zip(grad_output.shape, expected):
+        torch._check_value(
+            got == want,
+            lambda: f"{op}: expected grad_output to have the forward output's shape {list(expected)}, "
+            f"but got grad_output of shape {list(grad_output.shape)}",
+        )
+
+
+# -- fake kernels ---------------------------------------------------------------------
+
+
+def _backward_outputs(
+    op: str,
+    output_mask: Sequence[bool],
+    input: Tensor,
+    first: Tensor | None,
+    core: Tensor,
+    last: Tensor | None,
+    out_features,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    torch._check_value(
+        len(output_mask) == 5,
+        lambda: f"{op}: expected output_mask to have 5 elements (input, first, core, last, bias), "
+        f"but got a list of length {len(output_mask)}: {list(output_mask)}",
+    )
+
+    # Same layout as the kernels: every gradient contiguous, skipped ones (0,).
+    def grad_like(wanted: bool, t: Tensor | None) -> Tensor:
+        return input.new_empty(t.shape) if wanted and t is not None else input.new_empty((0,))
+
+    return (
+        grad_like(output_mask[0], input),
+        grad_like(output_mask[1], first),
+        grad_like(output_mask[2], core),
+        grad_like(output_mask[3], last),
+        input.new_empty((out_features,)) if output_mask[4] else input.new_empty((0,)),
+    )
+
+
+@torch.library.register_fake("tucker_ops::tucker_conv2d")
+def _tucker_conv2d_fake(input, first, core, last, bias, stride, padding, dilation):
+    shape = _conv2d_output_shape("tucker_conv2d", input, first, core, last, bias, stride, padding, dilation)
+    return input.new_empty(shape)
+
+
+@torch.library.register_fake("tucker_ops::tucker_linear")
+def _tucker_linear_fake(input, first, core, last, bias):
+    return input.new_empty(_linear_output_shape("tucker_linear", input, first, core, last, bias))
+
+
+@torch.library.register_fake("tucker_ops::tucker_conv2d_backward")
+def _tucker_conv2d_backward_fake(grad_output, input, first, core, last, stride, padding, dilation, output_mask):
+    op = "tucker_conv2d_backward"
+    shape = _conv2d_output_shape(op, input, first, core, last, None, stride, padding, dilation)
+    _check_grad_output(op, grad_output, input, shape)
+    return _backward_outputs(op, output_mask, input, first, core, last, shape[1])
+
+
+@torch.library.register_fake("tucker_ops::tucker_linear_backward")
+def _tucker_linear_backward_fake(grad_output, input, first, core, last, output_mask):
+    op = "tucker_linear_backward"
+    shape = _linear_output_shape(op, input, first, core, last, None)
+    _check_grad_output(op, grad_output, input, shape)
+    return _backward_outputs(op, output_mask, input, first, core, last, shape[-1])
+
+
+# -- autograd -------------------------------------------------------------------------
+
+
+def _grad_mask(ctx, first: Tensor | None, last: Tensor | None, has_bias: bool) -> list[bool]:
+    needs = ctx.needs_input_grad
+    return [needs[0], needs[1] and first is not None, needs[2], needs[3] and last is not None, needs[4] and has_bias]
+
+
+def _conv2d_setup_context(ctx, inputs, output) -> None:
+    input, first, core, last, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, first, core, last)
+    ctx.conv_args = (stride, padding, dilation)
+    ctx.has_bias = bias is not None
+
+
+def _conv2d_backward(ctx, grad: Tensor):
+    input, first, core, last = ctx.saved_tensors
+    mask = _grad_mask(ctx, first, last, ctx.has_bias)
+    if not any(mask):
+        return (None,) * 8
+    grads = _OPS.tucker_conv2d_backward(grad, input, first, core, last, *ctx.conv_args, mask)
+    return (*(g if m else None for g, m in zip(grads, mask)), None, None, None)
+
+
+def _linear_setup_context(ctx, inputs, output) -> None:
+    input, first, core, last, bias = inputs
+    ctx.save_for_backward(input, first, core, last)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad: Tensor):
+    input, first, core, last = ctx.saved_tensors
+    mask = _grad_mask(ctx, first, last, ctx.has_bias)
+    if not any(mask):
+        return (None,) * 5
+    grads = _OPS.tucker_linear_backward(grad, input, first, core, last, mask)
+    return tuple(g if m else None for g, m in zip(grads, mask))
+
+
+torch.library.register_autograd("tucker_ops::tucker_conv2d", _conv2d_backward, setup_context=_conv2d_setup_context)
+torch.library.register_autograd("tucker_ops::tucker_linear", _linear_backward, setup_context=_linear_setup_context)
+
+
+# Double backward. The backward ops are linear in grad_output and multilinear
+# in the factors; rather than a second set of kernels, their derivative is
+# taken through the reference chain (slower, exact), so create_graph=True,
+# gradgradcheck and Hessian-vector products give correct results.
+
+
+def _double_backward(
+    ctx, chain: Callable[..., Tensor], grads_of_grads: Sequence[Tensor], out_features
+) -> list[Tensor | None]:
+    saved = ctx.saved_tensors  # grad_output, input, first, core, last
+    mask = ctx.output_mask
+    result: list[Tensor | None] = [None] * 5
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in saved]
+        bias = saved[0].new_zeros((out_features,)).requires_grad_() if mask[4] else None
+        operands = [*leaves[1:], bias]  # the forward's inputs, in backward-output order
+        produced = [i for i in range(5) if mask[i] and operands[i] is not None]
+        targets = [j for j in range(5) if ctx.needs_input_grad[j] and leaves[j] is not None]
+        if not produced or not targets:
+            return result
+        y = chain(*operands)
+        first_order = torch.autograd.grad(y, [operands[i] for i in produced], leaves[0], create_graph=True)
+        second = torch.autograd.grad(
+            first_order,
+            [leaves[j] for j in targets],
+            [grads_of_grads[i] for i in produced],
+            allow_unused=True,
+        )
+    for j, g in zip(targets, second):
+        result[j] = g
+    return result
+
+
+def _conv2d_backward_setup_context(ctx, inputs, output) -> None:
+    grad_output, input, first, core, last, stride, padding, dilation, output_mask = inputs
+    ctx.save_for_backward(grad_output, input, first, core, last)
+    ctx.conv_args = (stride, padding, dilation)
+    ctx.output_mask = tuple(output_mask)
+
+
+def _conv2d_double_backward(ctx, *grads_of_grads: Tensor):
+    def chain(input, first, core, last, bias):
+        return reference.tucker_conv2d(input, first, core, last, bias, *ctx.conv_args)
+
+    out_features = ctx.saved_tensors[0].shape[1]
+    return (*_double_backward(ctx, chain, grads_of_grads, out_features), None, None, None, None)
+
+
+def _linear_backward_setup_context(ctx, inputs, output) -> None:
+    grad_output, input, first, core, last, output_mask = inputs
+    ctx.save_for_backward(grad_output, input, first, core, last)
+    ctx.output_mask = tuple(output_mask)
+
+
+def _linear_double_backward(ctx, *grads_of_grads: Tensor):
+    out_features = ctx.saved_tensors[0].shape[-1]
+    return (*_double_backward(ctx, reference.tucker_linear, grads_of_grads, out_features), None)
+
+
+torch.library.register_autograd(
+    "tucker_ops::tucker_conv2d_backward", _conv2d_double_backward, setup_context=_conv2d_backward_setup_context
+)
+torch.library.register_autograd(
+    "tucker_ops::tucker_linear_backward", _linear_double_backward, setup_context=_linear_backward_setup_context
+)
+
+
+# -- entry points ---------------------------------------------------------------------
+
+# Module-level flag read on every call. torch.compile guards on it, so toggling
+# it recompiles rather than running a stale graph.
+_use_reference_flag = False
+
+
+@contextlib.contextmanager
+def use_reference(enabled: bool = True) -> Iterator[None]:
+    """While active, entry points called with ``backend=None`` run ``reference.py``.
+
+    Nests: the previous setting is restored on exit, so ``use_reference(False)``
+    inside ``use_reference()`` re-enables the fused ops for its block.
+    """
+    global _use_reference_flag
+    previous = _use_reference_flag
+    _use_reference_flag = bool(enabled)
+    try:
+        yield
+    finally:
+        _use_reference_flag = previous
+
+
+def _runs_reference(backend: str | None) -> bool:
+    if backend is None:
+        return _use_reference_flag
+    if isinstance(backend, str) and backend in _BACKENDS:
+        return backend == "reference"
+    raise ValueError(f"backend must be None, 'fused' or 'reference', but got {backend!r}")
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple:
+    if isinstance(value, (bool, str)):
+        raise TypeError(f"{name} must be an int or a sequence of 2 ints, but got {value!r}")
+    if isinstance(value, (int, torch.SymInt)):
+        return (value, value)
+    if isinstance(value, Sequence):
+        return tuple(value)
+    raise TypeError(f"{name} must be an int or a sequence of 2 ints, but got {type(value).__name__} {value!r}")
+
+
+def tucker_conv2d(
+    input: Tensor,
+    first: Tensor | None,
+    core: Tensor,
+    last: Tensor | None,
+    bias: Tensor | None,
+    stride: int | Sequence[int] = (1, 1),
+    padding: int | Sequence[int] = (0, 0),
+    dilation: int | Sequence[int] = (1, 1),
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Tucker conv chain ``1x1 (first) -> kh x kw (core) -> 1x1 (last) + bias`` in one op.
+
+    Shapes:
+        input ``(N, C_in, H, W)``; first ``(R_in, C_in)`` or None; core ``(R_out, R_in | C_in, kh, kw)``;
+        last ``(C_out, R_out)`` or None; bias ``(C_out,)`` or None (``C_out = R_out`` without last).
+        Returns ``(N, C_out, H_out, W_out)``, contiguous.
+    stride, padding, dilation: an int (both dimensions) or an ``(h, w)`` pair.
+    backend: None follows :func:`use_reference` (fused op by default); ``"fused"`` or ``"reference"``.
+    """
+    use_ref = _runs_reference(backend)
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if use_ref:
+        return reference.tucker_conv2d(input, first, core, last, bias, stride, padding, dilation)
+    return _OPS.tucker_conv2d(input, first, core, last, bias, stride, padding, dilation)
+
+
+def tucker_linear(
+    input: Tensor,
+    first: Tensor | None,
+    core: Tensor,
+    last: Tensor | None,
+    bias: Tensor | None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Tucker linear chain ``((input @ first.T) @ core.T) @ last.T + bias`` in one op.
+
+    Shapes:
+        input ``(..., in)``; first ``(R_in, in)`` or None; core ``(R_out, R_in | in)``;
+        last ``(out, R_out)`` or None; bias ``(out,)`` or None. Returns ``(..., out)``, contiguous.
+    backend: None follows :func:`use_reference` (fused op by default); ``"fused"`` or ``"reference"``.
+    """
+    if _runs_reference(backend):
+        return reference.tucker_linear(input, first, core, last, bias)
+    return _OPS.tucker_linear(input, first, core, last, bias)
