@@ -47,7 +47,7 @@ demo: $(BUILD_STAMP)
 	$(VENV)/bin/tucker-ops demo
 
 bench: $(BUILD_STAMP)
-	$(PY) -m pytest benchmarks -q --benchmark-only $(BENCH_ARGS)
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 # Builds csrc/ a second way, with CMake and find_package(Torch), and loads the result
 # with torch.ops.load_library, so that the CMake route cannot rot.

@@ -1,9 +1,8 @@
-"""ThesisNet forward latency: dense against compressed-Sequential against compressed-fused.
+"""Whole ThesisNet forward: dense against compressed-Sequential against compressed-fused.
 
-    make bench          # or: .venv/bin/python -m pytest benchmarks -q --benchmark-only
-
-One pytest-benchmark group per batch size, implementations side by side in it, so the
-ratios within a group come from one run on one machine.
+Batches 1, 64 and 10,000 (the thesis timed 10,000 MNIST images); ONNX Runtime
+runs the dense and the Sequential model too when it is installed. One group per
+batch, implementations side by side.
 """
 
 from __future__ import annotations
@@ -12,26 +11,37 @@ import pytest
 import torch
 
 import tucker_ops
+from conftest import bench_threads
+from onnx_runtime import Unavailable, session
 from tucker_ops.compress import to_sequential_model
 
-BATCHES = (1, 64)
+BATCHES = (1, 64, 10_000)
+IMPLS = ("dense", "sequential", "fused", "onnxruntime_dense", "onnxruntime_sequential")
+
+_models: dict[str, torch.nn.Module] = {}
 
 
-@pytest.fixture(scope="module")
-def thesis_models() -> dict[str, torch.nn.Module]:
-    torch.manual_seed(0)
-    dense = tucker_ops.ThesisNet().eval()
-    fused, _ = tucker_ops.compress(dense, ranks=tucker_ops.thesis_ranks())
-    fused.eval()
-    reference = to_sequential_model(fused).eval()
-    return {"dense": dense, "sequential": reference, "fused": fused}
+def _thesis_models() -> dict[str, torch.nn.Module]:
+    if not _models:
+        torch.manual_seed(0)
+        dense = tucker_ops.ThesisNet().eval()
+        fused, _ = tucker_ops.compress(dense, ranks=tucker_ops.thesis_ranks())
+        _models.update(dense=dense, fused=fused.eval(), sequential=to_sequential_model(fused).eval())
+    return _models
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("impl", ["dense", "sequential", "fused"])
-def test_thesisnet_forward(benchmark, thesis_models, impl: str, batch: int) -> None:
-    benchmark.group = f"ThesisNet forward, batch {batch}"
-    model = thesis_models[impl]
-    x = torch.randn(batch, 1, 28, 28)
+def test_thesisnet_forward(benchmark, impl: str, batch: int) -> None:
+    benchmark.group = f"ThesisNet / batch {batch} / forward"
+    models = _thesis_models()
+    x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    if impl.startswith("onnxruntime_"):
+        try:
+            fn = session(models[impl.removeprefix("onnxruntime_")], x[:1], bench_threads())
+        except Unavailable as e:
+            pytest.skip(str(e))
+        benchmark(fn, x)
+        return
     with torch.inference_mode():
-        benchmark(model, x)
+        benchmark(models[impl], x)

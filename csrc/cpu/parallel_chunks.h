@@ -22,6 +22,19 @@ inline int64_t num_chunks(int64_t work, int64_t min_items) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_work));
 }
 
+// Below about this many multiply-adds per thread, waking another thread
+// costs more than it saves (and on a loaded machine an OpenMP barrier can wait
+// a whole scheduler time slice for a descheduled worker).
+constexpr int64_t kMinMacsPerThread = int64_t(1) << 20;
+
+// Chunks for `work` items carrying `macs` multiply-adds in all: at most one
+// per thread, and only as many as keep kMinMacsPerThread each busy.
+inline int64_t chunks_for_work(int64_t work, int64_t macs) {
+  if (work <= 0) return 0;
+  const int64_t by_macs = std::max<int64_t>(1, macs / kMinMacsPerThread);
+  return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), work, by_macs}));
+}
+
 // Half-open item range [begin, end) of chunk c out of n over `work` items.
 inline std::pair<int64_t, int64_t> chunk_range(int64_t c, int64_t n, int64_t work) {
   const int64_t base = work / n, rem = work % n;
@@ -33,11 +46,32 @@ inline std::pair<int64_t, int64_t> chunk_range(int64_t c, int64_t n, int64_t wor
 // does not carry the caller's thread-local state (grad mode, inference mode,
 // dispatch-key exclusions) to its OpenMP workers, so it is restored here:
 // the at:: calls inside a kernel must see the same state on every thread.
+//
+// One chunk runs inline: at::parallel_for opens a full OpenMP team even for a
+// single chunk, and its closing barrier can stall for a scheduler time slice
+// on a busy machine.
 template <typename F>
 void for_each_chunk(int64_t n, const F& body) {
+  if (n == 1) {
+    body(0);
+    return;
+  }
   const at::ThreadLocalState state;
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
+    for (int64_t c = begin; c < end; ++c) body(c);
+  });
+}
+
+// for_each_chunk without the thread-local state propagation, for kernels that
+// call no at:: operators inside the parallel region.
+template <typename F>
+void for_each_chunk_raw(int64_t n, const F& body) {
+  if (n == 1) {
+    body(0);
+    return;
+  }
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) body(c);
   });
 }

@@ -1,17 +1,28 @@
-// CPU kernels for tucker_ops::tucker_conv2d and its backward.
+// CPU kernels for tucker_ops::tucker_conv2d and its backward: one fused pass
+// per output tile (conv_tiles.h).
 //
-// Per image: project the input to R_in channels once, im2col the projection,
-// run the core as one GEMM into R_out channels, expand to C_out with a second
-// GEMM (bias folded into it). Images are split into per-thread chunks
-// (parallel_chunks.h); GEMMs inside a chunk run on one thread.
-// The backward recomputes the projected image and im2col instead of saving them.
+// Forward, per tile: project the tile's input rows (with halo) to R_in
+// channels in thread-local scratch; then per block of output pixels, im2col
+// the projection, run the core into R_out (one GEMM, K = R_in*kh*kw) and
+// expand to C_out straight into the output, on top of the bias. Tiles run in
+// parallel (at::parallel_for over batch x tiles).
+//
+// Backward, per tile: recompute the projection and its im2col (cheaper than
+// storing them: they are rank-sized and cache-resident), then the gradients of
+// last, bias, core and the projection. The projection gradient of a tile
+// overlaps its neighbours' by the halo, so even tiles run first and odd tiles
+// second; a second pass maps it to the input and first gradients per pixel.
+// Weight gradients are summed per thread chunk, then over chunks in order:
+// results depend on the thread count only, never on scheduling.
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "checks.h"
-#include "cpu/im2col.h"
+#include "cpu/conv_tiles.h"
+#include "cpu/gemm.h"
 #include "cpu/parallel_chunks.h"
 
 namespace tucker_ops::cpu {
@@ -19,10 +30,104 @@ namespace {
 
 using at::Tensor;
 
-// A 1x1 core with stride 1 and no padding reads the projection as is: its
-// im2col would be an identical copy.
-bool is_pointwise(const Conv2dSizes& s) {
-  return s.kh == 1 && s.kw == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0;
+// Raw pointers and layout of one call's operands.
+template <typename T>
+struct ConvOperands {
+  const T* x;      // input, NCHW or NHWC
+  bool nhwc;
+  const T* first;  // (R_in, C_in) or null
+  const T* core;   // (R_out, R_in*kh*kw)
+  const T* last;   // (C_out, R_out) or null
+};
+
+// The input as NCHW or NHWC contiguous memory, whichever it already is.
+std::pair<Tensor, bool> input_layout(const Tensor& input) {
+  if (input.is_contiguous()) return {input, false};
+  if (input.is_contiguous(at::MemoryFormat::ChannelsLast)) return {input, true};
+  return {input.contiguous(), false};
+}
+
+struct Projection {
+  int64_t ih_lo, ih_hi, cs, ps;
+};
+
+// Projects input rows [ih_lo, ih_hi) of image n to R_in channels into buf
+// (or points at the input itself without first); returns P's addressing.
+template <typename T>
+Projection project_rows(const Conv2dSizes& s, const ConvOperands<T>& op, int64_t n, int64_t ih_lo, int64_t ih_hi,
+                        T* buf, const T** p) {
+  const int64_t rows = ih_hi - ih_lo, px = rows * s.W, HW = s.H * s.W;
+  const T* xn = op.x + n * s.C_in * HW;
+  if (!op.first) {
+    if (op.nhwc) {
+      *p = xn + ih_lo * s.W * s.C_in;
+      return {ih_lo, ih_hi, 1, s.C_in};
+    }
+    *p = xn + ih_lo * s.W;
+    return {ih_lo, ih_hi, HW, 1};
+  }
+  *p = buf;
+  if (px == 0) return {ih_lo, ih_hi, px, 1};
+  if (op.nhwc) {
+    // P^T (px x R_in) = X (px x C_in) * first^T
+    gemm_nt<T>(px, s.R_in, s.C_in, xn + ih_lo * s.W * s.C_in, s.C_in, op.first, s.C_in, buf, s.R_in, false);
+    return {ih_lo, ih_hi, 1, s.R_in};
+  }
+  // P (R_in x px) = first (R_in x C_in) * X (C_in x px, row stride HW)
+  gemm_nn<T>(s.R_in, px, s.C_in, op.first, s.C_in, 1, xn + ih_lo * s.W, HW, buf, px, false);
+  return {ih_lo, ih_hi, px, 1};
+}
+
+// Multiply-adds of the whole chain for this call (for the threading decision).
+int64_t chain_macs(const Conv2dSizes& s) {
+  const int64_t per_out = s.R_out * s.R_in * s.kh * s.kw + (s.has_last ? s.C_out * s.R_out : 0);
+  const int64_t per_in = s.has_first ? s.R_in * s.C_in : 0;
+  return s.N * (s.H_out * s.W_out * per_out + s.H * s.W * per_in);
+}
+
+template <typename T>
+void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias, T* out) {
+  const TilePlan plan = plan_tiles(s, at::get_num_threads(), sizeof(T), false);
+  const int64_t HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
+  const int64_t tasks = s.N * plan.tiles_per_image;
+  const int64_t chunks = chunks_for_work(tasks, chain_macs(s));
+  for_each_chunk_raw(chunks, [&](int64_t chunk) {
+    const auto [begin, end] = chunk_range(chunk, chunks, tasks);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / plan.tiles_per_image;
+      const int64_t oh0 = (task % plan.tiles_per_image) * plan.rows;
+      const int64_t oh1 = std::min(s.H_out, oh0 + plan.rows);
+      const auto [ih_lo, ih_hi] = input_rows(s, oh0, oh1);
+      const T* p = nullptr;
+      const Projection pr = project_rows<T>(s, op, n, ih_lo, ih_hi, scratch<T>(0, s.R_in * (ih_hi - ih_lo) * s.W), &p);
+      const bool direct = reads_projection_directly(s, pr.ps);
+      const int64_t npx = (oh1 - oh0) * s.W_out;
+      T* cols = direct ? nullptr : scratch<T>(1, K * plan.block);
+      T* q = op.last ? scratch<T>(2, s.R_out * plan.block) : nullptr;
+      T* yn = out + n * s.C_out * HWo + oh0 * s.W_out;
+      for (int64_t q0 = 0; q0 < npx; q0 += plan.block) {
+        const int64_t nb = std::min(plan.block, npx - q0);
+        const T* col = nullptr;
+        int64_t ldcol = nb;
+        if (direct) {
+          col = p + (oh0 * s.W_out + q0 - pr.ih_lo * s.W);  // pointwise: pixel index is the same
+          ldcol = pr.cs;
+        } else {
+          im2col_block<T>(s, p, pr.cs, pr.ps, pr.ih_lo, pr.ih_hi, oh0, q0, nb, cols);
+          col = cols;
+        }
+        T* y = yn + q0;
+        if (bias)
+          for (int64_t c = 0; c < s.C_out; ++c) std::fill(y + c * HWo, y + c * HWo + nb, bias[c]);
+        if (op.last) {
+          gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, ldcol, q, nb, false);
+          gemm_nn<T>(s.C_out, nb, s.R_out, op.last, s.R_out, 1, q, nb, y, HWo, bias != nullptr);
+        } else {
+          gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, ldcol, y, HWo, bias != nullptr);
+        }
+      }
+    }
+  });
 }
 
 Tensor tucker_conv2d_cpu(
@@ -35,46 +140,164 @@ Tensor tucker_conv2d_cpu(
     c10::IntArrayRef padding,
     c10::IntArrayRef dilation) {
   const Conv2dSizes s = check_tucker_conv2d_args(input, first, core, last, bias, stride, padding, dilation, kCpuDtypes);
-  // Kernels below call at:: ops on plain data; keep autograd out of them.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-
-  const auto opts = input.options();
-  Tensor out = at::empty({s.N, s.C_out, s.H_out, s.W_out}, opts);
+  Tensor out = at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options());
   if (s.N == 0) return out;
-
-  const int64_t HW = s.H * s.W, HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
-  const bool pointwise = is_pointwise(s);
-  const Tensor x = input.contiguous();
+  const auto [x, nhwc] = input_layout(input);
   const Tensor A = s.has_first ? first->contiguous() : Tensor();
-  const Tensor G = core.contiguous().view({s.R_out, K});
+  const Tensor G = core.contiguous();
   const Tensor B = s.has_last ? last->contiguous() : Tensor();
-  const Tensor bias_col = s.has_bias ? bias->contiguous().view({s.C_out, 1}) : Tensor();
-
+  const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_conv2d_cpu", [&] {
-    const int64_t chunks = num_chunks(s.N, 1);
-    for_each_chunk(chunks, [&](int64_t c) {
-      // Scratch for one chunk, reused by all its images.
-      Tensor P = s.has_first ? at::empty({s.R_in, HW}, opts) : Tensor();
-      Tensor cols = pointwise ? Tensor() : at::empty({K, HWo}, opts);
-      Tensor Q = s.has_last ? at::empty({s.R_out, HWo}, opts) : Tensor();
-      const auto [begin, end] = chunk_range(c, chunks, s.N);
-      for (int64_t n = begin; n < end; ++n) {
-        const Tensor xn = x.select(0, n).view({s.C_in, HW});
-        Tensor yn = out.select(0, n).view({s.C_out, HWo});
-        const Tensor p = s.has_first ? at::mm_out(P, A, xn) : xn;
-        if (!pointwise) im2col(p.const_data_ptr<scalar_t>(), s.R_in, s, cols.mutable_data_ptr<scalar_t>());
-        const Tensor& col = pointwise ? p : cols;
-        const Tensor q = s.has_last ? at::mm_out(Q, G, col) : col;
-        const Tensor& expand = s.has_last ? B : G;
-        if (s.has_bias) {
-          at::addmm_out(yn, bias_col, expand, q);
-        } else {
-          at::mm_out(yn, expand, q);
-        }
-      }
-    });
+    const ConvOperands<scalar_t> op{
+        x.const_data_ptr<scalar_t>(), nhwc, s.has_first ? A.const_data_ptr<scalar_t>() : nullptr,
+        G.const_data_ptr<scalar_t>(), s.has_last ? B.const_data_ptr<scalar_t>() : nullptr};
+    conv_forward<scalar_t>(s, op, s.has_bias ? b.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
   });
   return out;
+}
+
+// Which gradients a backward call computes, and where they accumulate.
+template <typename T>
+struct ConvGrads {
+  bool input, first, core, last, bias;
+  T* gp;         // (N, R_in, H, W) projection gradient; the input gradient itself without first
+  T* acc_first;  // (chunks, R_in, C_in)
+  T* acc_core;   // (chunks, R_out, K)
+  T* acc_last;   // (chunks, C_out, R_out)
+  T* acc_bias;   // (chunks, C_out)
+};
+
+// Pass 1 for one tile: gradients of bias, last, core and the projection.
+template <typename T>
+void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePlan& plan, const T* gy,
+                   const ConvGrads<T>& g, int64_t chunk, int64_t task) {
+  const int64_t HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
+  const bool need_cols = g.core || g.last;
+  const bool need_back = g.input || g.first;
+  const bool need_gq = g.core || need_back;
+  const int64_t n = task / plan.tiles_per_image;
+  const int64_t oh0 = (task % plan.tiles_per_image) * plan.rows;
+  const int64_t oh1 = std::min(s.H_out, oh0 + plan.rows);
+  const int64_t npx = (oh1 - oh0) * s.W_out;
+  const T* gyn = gy + n * s.C_out * HWo + oh0 * s.W_out;
+
+  if (g.bias) {
+    T* acc = g.acc_bias + chunk * s.C_out;
+    for (int64_t c = 0; c < s.C_out; ++c) {
+      const T* row = gyn + c * HWo;
+      T sum = T(0);
+      for (int64_t i = 0; i < npx; ++i) sum += row[i];
+      acc[c] += sum;
+    }
+  }
+  if (!need_cols && !need_gq) return;
+
+  const T* p = nullptr;
+  Projection pr{};
+  bool direct = false;
+  if (need_cols) {
+    const auto [ih_lo, ih_hi] = input_rows(s, oh0, oh1);
+    pr = project_rows<T>(s, op, n, ih_lo, ih_hi, scratch<T>(0, s.R_in * (ih_hi - ih_lo) * s.W), &p);
+    direct = reads_projection_directly(s, pr.ps);
+  }
+  T* cols = need_cols && !direct ? scratch<T>(1, K * plan.block) : nullptr;
+  T* q = g.last ? scratch<T>(2, s.R_out * plan.block) : nullptr;
+  T* gq_buf = op.last && need_gq ? scratch<T>(3, s.R_out * plan.block) : nullptr;
+  T* gcols = need_back ? scratch<T>(4, K * plan.block) : nullptr;
+  T* gpn = need_back ? g.gp + n * s.R_in * s.H * s.W : nullptr;
+
+  for (int64_t q0 = 0; q0 < npx; q0 += plan.block) {
+    const int64_t nb = std::min(plan.block, npx - q0);
+    const T* gyb = gyn + q0;  // (C_out x nb), row stride HWo
+    const T* col = nullptr;
+    int64_t ldcol = nb;
+    if (need_cols) {
+      if (direct) {
+        col = p + (oh0 * s.W_out + q0 - pr.ih_lo * s.W);
+        ldcol = pr.cs;
+      } else {
+        im2col_block<T>(s, p, pr.cs, pr.ps, pr.ih_lo, pr.ih_hi, oh0, q0, nb, cols);
+        col = cols;
+      }
+    }
+    if (g.last) {
+      gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, ldcol, q, nb, false);
+      gemm_nt<T>(s.C_out, s.R_out, nb, gyb, HWo, q, nb, g.acc_last + chunk * s.C_out * s.R_out, s.R_out, true);
+    }
+    if (!need_gq) continue;
+    const T* gq = gyb;
+    int64_t ldgq = HWo;
+    if (op.last) {
+      // gQ (R_out x nb) = last^T (R_out x C_out) * gY (C_out x nb)
+      gemm_nn<T>(s.R_out, nb, s.C_out, op.last, 1, s.R_out, gyb, HWo, gq_buf, nb, false);
+      gq = gq_buf;
+      ldgq = nb;
+    }
+    if (g.core) gemm_nt<T>(s.R_out, K, nb, gq, ldgq, col, ldcol, g.acc_core + chunk * s.R_out * K, K, true);
+    if (!need_back) continue;
+    // gcols (K x nb) = core^T (K x R_out) * gQ (R_out x nb)
+    gemm_nn<T>(K, nb, s.R_out, op.core, 1, K, gq, ldgq, gcols, nb, false);
+    col2im_block_add<T>(s, gcols, oh0, q0, nb, gpn);
+  }
+}
+
+// Pass 2 for pixels [p0, p1) of image n: input and first gradients from the
+// projection gradient.
+template <typename T>
+void backward_pixels(const Conv2dSizes& s, const ConvOperands<T>& op, const ConvGrads<T>& g, T* grad_input,
+                     int64_t chunk, int64_t n, int64_t p0, int64_t p1) {
+  const int64_t HW = s.H * s.W, np = p1 - p0;
+  const T* gp = g.gp + n * s.R_in * HW + p0;
+  if (g.input) {
+    // gX (C_in x np) = first^T (C_in x R_in) * gP (R_in x np)
+    gemm_nn<T>(s.C_in, np, s.R_in, op.first, 1, s.C_in, gp, HW, grad_input + n * s.C_in * HW + p0, HW, false);
+  }
+  if (g.first) {
+    T* acc = g.acc_first + chunk * s.R_in * s.C_in;
+    const T* xn = op.x + n * s.C_in * HW;
+    if (op.nhwc) {
+      gemm_nn<T>(s.R_in, s.C_in, np, gp, HW, 1, xn + p0 * s.C_in, s.C_in, acc, s.C_in, true);
+    } else {
+      gemm_nt<T>(s.R_in, s.C_in, np, gp, HW, xn + p0, HW, acc, s.C_in, true);
+    }
+  }
+}
+
+template <typename T>
+void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy, const ConvGrads<T>& g,
+                   T* grad_input, int64_t chunks) {
+  const bool need_back = g.input || g.first;
+  const TilePlan plan = plan_tiles(s, at::get_num_threads(), sizeof(T), need_back);
+  // Tiles of an image that share input rows must not scatter concurrently:
+  // two passes (even tiles, odd tiles) when there is more than one per image.
+  const int64_t passes = need_back && plan.tiles_per_image > 1 ? 2 : 1;
+  const int64_t tiles_per_pass = (plan.tiles_per_image + passes - 1) / passes;
+  for (int64_t pass = 0; pass < passes; ++pass) {
+    // Task t of this pass is tile (t % tiles_per_pass) * passes + pass of image t / tiles_per_pass.
+    const int64_t tasks = s.N * tiles_per_pass;
+    for_each_chunk_raw(chunks, [&](int64_t c) {
+      const auto [begin, end] = chunk_range(c, chunks, tasks);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / tiles_per_pass;
+        const int64_t tile = (t % tiles_per_pass) * passes + pass;
+        if (tile >= plan.tiles_per_image) continue;
+        backward_tile<T>(s, op, plan, gy, g, c, n * plan.tiles_per_image + tile);
+      }
+    });
+  }
+  if (!op.first || !need_back) return;
+  // Pass 2 over (image, pixel range) pieces of about 4096 pixels.
+  const int64_t HW = s.H * s.W;
+  const int64_t pieces_per_image = std::max<int64_t>(1, std::min<int64_t>((HW + 4095) / 4096, 2 * chunks));
+  const int64_t piece = (HW + pieces_per_image - 1) / pieces_per_image;
+  const int64_t tasks = s.N * pieces_per_image;
+  for_each_chunk_raw(chunks, [&](int64_t c) {
+    const auto [begin, end] = chunk_range(c, chunks, tasks);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / pieces_per_image, p0 = (t % pieces_per_image) * piece;
+      if (p0 < HW) backward_pixels<T>(s, op, g, grad_input, c, n, p0, std::min(HW, p0 + piece));
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
@@ -97,79 +320,48 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
   const bool need_core = output_mask[2];
   const bool need_last = output_mask[3] && s.has_last;
   const bool need_bias = output_mask[4];
-  // Which intermediates the requested gradients depend on.
-  const bool need_cols = need_core || need_last;  // forward recompute: projection and its im2col
-  const bool need_back = need_input || need_first;  // gradient w.r.t. the projection
-  const bool need_gq = need_core || need_back;  // gradient w.r.t. the core's output
+  const bool need_back = need_input || need_first;
+  const int64_t K = s.R_in * s.kh * s.kw;
 
-  const int64_t HW = s.H * s.W, HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
-  const bool pointwise = is_pointwise(s);
-  const int64_t chunks = num_chunks(s.N, 1);
-  const int64_t acc_chunks = std::max<int64_t>(chunks, 1);
+  // One accumulator slice per chunk of work (at most one chunk per thread);
+  // the backward does about twice the forward's multiply-adds.
+  const int64_t chunks = std::max<int64_t>(1, chunks_for_work(s.N * s.H_out, 2 * chain_macs(s)));
+  Tensor grad_input = need_input ? at::empty({s.N, s.C_in, s.H, s.W}, opts) : Tensor();
+  Tensor acc_first = need_first ? at::zeros({chunks, s.R_in, s.C_in}, opts) : Tensor();
+  Tensor acc_core = need_core ? at::zeros({chunks, s.R_out, K}, opts) : Tensor();
+  Tensor acc_last = need_last ? at::zeros({chunks, s.C_out, s.R_out}, opts) : Tensor();
+  Tensor acc_bias = need_bias ? at::zeros({chunks, s.C_out}, opts) : Tensor();
+  // Projection gradient; without first it is the input gradient itself.
+  Tensor gp;
+  if (need_back) {
+    if (s.has_first) {
+      gp = at::zeros({s.N, s.R_in, s.H, s.W}, opts);
+    } else {
+      grad_input.zero_();
+      gp = grad_input;
+    }
+  }
 
-  Tensor grad_input = need_input ? at::empty(input.sizes(), opts) : Tensor();
-  Tensor acc_first = need_first ? at::zeros({acc_chunks, s.R_in, s.C_in}, opts) : Tensor();
-  Tensor acc_core = need_core ? at::zeros({acc_chunks, s.R_out, K}, opts) : Tensor();
-  Tensor acc_last = need_last ? at::zeros({acc_chunks, s.C_out, s.R_out}, opts) : Tensor();
-  Tensor acc_bias = need_bias ? at::zeros({acc_chunks, s.C_out}, opts) : Tensor();
-
-  if (s.N > 0 && (need_back || need_cols || need_bias)) {
-    const Tensor x = input.contiguous();
+  if (s.N > 0) {
+    const auto [x, nhwc] = input_layout(input);
     const Tensor gy = grad_output.contiguous();
     const Tensor A = s.has_first ? first->contiguous() : Tensor();
-    const Tensor G = core.contiguous().view({s.R_out, K});
+    const Tensor G = core.contiguous();
     const Tensor B = s.has_last ? last->contiguous() : Tensor();
-    const Tensor ones = need_bias ? at::ones({HWo}, opts) : Tensor();
-
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_conv2d_backward_cpu", [&] {
-      for_each_chunk(chunks, [&](int64_t c) {
-        Tensor P = s.has_first && need_cols ? at::empty({s.R_in, HW}, opts) : Tensor();
-        Tensor cols = !pointwise && need_cols ? at::empty({K, HWo}, opts) : Tensor();
-        Tensor Q = need_last ? at::empty({s.R_out, HWo}, opts) : Tensor();
-        Tensor GQ = s.has_last && need_gq ? at::empty({s.R_out, HWo}, opts) : Tensor();
-        Tensor Gcols = !pointwise && need_back ? at::empty({K, HWo}, opts) : Tensor();
-        Tensor GP = s.has_first && need_back ? at::empty({s.R_in, HW}, opts) : Tensor();
-        Tensor g_first = need_first ? acc_first.select(0, c) : Tensor();
-        Tensor g_core = need_core ? acc_core.select(0, c) : Tensor();
-        Tensor g_last = need_last ? acc_last.select(0, c) : Tensor();
-        Tensor g_bias = need_bias ? acc_bias.select(0, c) : Tensor();
-
-        const auto [begin, end] = chunk_range(c, chunks, s.N);
-        for (int64_t n = begin; n < end; ++n) {
-          const Tensor xn = x.select(0, n).view({s.C_in, HW});
-          const Tensor gyn = gy.select(0, n).view({s.C_out, HWo});
-          if (need_bias) g_bias.addmv_(gyn, ones);
-
-          Tensor col;
-          if (need_cols) {
-            const Tensor p = s.has_first ? at::mm_out(P, A, xn) : xn;
-            if (!pointwise) im2col(p.const_data_ptr<scalar_t>(), s.R_in, s, cols.mutable_data_ptr<scalar_t>());
-            col = pointwise ? p : cols;
-          }
-          if (need_last) g_last.addmm_(gyn, at::mm_out(Q, G, col).t());
-          if (!need_gq) continue;
-
-          const Tensor gq = s.has_last ? at::mm_out(GQ, B.t(), gyn) : gyn;
-          if (need_core) g_core.addmm_(gq, col.t());
-          if (!need_back) continue;
-
-          // Gradient w.r.t. the projection (R_in, H, W); without first it is
-          // the input gradient itself, so it is written in place.
-          Tensor gp = s.has_first ? GP : grad_input.select(0, n).view({s.R_in, HW});
-          if (pointwise) {
-            at::mm_out(gp, G.t(), gq);
-          } else {
-            at::mm_out(Gcols, G.t(), gq);
-            gp.zero_();
-            col2im_add(Gcols.const_data_ptr<scalar_t>(), s.R_in, s, gp.mutable_data_ptr<scalar_t>());
-          }
-          if (need_first) g_first.addmm_(gp, xn.t());
-          if (s.has_first && need_input) {
-            Tensor gin = grad_input.select(0, n).view({s.C_in, HW});
-            at::mm_out(gin, A.t(), gp);
-          }
-        }
-      });
+      using T = scalar_t;
+      const ConvOperands<T> op{
+          x.const_data_ptr<T>(), nhwc, s.has_first ? A.const_data_ptr<T>() : nullptr, G.const_data_ptr<T>(),
+          s.has_last ? B.const_data_ptr<T>() : nullptr};
+      const ConvGrads<T> g{
+          need_input, need_first, need_core, need_last, need_bias,
+          need_back ? gp.mutable_data_ptr<T>() : nullptr,
+          need_first ? acc_first.mutable_data_ptr<T>() : nullptr,
+          need_core ? acc_core.mutable_data_ptr<T>() : nullptr,
+          need_last ? acc_last.mutable_data_ptr<T>() : nullptr,
+          need_bias ? acc_bias.mutable_data_ptr<T>() : nullptr};
+      conv_backward<T>(s, op, gy.const_data_ptr<T>(), g, need_input ? grad_input.mutable_data_ptr<T>() : nullptr,
+                       chunks);
     });
   }
 

@@ -1,14 +1,27 @@
 // CPU kernels for tucker_ops::tucker_linear and its backward.
 //
-// Input rows (all leading dims flattened) are split into per-thread chunks
-// (parallel_chunks.h); each chunk walks its rows in blocks of kRowBlock, so
-// the rank-sized intermediates of a block stay in cache and scratch size does
-// not grow with the batch. GEMMs inside a chunk run on one thread.
+// Forward: the chain first -> core -> last is a product of up to three
+// matrices. Before running it, adjacent factors may be multiplied together
+// (core*first, last*core, or all three) when that lowers the total
+// multiply-adds for this call's row count; the fold is recomputed every call
+// (weights change between calls in training, and it is only chosen when
+// cheaper than the rows it saves). Rows are split into one chunk per thread
+// and walked in blocks of kRowBlock, so a block's rank-sized intermediates
+// stay in cache. Few rows (batch 1) run each stage split over output features
+// instead, in one parallel region per stage only when the weights are large.
+//
+// Backward: per row block, recompute the projection, then every requested
+// gradient; weight gradients are summed per chunk and then over chunks in
+// order (deterministic at a fixed thread count).
+#include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/conv_tiles.h"
+#include "cpu/gemm.h"
 #include "cpu/parallel_chunks.h"
 
 namespace tucker_ops::cpu {
@@ -16,13 +29,160 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kRowBlock = 256;
-constexpr int64_t kMinRowsPerChunk = 32;
+constexpr int64_t kRowBlock = 128;
+constexpr int64_t kMinRowsPerChunk = 16;
+// Below this many multiply-adds a stage runs on the calling thread.
+constexpr int64_t kParallelMacs = kMinMacsPerThread;
 
 std::vector<int64_t> output_shape(const Tensor& input, int64_t out_features) {
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() = out_features;
   return shape;
+}
+
+// One stage y = x W^T: W is (out x in), row-major.
+template <typename T>
+struct Stage {
+  const T* w;
+  int64_t out, in;
+};
+
+// The stages after optional folding, with the folded weights' storage.
+template <typename T>
+struct Chain {
+  std::vector<Stage<T>> stages;
+  Tensor folded;  // keeps folded weights alive
+};
+
+// Chooses the association by multiply-adds for M rows and folds accordingly.
+template <typename T>
+Chain<T> plan_chain(const LinearSizes& s, int64_t M, const T* A, const T* G, const T* B, const at::TensorOptions& opts) {
+  // Candidate groupings of [A?, G, B?] (applied right to left: A first).
+  struct Option {
+    bool fold_first, fold_last;  // fold first into core / last into core
+    int64_t cost;
+  };
+  const int64_t in = s.in, ri = s.R_in, ro = s.R_out, out = s.out;
+  std::vector<Option> options;
+  const int64_t chain_rows = (s.has_first ? in * ri : 0) + (s.has_first ? ri : in) * ro + (s.has_last ? ro * out : 0);
+  options.push_back({false, false, M * chain_rows});
+  if (s.has_first) {
+    // W1 = G A (ro x in)
+    options.push_back({true, false, ro * ri * in + M * (in * ro + (s.has_last ? ro * out : 0))});
+  }
+  if (s.has_last) {
+    // W2 = B G (out x ri_or_in)
+    const int64_t k = s.has_first ? ri : in;
+    options.push_back({false, true, out * ro * k + M * ((s.has_first ? in * ri : 0) + k * out)});
+  }
+  if (s.has_first && s.has_last) {
+    // W = (B G) A: out*ro*ri + out*ri*in, or B (G A): ro*ri*in + out*ro*in; take the cheaper.
+    const int64_t fold = std::min(out * ro * ri + out * ri * in, ro * ri * in + out * ro * in);
+    options.push_back({true, true, fold + M * in * out});
+  }
+  Option best = options[0];
+  for (const Option& o : options)
+    if (o.cost < best.cost) best = o;
+
+  Chain<T> chain;
+  if (!best.fold_first && !best.fold_last) {
+    if (s.has_first) chain.stages.push_back({A, ri, in});
+    chain.stages.push_back({G, ro, s.has_first ? ri : in});
+    if (s.has_last) chain.stages.push_back({B, out, ro});
+    return chain;
+  }
+  const int64_t k = ri;  // core's input features (in without first)
+  if (best.fold_first && best.fold_last) {
+    chain.folded = at::empty({out * k + out * in + ro * in}, opts);
+    T* bg = chain.folded.template mutable_data_ptr<T>();  // (out x ri)
+    T* full = bg + out * k;                      // (out x in)
+    T* ga = full + out * in;                     // (ro x in)
+    if (out * ro * ri + out * ri * in <= ro * ri * in + out * ro * in) {
+      gemm_nn<T>(out, k, ro, B, ro, 1, G, k, bg, k, false);
+      gemm_nn<T>(out, in, ri, bg, k, 1, A, in, full, in, false);
+    } else {
+      gemm_nn<T>(ro, in, ri, G, ri, 1, A, in, ga, in, false);
+      gemm_nn<T>(out, in, ro, B, ro, 1, ga, in, full, in, false);
+    }
+    chain.stages.push_back({full, out, in});
+    return chain;
+  }
+  if (best.fold_first) {
+    chain.folded = at::empty({ro * in}, opts);
+    T* ga = chain.folded.template mutable_data_ptr<T>();
+    gemm_nn<T>(ro, in, ri, G, ri, 1, A, in, ga, in, false);
+    chain.stages.push_back({ga, ro, in});
+    if (s.has_last) chain.stages.push_back({B, out, ro});
+    return chain;
+  }
+  chain.folded = at::empty({out * k}, opts);
+  T* bg = chain.folded.template mutable_data_ptr<T>();
+  gemm_nn<T>(out, k, ro, B, ro, 1, G, k, bg, k, false);
+  if (s.has_first) chain.stages.push_back({A, ri, in});
+  chain.stages.push_back({bg, out, k});
+  return chain;
+}
+
+template <typename T>
+int64_t chain_macs(const Chain<T>& chain, int64_t M) {
+  int64_t macs = 0;
+  for (const Stage<T>& st : chain.stages) macs += M * st.out * st.in;
+  return macs;
+}
+
+// Rows [r0, r0 + m) through every stage; the last stage writes y (on top of
+// the bias when there is one), the others thread-local scratch.
+template <typename T>
+void run_rows(const Chain<T>& chain, const T* x, int64_t ldx, const T* bias, T* y, int64_t ldy, int64_t m) {
+  const T* cur = x;
+  int64_t ld = ldx;
+  const size_t last = chain.stages.size() - 1;
+  for (size_t i = 0; i < chain.stages.size(); ++i) {
+    const Stage<T>& st = chain.stages[i];
+    if (i == last) {
+      if (bias)
+        for (int64_t r = 0; r < m; ++r) std::copy(bias, bias + st.out, y + r * ldy);
+      gemm_nt<T>(m, st.out, st.in, cur, ld, st.w, st.in, y, ldy, bias != nullptr);
+    } else {
+      T* buf = scratch<T>(static_cast<int>(i), m * st.out);
+      gemm_nt<T>(m, st.out, st.in, cur, ld, st.w, st.in, buf, st.out, false);
+      cur = buf;
+      ld = st.out;
+    }
+  }
+}
+
+// Few rows: each stage split over its output features across threads.
+template <typename T>
+void run_few_rows(const Chain<T>& chain, const T* x, int64_t in, const T* bias, T* y, int64_t out, int64_t M) {
+  const T* cur = x;
+  int64_t ld = in;
+  std::vector<T> bufs[2];
+  const size_t last = chain.stages.size() - 1;
+  for (size_t i = 0; i < chain.stages.size(); ++i) {
+    const Stage<T>& st = chain.stages[i];
+    T* dst;
+    int64_t ldd;
+    if (i == last) {
+      dst = y;
+      ldd = out;
+    } else {
+      bufs[i % 2].resize(static_cast<size_t>(M * st.out));
+      dst = bufs[i % 2].data();
+      ldd = st.out;
+    }
+    const bool add_bias = i == last && bias;
+    const int64_t grain = std::max<int64_t>(16, kParallelMacs / std::max<int64_t>(1, M * st.in));
+    const int64_t parts = chunks_for_work((st.out + grain - 1) / grain, M * st.out * st.in);
+    for_each_chunk_raw(parts, [&](int64_t part) {
+      const auto [o0, o1] = chunk_range(part, parts, st.out);
+      if (add_bias)
+        for (int64_t r = 0; r < M; ++r) std::copy(bias + o0, bias + o1, dst + r * ldd + o0);
+      gemm_nt<T>(M, o1 - o0, st.in, cur, ld, st.w + o0 * st.in, st.in, dst + o0, ldd, add_bias);
+    });
+    cur = dst;
+    ld = ldd;
+  }
 }
 
 Tensor tucker_linear_cpu(
@@ -32,42 +192,85 @@ Tensor tucker_linear_cpu(
     const std::optional<Tensor>& last,
     const std::optional<Tensor>& bias) {
   const LinearSizes s = check_tucker_linear_args(input, first, core, last, bias, kCpuDtypes);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-
   const auto opts = input.options();
   Tensor out = at::empty(output_shape(input, s.out), opts);
   if (s.M == 0) return out;
 
-  const Tensor x = input.contiguous().view({s.M, s.in});
-  Tensor y = out.view({s.M, s.out});
-  const Tensor A_t = s.has_first ? first->contiguous().t() : Tensor();
-  const Tensor G_t = core.contiguous().t();
-  const Tensor B_t = s.has_last ? last->contiguous().t() : Tensor();
+  const Tensor x = input.contiguous();
+  const Tensor A = s.has_first ? first->contiguous() : Tensor();
+  const Tensor G = core.contiguous();
+  const Tensor B = s.has_last ? last->contiguous() : Tensor();
   const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
 
-  const int64_t chunks = num_chunks(s.M, kMinRowsPerChunk);
-  for_each_chunk(chunks, [&](int64_t c) {
-    const auto [begin, end] = chunk_range(c, chunks, s.M);
-    const int64_t block = std::min(kRowBlock, end - begin);
-    Tensor P = s.has_first ? at::empty({block, s.R_in}, opts) : Tensor();
-    Tensor Q = s.has_last ? at::empty({block, s.R_out}, opts) : Tensor();
-    for (int64_t r = begin; r < end; r += block) {
-      const int64_t m = std::min(block, end - r);
-      const Tensor xb = x.narrow(0, r, m);
-      Tensor yb = y.narrow(0, r, m);
-      Tensor Pb = s.has_first ? P.narrow(0, 0, m) : Tensor();
-      Tensor Qb = s.has_last ? Q.narrow(0, 0, m) : Tensor();
-      const Tensor p = s.has_first ? at::mm_out(Pb, xb, A_t) : xb;
-      const Tensor q = s.has_last ? at::mm_out(Qb, p, G_t) : p;
-      const Tensor& expand_t = s.has_last ? B_t : G_t;
-      if (s.has_bias) {
-        at::addmm_out(yb, b, q, expand_t);
-      } else {
-        at::mm_out(yb, q, expand_t);
-      }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_linear_cpu", [&] {
+    using T = scalar_t;
+    const Chain<T> chain = plan_chain<T>(s, s.M, s.has_first ? A.const_data_ptr<T>() : nullptr, G.const_data_ptr<T>(),
+                                         s.has_last ? B.const_data_ptr<T>() : nullptr, opts);
+    const T* xp = x.const_data_ptr<T>();
+    const T* bp = s.has_bias ? b.const_data_ptr<T>() : nullptr;
+    T* yp = out.mutable_data_ptr<T>();
+    const int64_t chunks = chunks_for_work(s.M, chain_macs(chain, s.M));
+    if (s.M < kMinRowsPerChunk) {
+      run_few_rows<T>(chain, xp, s.in, bp, yp, s.out, s.M);
+      return;
     }
+    for_each_chunk_raw(chunks, [&](int64_t c) {
+      const auto [begin, end] = chunk_range(c, chunks, s.M);
+      for (int64_t r = begin; r < end; r += kRowBlock) {
+        const int64_t m = std::min(kRowBlock, end - r);
+        run_rows<T>(chain, xp + r * s.in, s.in, bp, yp + r * s.out, s.out, m);
+      }
+    });
   });
   return out;
+}
+
+template <typename T>
+struct LinearGrads {
+  bool input, first, core, last, bias;
+  T *gx, *acc_first, *acc_core, *acc_last, *acc_bias;
+};
+
+// All requested gradients for rows [r, r + m) into chunk c's accumulators.
+template <typename T>
+void linear_backward_rows(const LinearSizes& s, const T* x, const T* gy, const T* A, const T* G, const T* B,
+                          const LinearGrads<T>& g, int64_t c, int64_t r, int64_t m) {
+  const int64_t in = s.in, ri = s.R_in, ro = s.R_out, out = s.out;
+  const bool need_p = g.core || g.last;
+  const bool need_back = g.input || g.first;
+  const bool need_gq = g.core || need_back;
+  const T* xb = x + r * in;
+  const T* gyb = gy + r * out;
+  if (g.bias) {
+    T* acc = g.acc_bias + c * out;
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t o = 0; o < out; ++o) acc[o] += gyb[i * out + o];
+  }
+  const T* p = xb;  // (m x ri), the core's input
+  if (need_p && A) {
+    T* buf = scratch<T>(0, m * ri);
+    gemm_nt<T>(m, ri, in, xb, in, A, in, buf, ri, false);
+    p = buf;
+  }
+  if (g.last) {
+    T* q = scratch<T>(1, m * ro);
+    gemm_nt<T>(m, ro, ri, p, ri, G, ri, q, ro, false);
+    gemm_nn<T>(out, ro, m, gyb, 1, out, q, ro, g.acc_last + c * out * ro, ro, true);  // += gy^T q
+  }
+  if (!need_gq) return;
+  const T* gq = gyb;  // (m x ro)
+  if (B) {
+    T* buf = scratch<T>(2, m * ro);
+    gemm_nn<T>(m, ro, out, gyb, out, 1, B, ro, buf, ro, false);
+    gq = buf;
+  }
+  if (g.core) gemm_nn<T>(ro, ri, m, gq, 1, ro, p, ri, g.acc_core + c * ro * ri, ri, true);  // += gq^T p
+  if (!need_back) return;
+  // gp (m x ri) = gq G; without first it is the input gradient itself.
+  T* gp = A ? scratch<T>(3, m * ri) : g.gx + r * in;
+  gemm_nn<T>(m, ri, ro, gq, ro, 1, G, ri, gp, ri, false);
+  if (g.first) gemm_nn<T>(ri, in, m, gp, 1, ri, xb, in, g.acc_first + c * ri * in, in, true);  // += gp^T x
+  if (A && g.input) gemm_nn<T>(m, in, ri, gp, ri, 1, A, in, g.gx + r * in, in, false);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
@@ -86,72 +289,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
   const bool need_core = output_mask[2];
   const bool need_last = output_mask[3] && s.has_last;
   const bool need_bias = output_mask[4];
-  const bool need_p = need_core || need_last;  // forward recompute of the projection
-  const bool need_back = need_input || need_first;  // gradient w.r.t. the projection
-  const bool need_gq = need_core || need_back;  // gradient w.r.t. the core's output
 
-  const int64_t chunks = num_chunks(s.M, kMinRowsPerChunk);
-  const int64_t acc_chunks = std::max<int64_t>(chunks, 1);
+  const int64_t backward_macs = 2 * s.M * ((s.has_first ? s.in * s.R_in : 0) + s.R_in * s.R_out +
+                                           (s.has_last ? s.R_out * s.out : 0));
+  const int64_t chunks = std::max<int64_t>(1, chunks_for_work((s.M + kMinRowsPerChunk - 1) / kMinRowsPerChunk,
+                                                              backward_macs));
   Tensor grad_input = need_input ? at::empty(input.sizes(), opts) : Tensor();
-  Tensor acc_first = need_first ? at::zeros({acc_chunks, s.R_in, s.in}, opts) : Tensor();
-  Tensor acc_core = need_core ? at::zeros({acc_chunks, s.R_out, s.R_in}, opts) : Tensor();
-  Tensor acc_last = need_last ? at::zeros({acc_chunks, s.out, s.R_out}, opts) : Tensor();
-  Tensor acc_bias = need_bias ? at::zeros({acc_chunks, s.out}, opts) : Tensor();
+  Tensor acc_first = need_first ? at::zeros({chunks, s.R_in, s.in}, opts) : Tensor();
+  Tensor acc_core = need_core ? at::zeros({chunks, s.R_out, s.R_in}, opts) : Tensor();
+  Tensor acc_last = need_last ? at::zeros({chunks, s.out, s.R_out}, opts) : Tensor();
+  Tensor acc_bias = need_bias ? at::zeros({chunks, s.out}, opts) : Tensor();
 
-  if (s.M > 0 && (need_p || need_back || need_bias)) {
-    const Tensor x = input.contiguous().view({s.M, s.in});
-    const Tensor gy = grad_output.contiguous().view({s.M, s.out});
-    Tensor gx = need_input ? grad_input.view({s.M, s.in}) : Tensor();
+  if (s.M > 0) {
+    const Tensor x = input.contiguous();
+    const Tensor gy = grad_output.contiguous();
     const Tensor A = s.has_first ? first->contiguous() : Tensor();
     const Tensor G = core.contiguous();
     const Tensor B = s.has_last ? last->contiguous() : Tensor();
-
-    for_each_chunk(chunks, [&](int64_t c) {
-      const auto [begin, end] = chunk_range(c, chunks, s.M);
-      const int64_t block = std::min(kRowBlock, end - begin);
-      Tensor P = s.has_first && need_p ? at::empty({block, s.R_in}, opts) : Tensor();
-      Tensor Q = need_last ? at::empty({block, s.R_out}, opts) : Tensor();
-      Tensor GQ = s.has_last && need_gq ? at::empty({block, s.R_out}, opts) : Tensor();
-      Tensor GP = s.has_first && need_back ? at::empty({block, s.R_in}, opts) : Tensor();
-      Tensor g_first = need_first ? acc_first.select(0, c) : Tensor();
-      Tensor g_core = need_core ? acc_core.select(0, c) : Tensor();
-      Tensor g_last = need_last ? acc_last.select(0, c) : Tensor();
-      Tensor g_bias = need_bias ? acc_bias.select(0, c) : Tensor();
-
-      for (int64_t r = begin; r < end; r += block) {
-        const int64_t m = std::min(block, end - r);
-        const Tensor xb = x.narrow(0, r, m);
-        const Tensor gyb = gy.narrow(0, r, m);
-        if (need_bias) g_bias.add_(gyb.sum(0));
-
-        Tensor p;
-        if (need_p) {
-          Tensor Pb = s.has_first ? P.narrow(0, 0, m) : Tensor();
-          p = s.has_first ? at::mm_out(Pb, xb, A.t()) : xb;
-        }
-        if (need_last) {
-          Tensor Qb = Q.narrow(0, 0, m);
-          g_last.addmm_(gyb.t(), at::mm_out(Qb, p, G.t()));
-        }
-        if (!need_gq) continue;
-
-        Tensor gq = gyb;
-        if (s.has_last) {
-          Tensor GQb = GQ.narrow(0, 0, m);
-          gq = at::mm_out(GQb, gyb, B);
-        }
-        if (need_core) g_core.addmm_(gq.t(), p);
-        if (!need_back) continue;
-
-        // Without first the projection gradient is the input gradient itself.
-        Tensor gp = s.has_first ? GP.narrow(0, 0, m) : gx.narrow(0, r, m);
-        at::mm_out(gp, gq, G);
-        if (need_first) g_first.addmm_(gp.t(), xb);
-        if (s.has_first && need_input) {
-          Tensor gxb = gx.narrow(0, r, m);
-          at::mm_out(gxb, gp, A);
-        }
-      }
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_linear_backward_cpu", [&] {
+      using T = scalar_t;
+      const LinearGrads<T> g{need_input, need_first, need_core, need_last, need_bias,
+                             need_input ? grad_input.mutable_data_ptr<T>() : nullptr,
+                             need_first ? acc_first.mutable_data_ptr<T>() : nullptr,
+                             need_core ? acc_core.mutable_data_ptr<T>() : nullptr,
+                             need_last ? acc_last.mutable_data_ptr<T>() : nullptr,
+                             need_bias ? acc_bias.mutable_data_ptr<T>() : nullptr};
+      const T* xp = x.const_data_ptr<T>();
+      const T* gyp = gy.const_data_ptr<T>();
+      const T* Ap = s.has_first ? A.const_data_ptr<T>() : nullptr;
+      const T* Gp = G.const_data_ptr<T>();
+      const T* Bp = s.has_last ? B.const_data_ptr<T>() : nullptr;
+      for_each_chunk_raw(chunks, [&](int64_t c) {
+        const auto [begin, end] = chunk_range(c, chunks, s.M);
+        for (int64_t r = begin; r < end; r += kRowBlock)
+          linear_backward_rows<T>(s, xp, gyp, Ap, Gp, Bp, g, c, r, std::min(kRowBlock, end - r));
+      });
     });
   }
 

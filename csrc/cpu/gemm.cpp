@@ -1,0 +1,363 @@
+// Row-major GEMM dispatch: BLAS for large products, hand kernels (AVX-512,
+// AVX2+FMA, baseline; picked from cpuid) for small ones. See gemm.h.
+//
+// The hand kernels use GCC vector extensions inside always_inline templates;
+// each ISA variant is a wrapper with __attribute__((target)) into which the
+// template is inlined, so one source yields all variants without -march flags.
+#include "cpu/gemm.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+extern "C" {
+// Fortran BLAS, resolved from the BLAS torch itself links (MKL, OpenBLAS).
+// Weak: a torch without BLAS leaves them null and the hand kernels run.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+// MKL only: per-thread thread count. Our GEMMs are already one per thread;
+// MKL left to itself would fork its own team for every call made outside an
+// active parallel region (and on a loaded machine wait on its barrier).
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));  // C interface (by value)
+}
+
+namespace tucker_ops::cpu {
+namespace {
+
+#define TUCKER_INLINE inline __attribute__((always_inline))
+
+// The vector helpers below pass AVX vectors by value; they are always inlined
+// into a wrapper compiled for that ISA, so no call ever uses the ABI GCC warns about.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// ---- hand kernels ----------------------------------------------------------------
+
+template <typename V, typename T>
+TUCKER_INLINE V load(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+TUCKER_INLINE void store(T* p, const V& v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// MR rows x NV vectors of C; B rows are read NV vectors at a time, A
+// broadcast one element at a time. Accumulators stay in registers.
+template <typename T, typename V, int MR, int NV>
+TUCKER_INLINE void nn_micro(int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb, T* c,
+                            int64_t ldc, bool accumulate) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  V acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NV; ++j) acc[m][j] = accumulate ? load<V>(c + m * ldc + j * L) : V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = load<V>(b + k * ldb + j * L);
+    for (int m = 0; m < MR; ++m) {
+      const T av = a[m * a_rs + k * a_cs];
+      for (int j = 0; j < NV; ++j) acc[m][j] += av * bv[j];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NV; ++j) store(c + m * ldc + j * L, acc[m][j]);
+}
+
+template <typename T, typename V, int MR, int NV>
+TUCKER_INLINE void nn_rows(int64_t M, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb,
+                           T* c, int64_t ldc, bool accumulate) {
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) nn_micro<T, V, MR, NV>(K, a + m * a_rs, a_rs, a_cs, b, ldb, c + m * ldc, ldc, accumulate);
+  const T* am = a + m * a_rs;
+  T* cm = c + m * ldc;
+  switch (M - m) {
+    case 0: break;
+    case 1: nn_micro<T, V, 1, NV>(K, am, a_rs, a_cs, b, ldb, cm, ldc, accumulate); break;
+    case 2: nn_micro<T, V, 2, NV>(K, am, a_rs, a_cs, b, ldb, cm, ldc, accumulate); break;
+    case 3: nn_micro<T, V, 3, NV>(K, am, a_rs, a_cs, b, ldb, cm, ldc, accumulate); break;
+    case 4: nn_micro<T, V, 4, NV>(K, am, a_rs, a_cs, b, ldb, cm, ldc, accumulate); break;
+    default: nn_micro<T, V, 5, NV>(K, am, a_rs, a_cs, b, ldb, cm, ldc, accumulate); break;
+  }
+}
+
+// Scratch for the last, narrower-than-a-vector column strip: B's strip and
+// C's strip are copied into zero-padded buffers so the same vector kernel runs.
+template <typename T>
+std::vector<T>& tail_buffer() {
+  thread_local std::vector<T> buf;
+  return buf;
+}
+
+template <typename T, typename V>
+TUCKER_INLINE void gemm_nn_impl(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b,
+                                int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  constexpr int MR = 6;
+  int64_t n = 0;
+  for (; n + 2 * L <= N; n += 2 * L) nn_rows<T, V, MR, 2>(M, K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, accumulate);
+  for (; n + L <= N; n += L) nn_rows<T, V, MR, 1>(M, K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, accumulate);
+  const int64_t rem = N - n;
+  if (rem == 0) return;
+  std::vector<T>& buf = tail_buffer<T>();
+  buf.assign(static_cast<size_t>((K + M) * L), T(0));
+  T* bt = buf.data();
+  T* ct = bt + K * L;
+  for (int64_t k = 0; k < K; ++k) std::memcpy(bt + k * L, b + k * ldb + n, rem * sizeof(T));
+  if (accumulate)
+    for (int64_t m = 0; m < M; ++m) std::memcpy(ct + m * L, c + m * ldc + n, rem * sizeof(T));
+  nn_rows<T, V, MR, 1>(M, K, a, a_rs, a_cs, bt, L, ct, L, accumulate);
+  for (int64_t m = 0; m < M; ++m) std::memcpy(c + m * ldc + n, ct + m * L, rem * sizeof(T));
+}
+
+template <typename V, typename T>
+TUCKER_INLINE T hsum(const V& v) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  T s = T(0);
+  for (int i = 0; i < L; ++i) s += v[i];
+  return s;
+}
+
+// MR rows of A against NB rows of B: MR * NB dot products along K.
+template <typename T, typename V, int MR, int NB>
+TUCKER_INLINE void nt_micro(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+                            bool accumulate) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  V acc[MR][NB];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NB; ++j) acc[m][j] = V{};
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    V bv[NB];
+    for (int j = 0; j < NB; ++j) bv[j] = load<V>(b + j * ldb + k);
+    for (int m = 0; m < MR; ++m) {
+      const V av = load<V>(a + m * lda + k);
+      for (int j = 0; j < NB; ++j) acc[m][j] += av * bv[j];
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < NB; ++j) {
+      T s = hsum<V, T>(acc[m][j]);
+      for (int64_t kk = k; kk < K; ++kk) s += a[m * lda + kk] * b[j * ldb + kk];
+      T& out = c[m * ldc + j];
+      out = accumulate ? out + s : s;
+    }
+  }
+}
+
+template <typename T, typename V, int NB>
+TUCKER_INLINE void nt_cols(int64_t M, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+                           bool accumulate) {
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) nt_micro<T, V, 2, NB>(K, a + m * lda, lda, b, ldb, c + m * ldc, ldc, accumulate);
+  if (m < M) nt_micro<T, V, 1, NB>(K, a + m * lda, lda, b, ldb, c + m * ldc, ldc, accumulate);
+}
+
+template <typename T, typename V>
+TUCKER_INLINE void gemm_nt_impl(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
+                                T* c, int64_t ldc, bool accumulate) {
+  int64_t n = 0;
+  for (; n + 4 <= N; n += 4) nt_cols<T, V, 4>(M, K, a, lda, b + n * ldb, ldb, c + n, ldc, accumulate);
+  for (; n < N; ++n) nt_cols<T, V, 1>(M, K, a, lda, b + n * ldb, ldb, c + n, ldc, accumulate);
+}
+
+template <typename T, int Bytes>
+struct Vec;
+#define TUCKER_VEC(T, B) \
+  template <>            \
+  struct Vec<T, B> {     \
+    typedef T type __attribute__((vector_size(B))); \
+  };
+TUCKER_VEC(float, 16)
+TUCKER_VEC(float, 32)
+TUCKER_VEC(float, 64)
+TUCKER_VEC(double, 16)
+TUCKER_VEC(double, 32)
+TUCKER_VEC(double, 64)
+#undef TUCKER_VEC
+
+// One wrapper per ISA; the target attribute makes the inlined templates use it.
+#define TUCKER_VARIANT(NAME, TARGET, BYTES)                                                                        \
+  template <typename T>                                                                                            \
+  TARGET void nn_##NAME(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b,       \
+                        int64_t ldb, T* c, int64_t ldc, bool accumulate) {                                         \
+    gemm_nn_impl<T, typename Vec<T, BYTES>::type>(M, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);             \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  TARGET void nt_##NAME(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,   \
+                        int64_t ldc, bool accumulate) {                                                            \
+    gemm_nt_impl<T, typename Vec<T, BYTES>::type>(M, N, K, a, lda, b, ldb, c, ldc, accumulate);                    \
+  }
+
+TUCKER_VARIANT(baseline, , 16)
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TUCKER_HAVE_X86_VARIANTS 1
+TUCKER_VARIANT(avx2, __attribute__((target("avx2,fma"))), 32)
+TUCKER_VARIANT(avx512, __attribute__((target("avx512f,avx512vl,fma"))), 64)
+#endif
+#undef TUCKER_VARIANT
+
+// ---- selection -------------------------------------------------------------------
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+enum class GemmMode { kAuto, kBlas, kKernel };
+
+Isa detect_isa() {
+  Isa best = Isa::kBaseline;
+#ifdef TUCKER_HAVE_X86_VARIANTS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) best = Isa::kAvx512;
+#endif
+  const char* env = std::getenv("TUCKER_OPS_ISA");
+  const std::string want = env ? env : "auto";
+  if (want == "baseline") return Isa::kBaseline;
+  if (want == "avx2" && best != Isa::kBaseline) return Isa::kAvx2;
+  return best;
+}
+
+GemmMode detect_mode() {
+  const char* env = std::getenv("TUCKER_OPS_GEMM");
+  const std::string want = env ? env : "auto";
+  if (want == "blas") return GemmMode::kBlas;
+  if (want == "kernel") return GemmMode::kKernel;
+  return GemmMode::kAuto;
+}
+
+const Isa kIsa = detect_isa();
+const GemmMode kMode = detect_mode();
+
+template <typename T>
+bool has_blas();
+template <>
+bool has_blas<float>() {
+  return sgemm_ != nullptr;
+}
+template <>
+bool has_blas<double>() {
+  return dgemm_ != nullptr;
+}
+
+bool fits_int(int64_t v) {
+  return v >= 0 && v <= INT_MAX;
+}
+
+// Measured on the benchmark machine (AMD EPYC, AVX-512): below about this many
+// multiply-adds a BLAS call's fixed cost exceeds the hand kernel's deficit.
+constexpr int64_t kBlasMinMacs = 48 * 48 * 48;
+
+template <typename T>
+bool use_blas(int64_t M, int64_t N, int64_t K) {
+  if (kMode == GemmMode::kKernel || !has_blas<T>()) return false;
+  if (kMode == GemmMode::kBlas) return true;
+  return M * N * K >= kBlasMinMacs && std::min({M, N, K}) >= 8;
+}
+
+// Runs the BLAS single-threaded on the calling thread, restoring its setting.
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+void blas_call(char ta, char tb, int m, int n, int k, const float* a, int lda, const float* b, int ldb, float beta,
+               float* c, int ldc) {
+  const float one = 1.0f;
+  SingleThreadedBlas one_thread;
+  sgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+void blas_call(char ta, char tb, int m, int n, int k, const double* a, int lda, const double* b, int ldb, double beta,
+               double* c, int ldc) {
+  const double one = 1.0;
+  SingleThreadedBlas one_thread;
+  dgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+}  // namespace
+
+template <typename T>
+void gemm_nn(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb, T* c,
+             int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, T(0));
+    return;
+  }
+  if (use_blas<T>(M, N, K)) {
+    // Row-major C = A B is column-major C^T = B^T A^T: B goes first, untransposed.
+    const bool a_rows = a_cs == 1 && a_rs >= K;  // A row-major
+    const bool a_cols = a_rs == 1 && a_cs >= M;  // A stored transposed
+    if ((a_rows || a_cols) && fits_int(M) && fits_int(N) && fits_int(K) && fits_int(ldb) && fits_int(ldc) &&
+        fits_int(a_rows ? a_rs : a_cs) && ldb >= N && ldc >= N) {
+      blas_call('N', a_rows ? 'N' : 'T', int(N), int(M), int(K), b, int(ldb), a, int(a_rows ? a_rs : a_cs),
+                accumulate ? T(1) : T(0), c, int(ldc));
+      return;
+    }
+  }
+  switch (kIsa) {
+#ifdef TUCKER_HAVE_X86_VARIANTS
+    case Isa::kAvx512: return nn_avx512<T>(M, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+    case Isa::kAvx2: return nn_avx2<T>(M, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+#endif
+    default: return nn_baseline<T>(M, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+  }
+}
+
+template <typename T>
+void gemm_nt(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+             bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, T(0));
+    return;
+  }
+  if (use_blas<T>(M, N, K) && fits_int(M) && fits_int(N) && fits_int(K) && fits_int(lda) && fits_int(ldb) &&
+      fits_int(ldc) && lda >= K && ldb >= K && ldc >= N) {
+    // Column-major C^T = B A^T with B (N x K row-major) read transposed.
+    blas_call('T', 'N', int(N), int(M), int(K), b, int(ldb), a, int(lda), accumulate ? T(1) : T(0), c, int(ldc));
+    return;
+  }
+  switch (kIsa) {
+#ifdef TUCKER_HAVE_X86_VARIANTS
+    case Isa::kAvx512: return nt_avx512<T>(M, N, K, a, lda, b, ldb, c, ldc, accumulate);
+    case Isa::kAvx2: return nt_avx2<T>(M, N, K, a, lda, b, ldb, c, ldc, accumulate);
+#endif
+    default: return nt_baseline<T>(M, N, K, a, lda, b, ldb, c, ldc, accumulate);
+  }
+}
+
+template void gemm_nn<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
+                             int64_t, bool);
+template void gemm_nn<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t, const double*, int64_t,
+                              double*, int64_t, bool);
+template void gemm_nt<float>(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
+                             bool);
+template void gemm_nt<double>(int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t, double*,
+                              int64_t, bool);
+
+std::string kernel_isa_name() {
+  switch (kIsa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+bool blas_available() {
+  return has_blas<float>() && has_blas<double>();
+}
+
+}  // namespace tucker_ops::cpu

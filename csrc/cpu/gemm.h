@@ -1,0 +1,42 @@
+// Single-threaded row-major GEMMs on raw buffers, for use inside a parallel
+// region (one call per tile or row block).
+//
+// Each call picks, by size alone (so results are reproducible), between the
+// BLAS that torch links (MKL/OpenBLAS sgemm_/dgemm_, found at load time) and a
+// hand-written register-blocked kernel compiled for AVX-512, AVX2+FMA and a
+// portable baseline, chosen at run time from cpuid. Small products go to the
+// hand kernel: a BLAS call costs about a microsecond before any arithmetic.
+//
+// Environment overrides, read once (for benchmarks and tests):
+//   TUCKER_OPS_GEMM = auto | blas | kernel
+//   TUCKER_OPS_ISA  = auto | avx512 | avx2 | baseline   (capped by the CPU)
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace tucker_ops::cpu {
+
+// C (M x N, row stride ldc) = [C +] A * B.
+// A element (m, k) is a[m * a_rs + k * a_cs] (so a transposed matrix is just
+// swapped strides); B is row-major (K x N) with row stride ldb.
+template <typename T>
+void gemm_nn(int64_t M, int64_t N, int64_t K,
+             const T* a, int64_t a_rs, int64_t a_cs,
+             const T* b, int64_t ldb,
+             T* c, int64_t ldc, bool accumulate);
+
+// C (M x N, row stride ldc) = [C +] A * B^T, with A (M x K, row stride lda) and
+// B (N x K, row stride ldb) both contiguous along K: the weight-gradient form.
+template <typename T>
+void gemm_nt(int64_t M, int64_t N, int64_t K,
+             const T* a, int64_t lda,
+             const T* b, int64_t ldb,
+             T* c, int64_t ldc, bool accumulate);
+
+// Name of the instruction set the hand kernels run with ("avx512", "avx2",
+// "baseline") and whether a BLAS was found; for benchmark reports.
+std::string kernel_isa_name();
+bool blas_available();
+
+}  // namespace tucker_ops::cpu
