@@ -1,0 +1,28 @@
+// The fused forward kernel of tucker_conv2d: 1x1 (first) -> kh x kw (core) ->
+// 1x1 (last) + bias in one launch, the rank-sized intermediates kept on chip.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "checks.h"
+
+namespace tucker_ops::cuda {
+
+struct ConvPointers {
+  const void* x;      // input (N, C_in, H, W): NCHW contiguous, or NHWC when nhwc
+  bool nhwc;
+  const void* first;  // (R_in, C_in) contiguous, or null
+  const void* core;   // (R_out, R_in, kh, kw) contiguous
+  const void* last;   // (C_out, R_out) contiguous, or null
+  const void* bias;   // (C_out,) or null
+  void* out;          // (N, C_out, H_out, W_out) contiguous
+};
+
+// Launches the fused kernel on the current stream and returns true, or returns
+// false without launching anything when the shape is outside what it takes
+// (R_out > 128, or a patch too large for shared memory); the caller then runs
+// the unfused GEMM path. TUCKER_OPS_CUDA_FUSED=0 in the environment forces
+// false, so tests can check both paths on the same shapes.
+bool fused_conv_forward(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p);
+
+}  // namespace tucker_ops::cuda

@@ -1,0 +1,435 @@
+"""The fused ops on every device against reference.py, with the GPU in mind.
+
+Parametrised over device: "cuda" runs where ``torch.cuda.is_available()`` and is
+skipped with that reason elsewhere; "cpu" runs the same checks (float32/float64)
+so the test logic itself is exercised on every machine. The oracle is
+reference.py in float64 on the same device; errors are norm-wise relative:
+at most 1e-4 in float32 and 1e-2 in float16/bfloat16.
+
+On CUDA, even seeds of the sweeps run the fused forward kernel and odd seeds set
+TUCKER_OPS_CUDA_FUSED=0, which forces the GEMM path, so both are checked on the
+same kind of shapes. TUCKER_OPS_TEST_DEVICES=cuda (comma-separated) restricts the
+device parameter, as benchmarks/gpu_check.sh does to spend GPU time on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from tucker_ops import _ops, reference
+
+OPS = torch.ops.tucker_ops
+HAS_CUDA = torch.cuda.is_available()
+NO_GPU = "no CUDA GPU here (torch.cuda.is_available() is False)"
+CUDA_ONLY = pytest.mark.skipif(not HAS_CUDA, reason=NO_GPU)
+_WANTED = os.environ.get("TUCKER_OPS_TEST_DEVICES", "cpu,cuda").split(",")
+DEVICES = [
+    p
+    for p in (pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=CUDA_ONLY))
+    if p.values[0] in _WANTED
+]
+ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+DEVICE_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": ALL_DTYPES}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+NAMES = ("input", "first", "core", "last", "bias")
+
+
+def _require(device: str, dtype: torch.dtype) -> None:
+    if dtype not in DEVICE_DTYPES[device]:
+        pytest.skip(f"the {device} backend does not implement {dtype}")
+
+
+def _select_path(device: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    if device == "cuda" and seed % 2 == 1:
+        monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "0")
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    diff = (got.double() - want.double()).norm().item()
+    scale = want.double().norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def _randn(shape, dtype, device, gen):
+    # Drawn on the CPU from a seeded generator: the same numbers on every device.
+    return torch.randn(*shape, dtype=torch.float64, generator=gen).to(device=device, dtype=dtype)
+
+
+def _conv_input(shape, layout: str, dtype, device, gen) -> torch.Tensor:
+    n, c, h, w = shape
+    if layout == "contiguous":
+        return _randn((n, c, h, w), dtype, device, gen)
+    if layout == "channels_last":
+        return _randn((n, c, h, w), dtype, device, gen).contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":
+        return _randn((n, 2 * c, h + 1, 2 * w), dtype, device, gen)[:, ::2, 1:, ::2]
+    if layout == "permuted":
+        return _randn((w, c, n, h), dtype, device, gen).permute(2, 1, 3, 0)
+    raise AssertionError(layout)
+
+
+def _check_against_reference(fused_fn, reference_fn, tensors, dtype, grad_seed: int) -> None:
+    """Forward and every gradient of fused_fn against reference_fn in float64."""
+    # detach() keeps strides, so channels_last / sliced / permuted inputs reach the op as they are.
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+    leaves_ref = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
+    y = fused_fn(*leaves)
+    y_ref = reference_fn(*leaves_ref)
+    assert y.dtype == dtype and y.device == tensors[0].device and y.is_contiguous()
+    assert y.shape == y_ref.shape
+    err = _rel_err(y, y_ref)
+    assert err <= TOL[dtype], f"forward: relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+    g = _randn(tuple(y.shape), dtype, y.device, torch.Generator().manual_seed(grad_seed))
+    y.backward(g)
+    y_ref.backward(g.double())
+    for name, a, b in zip(NAMES, leaves, leaves_ref):
+        if a is None:
+            continue
+        assert a.grad is not None, f"no gradient for {name}"
+        assert a.grad.dtype == dtype and a.grad.shape == a.shape
+        err = _rel_err(a.grad, b.grad)
+        assert err <= TOL[dtype], f"grad of {name}: relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+# -- conv2d ---------------------------------------------------------------------------
+
+
+def _random_conv(seed: int, device: str):
+    """A random valid configuration; about a third are large enough for several
+    tiles, input-channel chunks, R_out > 32 (and > 128: the GEMM fallback)."""
+    rng = random.Random(seed)
+    big = rng.random() < 0.35
+    while True:
+        h, w = rng.randint(1, 20 if big else 9), rng.randint(1, 20 if big else 9)
+        k = (rng.randint(1, 4), rng.randint(1, 4))
+        stride = (rng.randint(1, 3), rng.randint(1, 3))
+        dilation = (rng.randint(1, 3), rng.randint(1, 3))
+        padding = (rng.randint(0, 2), rng.randint(0, 2))
+        fits = all(s + 2 * p - d * (kk - 1) - 1 >= 0 for s, p, d, kk in zip((h, w), padding, dilation, k))
+        if fits and all(p <= d * (kk - 1) + 1 for p, d, kk in zip(padding, dilation, k)):
+            break
+    side = rng.choice(("tucker2", "tucker2", "no_first", "no_last"))
+    c_in = rng.randint(1, 40 if big else 6)
+    r_in = None if side == "no_first" else rng.randint(1, 48 if big else 5)
+    r_out = rng.randint(1, 140 if big else 5)
+    c_out = None if side == "no_last" else rng.randint(1, 40 if big else 6)
+    n = rng.choice((0, 1, 2, 3))
+    dtype = rng.choice(DEVICE_DTYPES[device])
+    layout = rng.choice(("contiguous", "channels_last", "sliced", "permuted"))
+    bias = rng.random() < 0.6
+
+    gen = torch.Generator().manual_seed(seed)
+    x = _conv_input((n, c_in, h, w), layout, dtype, device, gen)
+    first = _randn((r_in, c_in), dtype, device, gen) if r_in is not None else None
+    core = _randn((r_out, r_in if r_in is not None else c_in, *k), dtype, device, gen)
+    last = _randn((c_out, r_out), dtype, device, gen) if c_out is not None else None
+    b = _randn((c_out if c_out is not None else r_out,), dtype, device, gen) if bias else None
+    return (x, first, core, last, b), (stride, padding, dilation), dtype
+
+
+@pytest.mark.parametrize("seed", range(32))
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d_random_configurations(device: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    tensors, conv, dtype = _random_conv(seed, device)
+    _select_path(device, seed, monkeypatch)
+    _check_against_reference(
+        lambda *t: _ops.tucker_conv2d(*t, *conv, backend="fused"),
+        lambda *t: reference.tucker_conv2d(*t, *conv),
+        tensors,
+        dtype,
+        seed + 1000,
+    )
+
+
+# Realistic layers: (N, C_in, H, W), r_in, r_out, C_out, k, stride, padding, dilation.
+CONV_SHAPES = {
+    "thesis_conv2": ((2, 6, 12, 12), 4, 8, 16, 5, 1, 0, 1),
+    "resnet_256_14": ((2, 256, 14, 14), 64, 64, 256, 3, 1, 1, 1),
+    "stride2_64_128": ((2, 64, 28, 28), 16, 32, 128, 3, 2, 1, 1),
+    "tucker1_out_side": ((2, 3, 17, 19), None, 24, 64, 3, 1, 1, 1),
+    "tucker1_in_side": ((2, 48, 9, 9), 12, 20, None, 3, 1, 1, 1),
+    "r_out_over_128": ((1, 32, 10, 10), 16, 160, 48, 3, 1, 1, 1),
+    "r_in_chunked": ((1, 96, 9, 9), 300, 8, 16, 3, 1, 1, 1),
+    "dilated_strided": ((2, 8, 23, 21), 6, 10, 12, (3, 2), (2, 3), (2, 1), (3, 2)),
+    "huge_patch": ((1, 4, 90, 90), 2, 3, 5, 7, 3, 0, 8),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("name", CONV_SHAPES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d_realistic_layers(device: str, name: str, dtype: torch.dtype, layout: str) -> None:
+    _require(device, dtype)
+    if device == "cpu" and dtype == torch.float64:
+        pytest.skip("float64 on CPU: tests/test_ops.py covers it")
+    shape, r_in, r_out, c_out, k, stride, padding, dilation = CONV_SHAPES[name]
+    gen = torch.Generator().manual_seed(5)
+    c_in = shape[1]
+    k, stride, padding, dilation = (v if isinstance(v, tuple) else (v, v) for v in (k, stride, padding, dilation))
+    x = _conv_input(shape, layout, dtype, device, gen)
+    first = _randn((r_in, c_in), dtype, device, gen) if r_in else None
+    core = _randn((r_out, r_in or c_in, *k), dtype, device, gen)
+    last = _randn((c_out, r_out), dtype, device, gen) if c_out else None
+    bias = _randn((c_out or r_out,), dtype, device, gen)
+    conv = (stride, padding, dilation)
+    _check_against_reference(
+        lambda *t: _ops.tucker_conv2d(*t, *conv, backend="fused"),
+        lambda *t: reference.tucker_conv2d(*t, *conv),
+        (x, first, core, last, bias),
+        dtype,
+        11,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d_weight_gradients_over_many_pixels(device: str) -> None:
+    # N * H_out * W_out = 4 * 48 * 48: weight-gradient GEMMs split K and sum the splits.
+    gen = torch.Generator().manual_seed(8)
+    t = (
+        _randn((4, 12, 48, 48), torch.float32, device, gen),
+        _randn((5, 12), torch.float32, device, gen),
+        _randn((6, 5, 3, 3), torch.float32, device, gen),
+        _randn((7, 6), torch.float32, device, gen),
+        _randn((7,), torch.float32, device, gen),
+    )
+    conv = ((1, 1), (1, 1), (1, 1))
+    _check_against_reference(
+        lambda *a: _ops.tucker_conv2d(*a, *conv), lambda *a: reference.tucker_conv2d(*a, *conv), t, torch.float32, 3
+    )
+
+
+# -- linear ---------------------------------------------------------------------------
+
+
+def _random_linear(seed: int, device: str):
+    rng = random.Random(seed)
+    big = rng.random() < 0.35
+    lead = rng.choice(((), (0,), (1,), (5,), (2, 7), (3, 0, 2), (130,) if big else (4,)))
+    if big and rng.random() < 0.3:
+        lead = (2100,)  # rows >= 2048: weight gradients split their K loop
+    side = rng.choice(("tucker2", "tucker2", "no_first", "no_last"))
+    n_in = rng.randint(1, 300 if big else 8)
+    r_in = None if side == "no_first" else rng.randint(1, 80 if big else 5)
+    r_out = rng.randint(1, 80 if big else 5)
+    n_out = None if side == "no_last" else rng.randint(1, 200 if big else 8)
+    dtype = rng.choice(DEVICE_DTYPES[device])
+    gen = torch.Generator().manual_seed(seed)
+    x = _randn((*lead, n_in), dtype, device, gen)
+    if rng.random() < 0.25 and x.dim() >= 2:
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)  # non-contiguous input
+    first = _randn((r_in, n_in), dtype, device, gen) if r_in is not None else None
+    core = _randn((r_out, r_in if r_in is not None else n_in), dtype, device, gen)
+    last = _randn((n_out, r_out), dtype, device, gen) if n_out is not None else None
+    bias = _randn((n_out if n_out is not None else r_out,), dtype, device, gen) if rng.random() < 0.6 else None
+    return (x, first, core, last, bias), dtype
+
+
+@pytest.mark.parametrize("seed", range(24))
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_random_configurations(device: str, seed: int) -> None:
+    tensors, dtype = _random_linear(seed, device)
+    _check_against_reference(
+        lambda *t: _ops.tucker_linear(*t, backend="fused"), reference.tucker_linear, tensors, dtype, seed + 2000
+    )
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_thesis_and_large_layers(device: str, dtype: torch.dtype) -> None:
+    _require(device, dtype)
+    gen = torch.Generator().manual_seed(9)
+    for rows, n_in, r_in, r_out, n_out in ((64, 800, 40, 200, 500), (3, 1024, 256, 256, 1024)):
+        t = (
+            _randn((rows, n_in), dtype, device, gen),
+            _randn((r_in, n_in), dtype, device, gen),
+            _randn((r_out, r_in), dtype, device, gen),
+            _randn((n_out, r_out), dtype, device, gen),
+            _randn((n_out,), dtype, device, gen),
+        )
+        _check_against_reference(_ops.tucker_linear, reference.tucker_linear, t, dtype, rows)
+
+
+# -- gradcheck and opcheck (float64) --------------------------------------------------
+
+
+def _leaves(device: str, seed: int, *shapes):
+    gen = torch.Generator().manual_seed(seed)
+    return [_randn(s, torch.float64, device, gen).requires_grad_() if s is not None else None for s in shapes]
+
+
+@pytest.mark.parametrize("sides", ["tucker2", "no_first", "no_last"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device: str, sides: str) -> None:
+    f = None if sides == "no_first" else (2, 3)
+    last = None if sides == "no_last" else (4, 3)
+    conv = _leaves(device, 1, (2, 3, 5, 4), f, (3, 3 if f is None else 2, 2, 3), last, (3 if last is None else 4,))
+    assert torch.autograd.gradcheck(lambda *t: _ops.tucker_conv2d(*t, (2, 1), (1, 1), (1, 2)), conv)
+    f = None if sides == "no_first" else (2, 5)
+    lin = _leaves(device, 2, (2, 3, 5), f, (3, 5 if f is None else 2), last, (3 if last is None else 4,))
+    assert torch.autograd.gradcheck(_ops.tucker_linear, lin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device: str, dtype: torch.dtype) -> None:
+    if device == "cpu":
+        pytest.skip("opcheck on CPU: tests/test_ops.py covers it")
+    gen = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return _randn(shape, dtype, device, gen).requires_grad_()
+
+    conv = (t(2, 5, 7, 6), t(3, 5), t(4, 3, 3, 2), t(6, 4), t(6), [2, 1], [1, 0], [1, 2])
+    opcheck(OPS.tucker_conv2d.default, conv)
+    lin = (t(2, 3, 5), t(3, 5), t(4, 3), t(6, 4), t(6))
+    opcheck(OPS.tucker_linear.default, lin)
+    with torch.no_grad():
+        gy = OPS.tucker_conv2d(*conv)
+        gl = OPS.tucker_linear(*lin)
+    for mask in ([True] * 5, [True, False, True, False, False], [False] * 5):
+        plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in conv]
+        opcheck(OPS.tucker_conv2d_backward.default, (torch.randn_like(gy), *plain[:4], *plain[5:], mask))
+        plain = [a.detach() for a in lin]
+        opcheck(OPS.tucker_linear_backward.default, (torch.randn_like(gl), *plain[:4], mask))
+
+
+# -- determinism, validation ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_repeated_calls_are_bitwise_identical(device: str) -> None:
+    x = _conv_input((4, 16, 30, 30), "contiguous", torch.float32, device, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    params = [_randn(s, torch.float32, device, gen).requires_grad_() for s in ((8, 16), (8, 8, 3, 3), (16, 8), (16,))]
+
+    def run():
+        y = _ops.tucker_conv2d(x, *params, 1, 1, 1)
+        return [y, *torch.autograd.grad(y.square().sum(), params)]
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+def _error(fn) -> tuple[type, str]:
+    with pytest.raises(Exception) as info:
+        fn()
+    return info.type, str(info.value).split("\n")[0]
+
+
+BAD_CONV = {
+    "first_shape": lambda d: (torch.randn(1, 4, 5, 5, device=d), torch.randn(2, 3, device=d),
+                              torch.randn(2, 2, 3, 3, device=d), None, None),
+    "core_dims": lambda d: (torch.randn(1, 4, 5, 5, device=d), None, torch.randn(2, 4, 3, device=d), None, None),
+    "bias_shape": lambda d: (torch.randn(1, 4, 5, 5, device=d), None, torch.randn(2, 4, 3, 3, device=d),
+                             torch.randn(3, 2, device=d), torch.randn(2, device=d)),
+    "kernel_too_big": lambda d: (torch.randn(1, 4, 2, 2, device=d), None, torch.randn(2, 4, 3, 3, device=d), None,
+                                 None),
+}
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("case", BAD_CONV)
+def test_errors_are_identical_on_cpu_and_cuda(case: str) -> None:
+    errors = [
+        _error(lambda d=d: OPS.tucker_conv2d(*BAD_CONV[case](d), [1, 1], [0, 0], [1, 1])) for d in ("cpu", "cuda")
+    ]
+    assert errors[0] == errors[1]
+
+
+@CUDA_ONLY
+def test_cuda_errors_name_the_cuda_dtypes_and_devices() -> None:
+    x = torch.randn(1, 4, 5, 5, device="cuda")
+    with pytest.raises(TypeError, match=r"torch\.float32, torch\.float64, torch\.float16, torch\.bfloat16"):
+        OPS.tucker_conv2d(x.int(), None, torch.randn(2, 4, 3, 3, device="cuda").int(), None, None, [1, 1], [0, 0],
+                          [1, 1])
+    with pytest.raises(RuntimeError, match="same device"):
+        OPS.tucker_conv2d(x, torch.randn(2, 4), torch.randn(2, 2, 3, 3, device="cuda"), None, None, [1, 1], [0, 0],
+                          [1, 1])
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "gemm"])
+def test_conv2d_beyond_32_bit_indexing(fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 8 * 16384 * 16400 > 2^31 elements: the last rows are only reachable with 64-bit offsets.
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs a GPU with at least 40 GiB of memory")
+    if not fused:
+        monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "0")
+    x = torch.empty(1, 8, 16384, 16400, device="cuda", dtype=torch.bfloat16).normal_()
+    assert x.numel() > 2**31
+    first = torch.randn(2, 8, device="cuda", dtype=torch.bfloat16)
+    core = torch.randn(3, 2, 1, 1, device="cuda", dtype=torch.bfloat16)
+    last = torch.randn(4, 3, device="cuda", dtype=torch.bfloat16)
+    y = OPS.tucker_conv2d(x, first, core, last, None, [1, 1], [0, 0], [1, 1])
+    tail = x[:, :, -4:, :]  # a 1x1 chain: output rows are input rows
+    want = reference.tucker_conv2d(tail.double(), first.double(), core.double(), last.double(), None)
+    assert _rel_err(y[:, :, -4:, :], want) <= TOL[torch.bfloat16]
+    del x, y
+
+
+# -- CUDA graphs and torch.compile ----------------------------------------------------
+
+
+def _graph_operands(device: str):
+    gen = torch.Generator().manual_seed(21)
+    conv = [_randn(s, torch.float32, device, gen).requires_grad_() for s in ((8, 16), (8, 8, 3, 3), (16, 8), (16,))]
+    lin = [_randn(s, torch.float32, device, gen).requires_grad_() for s in ((12, 40), (10, 12), (30, 10), (30,))]
+    return conv, lin
+
+
+def _graph_step(x, xl, conv, lin):
+    y = _ops.tucker_conv2d(x, *conv, 1, 1, 1)
+    z = _ops.tucker_linear(xl, *lin)
+    loss = y.square().sum() + z.square().sum()
+    return [y, z, *torch.autograd.grad(loss, [*conv, *lin])]
+
+
+@CUDA_ONLY
+def test_cuda_graph_capture_forward_and_backward() -> None:
+    conv, lin = _graph_operands("cuda")
+    gen = torch.Generator().manual_seed(22)
+    x = _randn((4, 16, 12, 12), torch.float32, "cuda", gen)
+    xl = _randn((5, 40), torch.float32, "cuda", gen)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require
+        for _ in range(2):
+            _graph_step(x, xl, conv, lin)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _graph_step(x, xl, conv, lin)
+    x.copy_(_randn((4, 16, 12, 12), torch.float32, "cuda", gen))
+    xl.copy_(_randn((5, 40), torch.float32, "cuda", gen))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, _graph_step(x, xl, conv, lin)):
+        assert torch.equal(got, want)
+
+
+@CUDA_ONLY
+def test_torch_compile_reduce_overhead() -> None:
+    conv, lin = _graph_operands("cuda")
+
+    def step(x, xl):
+        return _ops.tucker_conv2d(x, *conv, 1, 1, 1).square().sum() + _ops.tucker_linear(xl, *lin).square().sum()
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    gen = torch.Generator().manual_seed(23)
+    for _ in range(3):  # the third call replays the recorded CUDA graph
+        x = _randn((4, 16, 12, 12), torch.float32, "cuda", gen)
+        xl = _randn((5, 40), torch.float32, "cuda", gen)
+        loss = compiled(x, xl)
+        grads = torch.autograd.grad(loss, [*conv, *lin])
+        loss_ref = step(x, xl)
+        grads_ref = torch.autograd.grad(loss_ref, [*conv, *lin])
+        assert _rel_err(loss.detach(), loss_ref.detach()) <= 1e-5
+        for g, r in zip(grads, grads_ref):
+            assert _rel_err(g, r) <= 1e-5
