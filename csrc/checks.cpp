@@ -85,6 +85,30 @@ int64_t conv_out_size(
   return numerator < 0 ? 0 : numerator / stride + 1;
 }
 
+// Padding beyond the dilated kernel extent only adds output rows/columns that
+// see nothing but zeros: never useful, almost always a bug (a pixel count
+// passed as padding, say). One all-padding border (a 1x1 conv with padding 1)
+// is tolerated because real models have it.
+void check_padding_extent(const char* op, const char* dim_name, int64_t k, int64_t pad, int64_t dil) {
+  const int64_t extent = dil * (k - 1) + 1;  // no overflow: conv_out_size checked dil * (k - 1)
+  TORCH_CHECK_VALUE(
+      pad <= extent, op, ": expected padding along ", dim_name, " to be at most the dilated kernel extent ",
+      "dilation * (k - 1) + 1 = ", extent, " (more padding only adds outputs that see nothing but zeros), but got ",
+      "padding ", pad, " with kernel size ", k, " and dilation ", dil);
+}
+
+// Every size the kernels derive must fit int64 (they index with int64_t
+// throughout); reject the call before anything is allocated otherwise.
+int64_t checked_numel(const char* op, const char* name, const char* layout, c10::IntArrayRef sizes) {
+  int64_t numel = 1;
+  bool overflow = false;
+  for (int64_t s : sizes) overflow = overflow || c10::mul_overflows(numel, s, &numel);
+  TORCH_CHECK_VALUE(
+      !overflow, op, ": expected ", name, " ", layout, " to have fewer than 2^63 elements (64-bit indexing), ",
+      "but got sizes ", sizes);
+  return numel;
+}
+
 struct Factors {
   int64_t C_in, R_in, R_out, C_out;
   bool has_first, has_last, has_bias;
@@ -216,6 +240,10 @@ Conv2dSizes conv2d_args(
       s.H_out >= 1 && s.W_out >= 1, op, ": kernel (kh, kw) = (", s.kh, ", ", s.kw, ") with dilation ", dilation,
       " does not fit the padded input (H + 2*pad_h, W + 2*pad_w) = (", s.H + 2 * s.pad_h, ", ", s.W + 2 * s.pad_w,
       "); expected an output size (H_out, W_out) of at least (1, 1), but got (", s.H_out, ", ", s.W_out, ")");
+  check_padding_extent(op, "H", s.kh, s.pad_h, s.dil_h);
+  check_padding_extent(op, "W", s.kw, s.pad_w, s.dil_w);
+  const std::array<int64_t, 4> out_sizes = {s.N, s.C_out, s.H_out, s.W_out};
+  checked_numel(op, "output", "(N, C_out, H_out, W_out)", out_sizes);
   return s;
 }
 
@@ -249,6 +277,8 @@ LinearSizes linear_args(
   LinearSizes s{};
   // numel / in cannot overflow and is 0 exactly when a leading dim is 0.
   s.M = input.numel() / input.size(-1);
+  const std::array<int64_t, 2> out_sizes = {s.M, f.C_out};
+  checked_numel(op, "output", "(..., out)", out_sizes);
   s.in = f.C_in;
   s.R_in = f.R_in;
   s.R_out = f.R_out;

@@ -67,7 +67,10 @@ _OPS = torch.ops.tucker_ops
 
 # Dtypes the compiled backends implement, per device type. Devices not listed
 # (meta) accept every floating dtype, since no real kernel will run.
-_BACKEND_DTYPES: dict[str, tuple[torch.dtype, ...]] = {"cpu": (torch.float32, torch.float64)}
+_BACKEND_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
 
 
 def _check_tensors(op: str, input: Tensor, named: Sequence[tuple[str, Tensor | None]]) -> None:
@@ -224,7 +227,29 @@ def _conv2d_output_shape(
         f"size (H_out, W_out) of at least (1, 1), but got "
         f"({max(num_h // stride[0] + 1, 0)}, {max(num_w // stride[1] + 1, 0)})",
     )
-    return (n, c_out, num_h // stride[0] + 1, num_w // stride[1] + 1)
+    for dim, k, pad, dil in (("H", kh, padding[0], dilation[0]), ("W", kw, padding[1], dilation[1])):
+        torch._check_value(
+            pad <= dil * (k - 1) + 1,
+            lambda: f"{op}: expected padding along {dim} to be at most the dilated kernel extent "
+            f"dilation * (k - 1) + 1 = {dil * (k - 1) + 1} (more padding only adds outputs that see nothing but "
+            f"zeros), but got padding {pad} with kernel size {k} and dilation {dil}",
+        )
+    shape = (n, c_out, num_h // stride[0] + 1, num_w // stride[1] + 1)
+    _check_numel(op, "output", "(N, C_out, H_out, W_out)", shape)
+    return shape
+
+
+def _check_numel(op: str, name: str, layout: str, sizes: Sequence) -> None:
+    """Mirror of ``checked_numel``: the kernels index with int64, so every tensor must fit it."""
+    if all(type(s) is int for s in sizes):  # symbolic sizes are bounded by the real tensors later
+        numel = 1
+        for s in sizes:
+            numel *= s
+        torch._check_value(
+            numel < 2**63,
+            lambda: f"{op}: expected {name} {layout} to have fewer than 2^63 elements (64-bit indexing), "
+            f"but got sizes {list(sizes)}",
+        )
 
 
 def _linear_output_shape(
@@ -249,6 +274,10 @@ def _linear_output_shape(
     _check_no_zero_dims(op, core, "core", "(R_out, R_in)")
     _check_no_zero_dims(op, last, "last", "(out, R_out)")
     out_features = _check_factors(op, input.shape[-1], first, core, last, bias, "in", "input.size(-1)", "out")
+    rows = 1
+    for size in input.shape[:-1]:
+        rows = rows * size
+    _check_numel(op, "output", "(..., out)", (rows, out_features))
     return (*input.shape[:-1], out_features)
 
 
