@@ -276,6 +276,49 @@ def test_skip_reasons_for_small_and_unreducible_layers():
     assert isinstance(compressed[0], TuckerConv2d)
 
 
+def test_suspicious_padding_is_skipped_with_the_ops_reason():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 1, padding=2), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1, padding=2, padding_mode="reflect"))
+    compressed, report = compress(model, ranks=(2, 2))
+    assert report["0"].skipped.startswith("suspicious padding rejected by the ops: padding along H must be at most")
+    assert "= 1" in report["0"].skipped and "got padding 2" in report["0"].skipped
+    assert type(compressed[0]) is nn.Conv2d
+    # The rule only concerns zero padding handed to the op.
+    assert report["1"].compressed and report["2"].compressed
+    assert compressed(torch.randn(1, 4, 5, 5)).shape == (1, 8, 13, 13)
+
+
+def test_progress_bar_counts_parameters_and_names_the_layer(capsys):
+    model = nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 10))
+    compress(model, ranks=(None, 3), progress=True)
+    err = capsys.readouterr().err
+    assert "0 (30x20)" in err and "1 (10x30)" in err
+    assert "940/940" in err  # 630 + 310 parameters (weights and biases)
+
+
+def test_dense_layers_are_freed_as_they_are_replaced():
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(40, 40), nn.Linear(40, 40))
+    seen = []
+    real = compress.__globals__["_compress_layer"]
+
+    def spy(report, layer, *args):
+        seen.append(weakref.ref(layer))
+        gc.collect()
+        # The previous layer's dense copy is gone by the time the next one starts.
+        assert all(ref() is None for ref in seen[:-1])
+        return real(report, layer, *args)
+
+    compress.__globals__["_compress_layer"] = spy
+    try:
+        compress(model, ranks=(None, 4))
+    finally:
+        compress.__globals__["_compress_layer"] = real
+    assert len(seen) == 2
+
+
 def test_already_compressed_layers_are_reported_and_counted(thesis):
     _, once, _ = thesis
     _, report = compress(once, ranks=0.5, example_input=torch.randn(1, 1, 28, 28))

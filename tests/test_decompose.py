@@ -374,3 +374,73 @@ def test_missing_tensorly_says_how_to_install(conv_weight, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorly.decomposition", None)
     with pytest.raises(ImportError, match="pip install tensorly"):
         decompose_conv2d(conv_weight, (3, 5))
+
+
+# -- large weights: bounded-memory paths (tucker_ops._linalg), exercised on small
+# -- matrices by lowering the size threshold
+
+
+@pytest.fixture
+def everything_large(monkeypatch):
+    from tucker_ops import _linalg
+
+    monkeypatch.setattr(_linalg, "LARGE_NUMEL", 1)
+
+
+@pytest.mark.parametrize(
+    "shape, ranks",
+    [((40, 70), (None, 9)), ((40, 70), (12, None)), ((70, 40), (9, 9)), ((70, 40), (5, 11)),
+     ((24, 16, 3, 3), (None, 7)), ((24, 16, 3, 3), (6, None)), ((24, 16, 3, 3), (6, 7))],
+)  # fmt: skip
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_large_weight_paths_match_the_exact_small_path(shape, ranks, svd, everything_large, monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    # Planted low rank plus noise, the shape trained layers have.
+    m = shape[0]
+    n = int(np.prod(shape[1:]))
+    w = (torch.randn(m, 6, generator=gen) @ torch.randn(6, n, generator=gen) + 0.05 * torch.randn(m, n, generator=gen))
+    w = w.reshape(shape).float()
+    fn = decompose_linear if len(shape) == 2 else decompose_conv2d
+    big = fn(w, ranks, svd=svd)
+    from tucker_ops import _linalg
+
+    monkeypatch.setattr(_linalg, "LARGE_NUMEL", 1 << 40)
+    small = fn(w.double(), ranks, svd="exact")
+    assert big.core.dtype == torch.float32 and big.ranks == ranks
+    assert big.relative_error == pytest.approx(small.relative_error, rel=1e-3, abs=1e-5)
+    # The reported error is the error of the returned factors.
+    rec = (reconstruct_linear if len(shape) == 2 else reconstruct_conv2d)(big.first, big.core, big.last)
+    assert big.relative_error == pytest.approx(_rel(rec, w), rel=1e-4)
+    for factor in (big.first, None if big.last is None else big.last.T):
+        if factor is not None:
+            torch.testing.assert_close(factor.double() @ factor.double().T, torch.eye(factor.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_large_weight_ranks_beyond_the_unfolding_fall_back_to_tensorly(everything_large):
+    # r_out = 20 > C_in * kh * kw = 9: the factor needs tensorly's orthonormal completion.
+    w = torch.randn(24, 1, 3, 3)
+    f = decompose_conv2d(w, (None, 20))
+    assert f.ranks == (None, 20) and f.relative_error < 1e-5
+
+
+def test_large_weight_nan_and_zero(everything_large):
+    w = torch.randn(30, 40)
+    w[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        decompose_linear(w, (None, 4))
+    f = decompose_linear(torch.zeros(30, 40), (None, 4))
+    assert f.relative_error == 0.0 and not f.core.any()
+
+
+def test_svd_option_is_checked():
+    with pytest.raises(ValueError, match="svd: expected one of"):
+        decompose_linear(torch.randn(4, 5), (None, 2), svd="lanczos")
+
+
+def test_randomized_svd_on_a_small_weight_is_close_to_exact():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(50, 5, generator=gen, dtype=torch.float64) @ torch.randn(5, 80, generator=gen, dtype=torch.float64)
+    w += 0.01 * torch.randn(50, 80, generator=gen, dtype=torch.float64)
+    exact = decompose_linear(w, (None, 5), svd="exact").relative_error
+    randomized = decompose_linear(w, (None, 5), svd="randomized").relative_error
+    assert randomized == pytest.approx(exact, rel=1e-6)

@@ -90,6 +90,9 @@ def test_conv_unbatched_input():
         ({"stride": 0}, "stride must be"),
         ({"ranks": (0, 2)}, "r_in must be None or an int >= 1"),
         ({"ranks": (2, 2, 2)}, "ranks must be an int or a pair"),
+        ({"kernel_size": 1, "padding": 2}, "padding along H must be at most the dilated kernel extent .* = 1"),
+        ({"kernel_size": (3, 2), "padding": (1, 3)}, "padding along W .* = 2, but got padding 3"),
+        ({"padding": 4, "dilation": (1, 2)}, "padding along H .* = 3, but got padding 4 with kernel size 3 and dilation 1"),
     ],
 )
 def test_conv_bad_arguments(kwargs, match):
@@ -443,3 +446,44 @@ def test_bad_backend_is_rejected():
     m.backend = "cuda-please"
     with pytest.raises(ValueError):
         m(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize(
+    "kernel_size, padding, dilation, ok",
+    [
+        (1, 1, 1, True),  # one all-padding border: tolerated, real models have it
+        (1, 2, 1, False),
+        (3, 3, 1, True),  # exactly the extent
+        (3, 4, 1, False),
+        (3, 5, 2, True),  # dilated extent 2 * 2 + 1 = 5
+        (3, 6, 2, False),
+        ((1, 3), (1, 4), 1, False),
+    ],
+)
+def test_padding_rule_matches_the_op(kernel_size, padding, dilation, ok):
+    """The constructor's rule is the op's: it accepts exactly what the op runs."""
+    from tucker_ops.modules import padding_extent_error
+
+    kernel, pad, dil = (tuple(torch.nn.modules.utils._pair(v)) for v in (kernel_size, padding, dilation))
+    assert (padding_extent_error(kernel, pad, dil) is None) == ok
+    x = torch.randn(1, 2, 12, 12)
+    core = torch.randn(3, 2, *kernel)
+    for backend in ("fused", "reference"):
+        if ok:
+            _ops.tucker_conv2d(x, None, core, None, None, 1, pad, dil, backend=backend)
+        elif backend == "fused":
+            with pytest.raises(ValueError, match="dilated kernel extent"):
+                _ops.tucker_conv2d(x, None, core, None, None, 1, pad, dil, backend=backend)
+    if ok:
+        TuckerConv2d(2, 3, kernel_size, (None, 3), padding=padding, dilation=dilation)
+    else:
+        with pytest.raises(ValueError, match="dilated kernel extent"):
+            TuckerConv2d(2, 3, kernel_size, (None, 3), padding=padding, dilation=dilation)
+        with pytest.raises(ValueError, match="from_conv: padding along"):
+            TuckerConv2d.from_conv(nn.Conv2d(2, 3, kernel_size, padding=padding, dilation=dilation), ranks=(None, 2))
+
+
+def test_padding_rule_ignores_explicit_padding_modes():
+    # Non-zero padding modes pad before the op, which then gets padding 0.
+    m = TuckerConv2d(2, 3, 1, (None, 3), padding=2, padding_mode="replicate")
+    assert m(torch.randn(1, 2, 4, 4)).shape == (1, 3, 8, 8)

@@ -79,8 +79,10 @@ def _random_conv_case(seed: int) -> ConvCase:
         h, w = rng.randint(1, 9), rng.randint(1, 9)
         k = (rng.randint(1, 4), rng.randint(1, 4))
         stride = (rng.randint(1, 3), rng.randint(1, 3))
-        padding = (rng.randint(0, 2), rng.randint(0, 2))
         dilation = (rng.randint(1, 3), rng.randint(1, 3))
+        # The ops reject padding beyond the dilated kernel extent dilation * (k - 1) + 1
+        # (csrc/checks.cpp, check_padding_extent), so draw it within that bound.
+        padding = tuple(rng.randint(0, min(2, d * (kk - 1) + 1)) for d, kk in zip(dilation, k))
         if all(s + 2 * p - d * (kk - 1) - 1 >= 0 for s, p, d, kk in zip((h, w), padding, dilation, k)):
             break
     side = rng.choice(("tucker2", "tucker2", "no_first", "no_last"))

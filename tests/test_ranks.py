@@ -322,3 +322,21 @@ def test_bad_weights():
 
 def test_methods_constant():
     assert METHODS == ("explicit", "ratio", "energy", "vbmf")
+
+
+def test_large_matrices_use_the_gram_spectrum(monkeypatch):
+    import numpy as np
+
+    from tucker_ops import _linalg
+
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.randn(60, 7, generator=gen) @ torch.randn(7, 150, generator=gen) + 0.1 * torch.randn(60, 150, generator=gen)).float()
+    exact = np.linalg.svd(a.double().numpy(), compute_uv=False)
+    expected = (evbmf(a), evbmf(a.T), energy_rank(a, 0.9))
+    monkeypatch.setattr(_linalg, "LARGE_NUMEL", 1)
+    for m in (a, a.T):
+        np.testing.assert_allclose(_linalg.singular_values(m), exact, rtol=1e-4, atol=1e-5 * exact[0])
+    assert (evbmf(a), evbmf(a.T), energy_rank(a, 0.9)) == expected
+    a[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        evbmf(a)

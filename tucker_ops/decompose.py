@@ -14,12 +14,27 @@ ARCHITECTURE.md ("The op contract"):
 Ranks are given in chain order ``(r_in, r_out)``; ``None`` leaves that side
 undecomposed (Tucker-1). tensorly is imported lazily so that the rest of the
 package works without it.
+
+Large weights (at least 2**22 elements, e.g. VGG-16's Linear layers) are handled
+in their own precision (float32), never as a float64 copy, and without tensorly
+where a closed form exists: Tucker-1 (one mode) is the leading left singular
+vectors of that mode's unfolding, and a matrix Tucker-2 is its leading left and
+right singular vectors (Eckart-Young), so no HOOI sweep is needed. Those vectors
+come from ``svd="exact"`` (eigendecomposition of the smaller side's Gram matrix
+in float64) or ``svd="randomized"`` (Halko et al. range finder, 4 power
+iterations), the default for large weights. What the randomized SVD adds to
+the relative reconstruction error, measured on VGG-16-shaped layers by
+``benchmarks/bench_compress_big.py svd-error`` (table in docs/reliability.md):
++0.002 to +0.007 on random-init weights (a flat spectrum, its worst case),
+below +1e-4 on a decaying (1/i) spectrum like a trained layer's. The error of a
+large weight is computed block by block in its own precision with float64 sums.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import numbers
 import warnings
 from collections.abc import Iterator, Sequence
@@ -37,6 +52,12 @@ __all__ = [
     "reconstruct_conv2d",
     "reconstruct_linear",
 ]
+
+# Accepted ``svd`` values: "auto" = randomized for weights of >= tucker_ops._linalg.LARGE_NUMEL elements.
+SVD_METHODS = ("auto", "exact", "randomized")
+
+# Elements per block of the blocked error computation for big weights (8 MiB in float64).
+_ERROR_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,7 @@ def decompose_conv2d(
     n_iter_max: int = 100,
     tol: float = 1e-8,
     random_state: int | None = 0,
+    svd: str = "auto",
 ) -> TuckerFactors:
     """Tucker-decompose a Conv2d weight over its output and/or input channels.
 
@@ -87,7 +109,11 @@ def decompose_conv2d(
             UserWarning.
         n_iter_max: HOOI iteration limit, passed to tensorly.
         tol: HOOI stops once the reconstruction error changes by less than this.
-        random_state: seed handed to tensorly, for reproducibility.
+        random_state: seed handed to tensorly (and to the randomized SVD), for
+            reproducibility.
+        svd: ``"exact"``, ``"randomized"`` or ``"auto"`` (randomized for weights of
+            at least ``tucker_ops._linalg.LARGE_NUMEL`` = 2**22 elements, exact
+            below). See "Large weights" in the module docstring.
 
     Returns:
         TuckerFactors with first ``(R_in, C_in)``, core ``(R_out, R_in, kh, kw)``,
@@ -95,7 +121,7 @@ def decompose_conv2d(
         weight's dtype and device.
     """
     _check_weight(weight, 4, "decompose_conv2d", "(C_out, C_in, kh, kw)")
-    return _decompose(weight, ranks, n_iter_max=n_iter_max, tol=tol, random_state=random_state)
+    return _decompose(weight, ranks, n_iter_max=n_iter_max, tol=tol, random_state=random_state, svd=svd)
 
 
 def decompose_linear(
@@ -105,6 +131,7 @@ def decompose_linear(
     n_iter_max: int = 100,
     tol: float = 1e-8,
     random_state: int | None = 0,
+    svd: str = "auto",
 ) -> TuckerFactors:
     """Tucker-decompose a Linear weight ``W ≈ A·G·Bᵀ`` (or one-sided ``A·G`` / ``G·Bᵀ``).
 
@@ -115,13 +142,13 @@ def decompose_linear(
             ``(None, r_out)``: core ``(R_out, in)``, last ``(out, R_out)``.
             ``(r_in, None)``: first ``(R_in, in)``, core ``(out, R_in)``.
             Ranks above the mode size are zero-padded with a UserWarning.
-        n_iter_max, tol, random_state: as for :func:`decompose_conv2d`.
+        n_iter_max, tol, random_state, svd: as for :func:`decompose_conv2d`.
 
     Returns:
         TuckerFactors in the weight's dtype and device.
     """
     _check_weight(weight, 2, "decompose_linear", "(out, in)")
-    return _decompose(weight, ranks, n_iter_max=n_iter_max, tol=tol, random_state=random_state)
+    return _decompose(weight, ranks, n_iter_max=n_iter_max, tol=tol, random_state=random_state, svd=svd)
 
 
 def reconstruct_conv2d(first: Tensor | None, core: Tensor, last: Tensor | None) -> Tensor:
@@ -199,7 +226,9 @@ def _check_weight(weight: Any, ndim: int, fn: str, layout: str) -> None:
         raise TypeError(f"{fn}: weight must be a floating-point tensor, got dtype {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError(f"{fn}: weight must not be empty, got shape {tuple(weight.shape)}")
-    if not bool(torch.isfinite(weight).all()):
+    from ._linalg import all_finite
+
+    if not all_finite(weight.detach()):
         raise ValueError(f"{fn}: weight contains NaN or infinite values")
 
 
@@ -269,13 +298,17 @@ def _partial_tucker(
     n_iter_max: int,
     tol: float,
     random_state: int | None,
+    svd: str = "exact",
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Call tensorly's partial_tucker across its API versions.
 
     tensorly < 0.8: ``partial_tucker(tensor, modes, ranks=...)`` (``rank=`` in
     0.7) returning ``(core, factors)``; tensorly >= 0.8:
     ``partial_tucker(tensor, rank, modes=...)`` returning
-    ``((core, factors), rec_errors)``.
+    ``((core, factors), rec_errors)``. ``svd="randomized"`` asks for
+    ``randomized_svd`` in the SVD initialisation where tensorly has the option
+    (its HOOI sweeps always use the exact SVD of the projected unfoldings).
+    The results keep the array's dtype.
     """
     tl, partial_tucker = _import_tensorly()
     params = inspect.signature(partial_tucker).parameters
@@ -288,6 +321,8 @@ def _partial_tucker(
         "tol": tol,
         "random_state": random_state,
     }
+    if "svd" in params:
+        kwargs["svd"] = "randomized_svd" if svd == "randomized" else "truncated_svd"
     with _numpy_backend(tl), warnings.catch_warnings():
         # HOOI asks for more singular vectors than a partial projection has
         # when one rank exceeds the product of the others (e.g. a matrix with
@@ -300,7 +335,88 @@ def _partial_tucker(
         core, factors = head, tail
     else:
         core, factors = head
-    return np.asarray(core, dtype=np.float64), [np.asarray(f, dtype=np.float64) for f in factors]
+    return np.asarray(core), [np.asarray(f) for f in factors]
+
+
+def _resolve_svd(svd: Any, large: bool) -> str:
+    if not isinstance(svd, str) or svd not in SVD_METHODS:
+        raise ValueError(f"svd: expected one of {SVD_METHODS}, got {svd!r}")
+    if svd == "auto":
+        return "randomized" if large else "exact"
+    return svd
+
+
+def _sign_fix(u: Tensor) -> Tensor:
+    """Flip columns so each one's largest-magnitude entry is positive (deterministic factors)."""
+    idx = u.abs().argmax(dim=0)
+    signs = torch.sign(u[idx, torch.arange(u.shape[1])])
+    return u * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def _closed_form(
+    w: Tensor, modes: list[int], tl_ranks: list[int], method: str, random_state: int | None
+) -> tuple[Tensor, list[Tensor]] | None:
+    """Factors and core of a Tucker-1 (one mode) or a matrix Tucker-2 without HOOI.
+
+    One mode: the leading left singular vectors of that mode's unfolding are the
+    optimum (HOOI's first SVD already is). A matrix ``W ≈ A·G·Bᵀ``: the leading
+    left and right singular vectors (Eckart-Young), ``G = AᵀWB``. Returns None
+    when a rank exceeds the smaller side of the unfolding, where tensorly's
+    completion of the factor is needed. Big products stay in ``w``'s dtype.
+    """
+    from ._linalg import top_singular
+
+    dims = list(w.shape)
+    if w.dim() == 2:
+        k = max(tl_ranks)
+        if k > min(dims):
+            return None
+        u, _, v = top_singular(w, k, method, random_state=random_state, right=1 in modes)
+        full = {0: u, 1: v}
+        factors = [_sign_fix(full[m][:, :r]) for m, r in zip(modes, tl_ranks)]
+        core = w
+        if 0 in modes:
+            core = factors[modes.index(0)].to(w.dtype).T @ core
+        if 1 in modes:
+            core = core @ factors[modes.index(1)].to(w.dtype)
+        return core, factors
+    if len(modes) != 1:
+        return None
+    mode, r = modes[0], tl_ranks[0]
+    moved = w if mode == 0 else w.transpose(0, 1)
+    unfolding = moved.reshape(dims[mode], -1)
+    if r > min(unfolding.shape):
+        return None
+    u, _, _ = top_singular(unfolding, r, method, random_state=random_state, right=False)
+    u = _sign_fix(u)
+    core = (u.to(w.dtype).T @ unfolding).reshape(r, *moved.shape[1:])
+    return (core if mode == 0 else core.transpose(0, 1)), [u]
+
+
+def _relative_error_blocked(w: Tensor, first: Tensor | None, core: Tensor, last: Tensor | None) -> float:
+    """``||W - Ŵ||_F / ||W||_F`` for a big weight, one block of output rows at a time.
+
+    Products run in ``w``'s dtype (float32 for a big float32 weight), differences
+    and sums in float64; no full-size reconstruction or float64 copy is made.
+    """
+    dt = w.dtype
+    mid = core.to(dt)
+    if first is not None:
+        mid = torch.einsum("or...,ri->oi...", mid, first.to(dt))
+    mid = mid.reshape(mid.shape[0], -1)
+    rows = w.reshape(w.shape[0], -1)
+    lastw = None if last is None else last.to(dt)
+    step = max(1, _ERROR_BLOCK // max(rows.shape[1], 1))
+    diff2 = ref2 = 0.0
+    for i in range(0, rows.shape[0], step):
+        ref = rows[i : i + step].double().reshape(-1)
+        ref2 += float(torch.dot(ref, ref))
+        ref.sub_((mid[i : i + step] if lastw is None else lastw[i : i + step] @ mid).reshape(-1))
+        diff2 += float(torch.dot(ref, ref))
+        del ref
+    if ref2 == 0.0:
+        return 0.0 if diff2 == 0.0 else float("inf")
+    return math.sqrt(diff2 / ref2)
 
 
 def _decompose(
@@ -310,20 +426,25 @@ def _decompose(
     n_iter_max: int,
     tol: float,
     random_state: int | None,
+    svd: str,
 ) -> TuckerFactors:
+    from ._linalg import is_large
+
     r_in, r_out = _check_ranks(ranks)
     if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, numbers.Integral) or n_iter_max < 1:
         raise ValueError(f"n_iter_max: expected an int >= 1, got {n_iter_max!r}")
     if not isinstance(tol, numbers.Real) or not tol >= 0:
         raise ValueError(f"tol: expected a float >= 0, got {tol!r}")
+    large = is_large(weight)
+    method = _resolve_svd(svd, large)
 
-    w = weight.detach().to(device="cpu", dtype=torch.float64).numpy()
-    c_out, c_in = w.shape[:2]
-    kind = "conv2d" if w.ndim == 4 else "linear"
+    shape = tuple(weight.shape)
+    c_out, c_in = shape[:2]
+    kind = "conv2d" if len(shape) == 4 else "linear"
     for name, r, size, side in (("r_out", r_out, c_out, "output"), ("r_in", r_in, c_in, "input")):
         if r is not None and r > size:
             warnings.warn(
-                f"{kind} weight {tuple(w.shape)}: {name}={r} exceeds the {side} mode size {size}; "
+                f"{kind} weight {shape}: {name}={r} exceeds the {side} mode size {size}; "
                 f"zero-padding the factors to rank {r} (exact, but the extra rank only adds cost)",
                 UserWarning,
                 stacklevel=3,
@@ -340,11 +461,25 @@ def _decompose(
         modes.append(1)
         tl_ranks.append(min(r_in, c_in))
 
-    if not np.any(w):
+    # A big weight stays in its own precision: a float64 copy of VGG-16's fc6
+    # alone would be 822 MB, 1.5x that model's whole float32 fc6 + fc7 + fc8.
+    work_dtype = torch.float64
+    if large:
+        work_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    src = weight.detach().to(device="cpu", dtype=work_dtype)
+    nonzero = bool(float(torch.linalg.vector_norm(src)) > 0.0) if large else bool(src.any())
+
+    closed = None
+    if nonzero and (large or method == "randomized"):
+        closed = _closed_form(src, modes, tl_ranks, method, random_state)
+    if closed is not None:
+        core = closed[0].numpy()
+        factors = [f.numpy() for f in closed[1]]
+    elif not nonzero:
         # HOOI divides by ||W||; an all-zero weight is represented exactly by
         # any orthonormal factors and a zero core.
-        factors = [np.eye(w.shape[m], r) for m, r in zip(modes, tl_ranks)]
-        core_shape = list(w.shape)
+        factors = [np.eye(shape[m], r) for m, r in zip(modes, tl_ranks)]
+        core_shape = list(shape)
         for m, r in zip(modes, tl_ranks):
             core_shape[m] = r
         core = np.zeros(core_shape)
@@ -353,11 +488,12 @@ def _decompose(
         # its SVD initialisation (already optimal), so one sweep suffices.
         iters = 1 if len(modes) == 1 else n_iter_max
         core, factors = _partial_tucker(
-            w, modes, tl_ranks, n_iter_max=iters, tol=tol, random_state=random_state
+            src.numpy(), modes, tl_ranks, n_iter_max=iters, tol=tol, random_state=random_state, svd=method
         )
 
     u_out = factors[modes.index(0)] if r_out is not None else None
     u_in = factors[modes.index(1)] if r_in is not None else None
+    del factors
 
     pad = [(0, 0)] * core.ndim
     if r_out is not None:
@@ -366,7 +502,8 @@ def _decompose(
     if r_in is not None:
         pad[1] = (0, r_in - core.shape[1])
         u_in = np.pad(u_in, ((0, 0), (0, r_in - u_in.shape[1])))
-    core = np.pad(core, pad)
+    if any(p != (0, 0) for p in pad):
+        core = np.pad(core, pad)
 
     def to_weight(a: np.ndarray | None) -> Tensor | None:
         if a is None:
@@ -378,17 +515,20 @@ def _decompose(
     core_t = to_weight(core)
     last_t = to_weight(u_out)
     assert core_t is not None
+    del core, u_in, u_out
 
     # Error of the factors actually returned (after the cast to weight.dtype).
-    def f64(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.detach().to(device="cpu", dtype=torch.float64)
+    def cpu(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        return None if t is None else t.detach().to(device="cpu", dtype=dtype)
 
+    if large:
+        rel = _relative_error_blocked(src, cpu(first_t, work_dtype), cpu(core_t, work_dtype), cpu(last_t, work_dtype))
+        return TuckerFactors(first=first_t, core=core_t, last=last_t, relative_error=rel)
     recon = (reconstruct_conv2d if kind == "conv2d" else reconstruct_linear)(
-        f64(first_t), f64(core_t), f64(last_t)
+        cpu(first_t, torch.float64), cpu(core_t, torch.float64), cpu(last_t, torch.float64)
     )
-    ref = torch.from_numpy(w)
-    ref_norm = float(torch.linalg.vector_norm(ref))
-    diff_norm = float(torch.linalg.vector_norm(ref - recon))
+    ref_norm = float(torch.linalg.vector_norm(src))
+    diff_norm = float(torch.linalg.vector_norm(src - recon))
     if ref_norm == 0.0:
         rel = 0.0 if diff_norm == 0.0 else float("inf")
     else:

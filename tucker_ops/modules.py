@@ -210,6 +210,10 @@ class TuckerConv2d(_TuckerBase):
         self.padding_mode = padding_mode
         self.padding = _normalise_padding(padding, self.stride)
         self._explicit_pad, self._op_padding = self._resolve_padding()
+        if self._explicit_pad is None:
+            problem = padding_extent_error(self.kernel_size, self._op_padding, self.dilation)
+            if problem is not None:
+                raise ValueError(f"TuckerConv2d: {problem}")
         r_in, r_out = _check_ranks(ranks)
         self.backend: str | None = None
         self.reconstruction_error: float | None = None
@@ -332,6 +336,9 @@ class TuckerConv2d(_TuckerBase):
             raise TypeError(f"TuckerConv2d.from_conv: conv must be an nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:
             raise ValueError(f"TuckerConv2d.from_conv: groups must be 1 (grouped convolutions are not supported), got groups={conv.groups}")
+        problem = conv_padding_error(conv)
+        if problem is not None:  # say so before spending time on the decomposition
+            raise ValueError(f"TuckerConv2d.from_conv: {problem}")
         from . import decompose, ranks as rank_selection
 
         weight = conv.weight.detach()
@@ -654,6 +661,38 @@ class TuckerLinear(_TuckerBase):
 
 
 # -- helpers for argument normalisation and chain recognition ----------------------
+
+
+def padding_extent_error(
+    kernel_size: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+) -> str | None:
+    """Why the ops would reject this zero padding as suspicious, or None when they accept it.
+
+    The one Python statement of ``check_padding_extent`` in csrc/checks.cpp (the
+    fake kernels in ``_ops`` state it for tracing): per dimension, padding may be
+    at most the dilated kernel extent ``dilation * (k - 1) + 1``; more only adds
+    outputs that see nothing but zeros. A 1×1 kernel with padding 1 is allowed.
+    """
+    for dim, k, pad, dil in zip(("H", "W"), kernel_size, padding, dilation):
+        extent = dil * (k - 1) + 1
+        if pad > extent:
+            return (
+                f"padding along {dim} must be at most the dilated kernel extent dilation * (k - 1) + 1 = {extent}, "
+                f"but got padding {pad} with kernel size {k} and dilation {dil} (the tucker_conv2d op rejects more: "
+                f"it only adds outputs that see nothing but zeros)"
+            )
+    return None
+
+
+def conv_padding_error(conv: nn.Conv2d) -> str | None:
+    """:func:`padding_extent_error` for the zero padding a ``TuckerConv2d`` built from ``conv`` hands the op.
+
+    ``'same'`` / ``'valid'`` and non-zero padding modes (padded explicitly, the op
+    then gets padding 0) always pass.
+    """
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        return None
+    return padding_extent_error(conv.kernel_size, conv.padding, conv.dilation)
 
 
 def _require_decomposition(chosen: Ranks, weight: Tensor, what: str) -> None:
