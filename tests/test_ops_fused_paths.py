@@ -185,3 +185,26 @@ def test_conv_float64_gradcheck_banded():
         torch.randn(*s, dtype=torch.float64, generator=gen, requires_grad=True) for s in ((2, 3), (3, 2, 3, 3), (4, 3), (4,))
     )
     assert torch.autograd.gradcheck(lambda *t: ops.tucker_conv2d(*t, (1, 1), (1, 1), (1, 1)), (x, f, c, l, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_inf_in_input_lands_where_the_reference_puts_it(dtype) -> None:
+    # Shapes for which the kernel would fold the factors (many rows, small ranks):
+    # with an Inf in the input it must keep the reference's association instead.
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(256, 16, generator=gen, dtype=dtype)
+    x[3, 2], x[10, 5], x[10, 6], x[200, 0] = float("inf"), float("inf"), float("-inf"), float("nan")
+    first, core, last = (torch.randn(12, 16, generator=gen, dtype=dtype), torch.randn(12, 12, generator=gen, dtype=dtype),
+                         torch.randn(16, 12, generator=gen, dtype=dtype))
+    bias = torch.randn(16, generator=gen, dtype=dtype)
+    got = torch.ops.tucker_ops.tucker_linear(x, first, core, last, bias)
+    want = reference.tucker_linear(x, first, core, last, bias)
+    for mask in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(mask(got), mask(want)), mask.__name__
+    finite = torch.isfinite(want)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(got[finite], want[finite], **tol)
+    # The finite input still takes the folded, cheaper path and agrees.
+    x_finite = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+    torch.testing.assert_close(torch.ops.tucker_ops.tucker_linear(x_finite, first, core, last, bias),
+                               reference.tucker_linear(x_finite, first, core, last, bias), **tol)

@@ -54,9 +54,21 @@ struct Chain {
   Tensor folded;  // keeps folded weights alive
 };
 
-// Chooses the association by multiply-adds for M rows and folds accordingly.
+// x - x is 0 for every finite x and NaN for +-Inf and NaN; the loop vectorises.
 template <typename T>
-Chain<T> plan_chain(const LinearSizes& s, int64_t M, const T* A, const T* G, const T* B, const at::TensorOptions& opts) {
+bool all_finite(const T* x, int64_t n) {
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) finite &= (x[i] - x[i] == T(0));
+  return finite;
+}
+
+// Chooses the association by multiply-adds for M rows and folds accordingly.
+// allow_fold=false keeps the reference's association: with an Inf in the input,
+// folding changes which products meet it ((a + b)*inf instead of a*inf + b*(-inf)),
+// so Inf and NaN would not land exactly where the reference puts them.
+template <typename T>
+Chain<T> plan_chain(const LinearSizes& s, int64_t M, const T* A, const T* G, const T* B, const at::TensorOptions& opts,
+                    bool allow_fold) {
   // Candidate groupings of [A?, G, B?] (applied right to left: A first).
   struct Option {
     bool fold_first, fold_last;  // fold first into core / last into core
@@ -82,7 +94,7 @@ Chain<T> plan_chain(const LinearSizes& s, int64_t M, const T* A, const T* G, con
   }
   Option best = options[0];
   for (const Option& o : options)
-    if (o.cost < best.cost) best = o;
+    if (allow_fold && o.cost < best.cost) best = o;
 
   Chain<T> chain;
   if (!best.fold_first && !best.fold_last) {
@@ -204,9 +216,10 @@ Tensor tucker_linear_cpu(
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_linear_cpu", [&] {
     using T = scalar_t;
-    const Chain<T> chain = plan_chain<T>(s, s.M, s.has_first ? A.const_data_ptr<T>() : nullptr, G.const_data_ptr<T>(),
-                                         s.has_last ? B.const_data_ptr<T>() : nullptr, opts);
     const T* xp = x.const_data_ptr<T>();
+    const Chain<T> chain = plan_chain<T>(s, s.M, s.has_first ? A.const_data_ptr<T>() : nullptr, G.const_data_ptr<T>(),
+                                         s.has_last ? B.const_data_ptr<T>() : nullptr, opts,
+                                         /*allow_fold=*/all_finite(xp, s.M * s.in));
     const T* bp = s.has_bias ? b.const_data_ptr<T>() : nullptr;
     T* yp = out.mutable_data_ptr<T>();
     const int64_t chunks = chunks_for_work(s.M, chain_macs(chain, s.M));
