@@ -60,7 +60,7 @@ def _recompute_macs(first_macs: int, core_macs: int, has_first: bool, has_last: 
 )
 def test_conv2d_forward_and_backward_count_like_the_reference(first, last, bias, requires) -> None:
     if not any(r for r, present in zip(requires, (True, first, True, last, bias)) if present):
-        pytest.skip("no gradient requested")
+        pytest.skip(reason="no gradient requested")
     args = _conv_args(first, last, bias, requires)
     fused_out = tucker_ops.tucker_conv2d(*args, *CONV_OPTS, backend="fused")
     ref_out = reference.tucker_conv2d(*args, *CONV_OPTS)
@@ -96,7 +96,7 @@ def test_linear_forward_and_backward_count_like_the_reference(first, last, bias,
     b = t(6, 5, grad=requires[3]) if last else None
     c = t(6 if last else 5, grad=requires[4]) if bias else None
     if not any(r for r, p in zip(requires, (x, a, g, b, c)) if p is not None):
-        pytest.skip("no gradient requested")
+        pytest.skip(reason="no gradient requested")
     args = (x, a, g, b, c)
     fused_out = tucker_ops.tucker_linear(*args, backend="fused")
     ref_out = reference.tucker_linear(*args)

@@ -113,11 +113,11 @@ _CHILD = textwrap.dedent(
 
 def _run_big(case: str) -> None:
     if not os.path.exists("/proc/self/statm"):
-        pytest.skip("needs /proc/self/statm (Linux)")
+        pytest.skip(reason="needs /proc/self/statm (Linux)")
     try:
         with open("/proc/sys/vm/overcommit_memory") as f:
             if f.read().strip() == "2":
-                pytest.skip("strict overcommit (vm.overcommit_memory=2): 8 GiB of address space cannot be reserved")
+                pytest.skip(reason="strict overcommit (vm.overcommit_memory=2): 8 GiB of address space cannot be reserved")
     except OSError:
         pass
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(tucker_ops.__file__)))
