@@ -18,14 +18,12 @@ cost a pass over every weight per call); test_nonfinite_weights_propagate checks
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from collections.abc import Callable
 
 import pytest
 import torch
+from _bad_input_harness import Outcomes, assert_child_exited_cleanly, assert_clear_error, case_ids, collect_outcomes, run_cases
 
 F32 = torch.float32
 
@@ -203,59 +201,18 @@ CASES: dict[str, tuple[Callable[[str], object], type, tuple[str, ...], tuple[str
 }
 
 
-def _run_cases() -> None:
-    """Child process: run every case, one JSON line per outcome."""
-    import tucker_ops  # noqa: F401  (registers the fake kernels and autograd)
-
-    for name, (call, _, _, devices) in CASES.items():
-        for device in devices:
-            print(json.dumps({"case": name, "device": device, "started": True}), flush=True)
-            try:
-                call(device)
-            except Exception as e:  # noqa: BLE001  (the type is what is being checked)
-                outcome = {"type": type(e).__name__, "mro": [c.__name__ for c in type(e).__mro__], "message": str(e)}
-            else:
-                outcome = {"type": None}
-            print(json.dumps({"case": name, "device": device, **outcome}), flush=True)
-
-
 @pytest.fixture(scope="module")
-def outcomes() -> tuple[dict, int, str]:
-    import tucker_ops
-
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(tucker_ops.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH")))))
-    env["PYTHONWARNINGS"] = "ignore"
-    proc = subprocess.run([sys.executable, __file__, "--run-cases"], capture_output=True, text=True, timeout=300, env=env)
-    results, last_started = {}, None
-    for line in proc.stdout.splitlines():
-        record = json.loads(line)
-        key = (record["case"], record["device"])
-        if record.get("started"):
-            last_started = key
-        else:
-            results[key] = record
-    status = f"child exited with {proc.returncode}; last case started: {last_started}; stderr:\n{proc.stderr[-3000:]}"
-    return results, proc.returncode, status
+def outcomes() -> Outcomes:
+    return collect_outcomes(__file__)
 
 
-@pytest.mark.parametrize("name,device", [(name, device) for name, case in CASES.items() for device in case[3]])
-def test_bad_input_raises_clear_error(outcomes, name: str, device: str) -> None:
-    results, _, status = outcomes
-    _, expected_type, fragments, _ = CASES[name]
-    assert (name, device) in results, f"case did not finish (crash or signal?): {status}"
-    got = results[(name, device)]
-    assert got["type"] is not None, f"{name} on {device}: no exception raised"
-    assert expected_type.__name__ in got["mro"], (
-        f"{name} on {device}: expected {expected_type.__name__}, got {got['type']}: {got['message']}"
-    )
-    for fragment in fragments:
-        assert fragment in got["message"], f"{name} on {device}: {fragment!r} not in message {got['message']!r}"
+@pytest.mark.parametrize("name,device", case_ids(CASES))
+def test_bad_input_raises_clear_error(outcomes: Outcomes, name: str, device: str) -> None:
+    assert_clear_error(CASES, outcomes, name, device)
 
 
-def test_child_process_exited_cleanly(outcomes) -> None:
-    _, returncode, status = outcomes
-    assert returncode == 0, status
+def test_child_process_exited_cleanly(outcomes: Outcomes) -> None:
+    assert_child_exited_cleanly(outcomes)
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -285,4 +242,4 @@ def test_nonfinite_weights_propagate_like_reference() -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--run-cases"]:
-    _run_cases()
+    run_cases(CASES)
