@@ -1,4 +1,4 @@
-"""Load the CMake-built library alone and check one call of each op against the reference.
+"""Load the CMake-built library alone; check one call of each op, and its gradients, against the reference.
 
 Usage: python .ci/cmake_smoke.py build-cmake/libtucker_ops.so
 """
@@ -21,5 +21,14 @@ torch.testing.assert_close(got, reference.tucker_conv2d(x, first, core, last, bi
 xl = torch.randn(3, 4, 10, dtype=torch.float64)
 args = (torch.randn(3, 10, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64), None)
 torch.testing.assert_close(torch.ops.tucker_ops.tucker_linear(xl, *args), reference.tucker_linear(xl, *args))
+# The autograd kernels are C++ too (csrc/autograd.cpp): gradients must flow through this library alone.
+leaves = [t.requires_grad_() for t in (x, first, core, last, bias)]
+grads = torch.autograd.grad(torch.ops.tucker_ops.tucker_conv2d(*leaves, [2, 1], [1, 0], [1, 2]).sum(), leaves)
+want = torch.autograd.grad(reference.tucker_conv2d(*leaves, (2, 1), (1, 0), (1, 2)).sum(), leaves)
+for g, w in zip(grads, want):
+    torch.testing.assert_close(g, w)
+xl.requires_grad_()
+torch.testing.assert_close(torch.autograd.grad(torch.ops.tucker_ops.tucker_linear(xl, *args).sum(), xl),
+                           torch.autograd.grad(reference.tucker_linear(xl, *args).sum(), xl))
 assert ops.tucker_conv2d is not None
 print(f"cmake-check: {sys.argv[1]} loads and agrees with the reference path")

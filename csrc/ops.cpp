@@ -1,6 +1,8 @@
 // The op contract: the one place the schemas are written in C++.
-// Backends (csrc/cpu, csrc/cuda) add kernels with TORCH_LIBRARY_IMPL; fake
-// (meta) kernels and autograd are registered from tucker_ops/_ops.py.
+// Backends (csrc/cpu, csrc/cuda) add kernels with TORCH_LIBRARY_IMPL, and so
+// does csrc/autograd.cpp: the Autograd kernels of the forward ops. Fake (meta)
+// kernels, and the double-backward formulas of the *_backward ops, are
+// registered from tucker_ops/_ops.py.
 //
 // The backward ops return (grad_input, grad_first, grad_core, grad_last,
 // grad_bias). An entry not requested in output_mask, or whose argument is
@@ -8,8 +10,9 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(tucker_ops, m) {
-  // pt2_compliant: the ops have fake kernels and register_autograd formulas,
-  // so torch.compile / torch.export may trace through them.
+  // pt2_compliant: the ops have fake kernels and autograd kernels (C++ for the
+  // forward ops, register_autograd for the backward ones), so torch.compile /
+  // torch.export may trace through them.
   const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
   m.def(
       "tucker_conv2d(Tensor input, Tensor? first, Tensor core, Tensor? last, Tensor? bias, "

@@ -1,8 +1,9 @@
 """The registered ``tucker_ops`` torch ops, seen from Python.
 
-Loads the compiled library (``tucker_ops._C``, which defines the schemas and the
-backend kernels), registers the fake (meta) kernels and the autograd formulas,
-and exposes the entry points that pick the fused op or ``reference.py``.
+Loads the compiled library (``tucker_ops._C``, which defines the schemas, the
+backend kernels and the autograd kernels of the forward ops), registers the fake
+(meta) kernels and the double-backward formulas of the ``*_backward`` ops, and
+exposes the entry points that pick the fused op or ``reference.py``.
 
 The fake kernels repeat the C++ shape checks (csrc/checks.cpp) with
 ``torch._check_*`` so that meta tensors, fake tensors and symbolic shapes raise
@@ -356,46 +357,10 @@ def _tucker_linear_backward_fake(grad_output, input, first, core, last, output_m
 
 # -- autograd -------------------------------------------------------------------------
 
-
-def _grad_mask(ctx, first: Tensor | None, last: Tensor | None, has_bias: bool) -> list[bool]:
-    needs = ctx.needs_input_grad
-    return [needs[0], needs[1] and first is not None, needs[2], needs[3] and last is not None, needs[4] and has_bias]
-
-
-def _conv2d_setup_context(ctx, inputs, output) -> None:
-    input, first, core, last, bias, stride, padding, dilation = inputs
-    ctx.save_for_backward(input, first, core, last)
-    ctx.conv_args = (stride, padding, dilation)
-    ctx.has_bias = bias is not None
-
-
-def _conv2d_backward(ctx, grad: Tensor):
-    input, first, core, last = ctx.saved_tensors
-    mask = _grad_mask(ctx, first, last, ctx.has_bias)
-    if not any(mask):
-        return (None,) * 8
-    grads = _OPS.tucker_conv2d_backward(grad, input, first, core, last, *ctx.conv_args, mask)
-    return (*(g if m else None for g, m in zip(grads, mask)), None, None, None)
-
-
-def _linear_setup_context(ctx, inputs, output) -> None:
-    input, first, core, last, bias = inputs
-    ctx.save_for_backward(input, first, core, last)
-    ctx.has_bias = bias is not None
-
-
-def _linear_backward(ctx, grad: Tensor):
-    input, first, core, last = ctx.saved_tensors
-    mask = _grad_mask(ctx, first, last, ctx.has_bias)
-    if not any(mask):
-        return (None,) * 5
-    grads = _OPS.tucker_linear_backward(grad, input, first, core, last, mask)
-    return tuple(g if m else None for g, m in zip(grads, mask))
-
-
-torch.library.register_autograd("tucker_ops::tucker_conv2d", _conv2d_backward, setup_context=_conv2d_setup_context)
-torch.library.register_autograd("tucker_ops::tucker_linear", _linear_backward, setup_context=_linear_setup_context)
-
+# The forward ops' autograd is C++ (csrc/autograd.cpp): a torch::autograd::Function
+# per op, whose backward calls the *_backward op below autograd, so a training step
+# runs no Python. Only with create_graph=True does it call the *_backward op through
+# autograd, and then the formulas registered here record the double backward.
 
 # Double backward. The backward ops are linear in grad_output and multilinear
 # in the factors; rather than a second set of kernels, their derivative is

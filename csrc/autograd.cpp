@@ -1,0 +1,234 @@
+// Autograd kernels for tucker_conv2d and tucker_linear, one per op at the
+// Autograd key (so every backend, meta included, shares them).
+//
+// Each is a torch::autograd::Function: forward calls the op again below
+// autograd, so the backend kernel (which runs the checks in checks.cpp) does
+// the work; backward calls the matching *_backward op for the gradients the
+// graph needs. A plain backward calls it below autograd too, so no Python runs
+// in a training step. With create_graph=True it goes through the dispatcher as
+// usual, so the double-backward formula registered for the *_backward ops in
+// tucker_ops/_ops.py records the graph.
+#include <array>
+#include <optional>
+#include <tuple>
+#include <utility>
+
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/ArrayRef.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+namespace tucker_ops {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<Tensor>;
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Mask = std::array<bool, 5>;  // (input, first, core, last, bias), the backward ops' output order
+
+using Conv2dFn = Tensor(
+    const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const OptTensor&, c10::IntArrayRef,
+    c10::IntArrayRef, c10::IntArrayRef);
+using Conv2dBackwardFn = Grads(
+    const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, c10::IntArrayRef,
+    c10::IntArrayRef, c10::IntArrayRef, Mask);
+using LinearFn = Tensor(const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const OptTensor&);
+using LinearBackwardFn = Grads(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, Mask);
+
+template <class Fn>
+c10::TypedOperatorHandle<Fn> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+// Handles looked up once (thread-safe statics); the schemas are defined in
+// ops.cpp, in this same library.
+const c10::TypedOperatorHandle<Conv2dFn>& conv2d_op() {
+  static const auto op = find_op<Conv2dFn>("tucker_ops::tucker_conv2d");
+  return op;
+}
+
+const c10::TypedOperatorHandle<Conv2dBackwardFn>& conv2d_backward_op() {
+  static const auto op = find_op<Conv2dBackwardFn>("tucker_ops::tucker_conv2d_backward");
+  return op;
+}
+
+const c10::TypedOperatorHandle<LinearFn>& linear_op() {
+  static const auto op = find_op<LinearFn>("tucker_ops::tucker_linear");
+  return op;
+}
+
+const c10::TypedOperatorHandle<LinearBackwardFn>& linear_backward_op() {
+  static const auto op = find_op<LinearBackwardFn>("tucker_ops::tucker_linear_backward");
+  return op;
+}
+
+inline bool present(const OptTensor& t) {
+  return t.has_value() && t->defined();
+}
+
+// Function::apply makes an optional tensor argument a graph input only when it
+// holds a tensor, so it must be handed nullopt (not an undefined tensor) for a
+// missing one, and its edge index counts only the present tensors before it.
+inline OptTensor as_optional(const OptTensor& t) {
+  return present(t) ? t : std::nullopt;
+}
+
+inline OptTensor as_optional(const Tensor& t) {
+  return t.defined() ? OptTensor(t) : std::nullopt;
+}
+
+// Which gradients to compute, in the backward ops' order. A missing argument
+// (first, last, bias: None) has no edge and never needs a gradient.
+Mask grad_mask(const AutogradContext* ctx, bool has_first, bool has_last, bool has_bias) {
+  const std::array<bool, 5> has = {true, has_first, true, has_last, has_bias};
+  Mask mask{};
+  size_t edge = 0;
+  for (size_t i = 0; i < mask.size(); ++i) {
+    if (has[i]) mask[i] = ctx->needs_input_grad(edge++);
+  }
+  return mask;
+}
+
+bool any(const Mask& mask) {
+  for (bool b : mask) {
+    if (b) return true;
+  }
+  return false;
+}
+
+// Calls a *_backward op: through autograd when a graph of the gradients is
+// being recorded (create_graph=True turns grad mode on inside backward),
+// below it otherwise, where the (Python) double-backward formula has nothing
+// to do and would only cost time.
+template <class Op, class... Args>
+Grads call_backward(const Op& op, Args&&... args) {
+  if (c10::GradMode::is_enabled()) {
+    return op.call(std::forward<Args>(args)...);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(std::forward<Args>(args)...);
+}
+
+// The five gradients into the first entries of an n-argument backward result;
+// entries not requested stay undefined (the op returns (0,) tensors for them).
+variable_list to_result(Grads&& grads, const Mask& mask, size_t num_args) {
+  variable_list result(num_args);
+  if (mask[0]) result[0] = std::move(std::get<0>(grads));
+  if (mask[1]) result[1] = std::move(std::get<1>(grads));
+  if (mask[2]) result[2] = std::move(std::get<2>(grads));
+  if (mask[3]) result[3] = std::move(std::get<3>(grads));
+  if (mask[4]) result[4] = std::move(std::get<4>(grads));
+  return result;
+}
+
+}  // namespace
+
+// Outside the anonymous namespace so the graph node reads
+// torch::autograd::CppNode<tucker_ops::TuckerConv2dFunction> in profiles.
+class TuckerConv2dFunction : public torch::autograd::Function<TuckerConv2dFunction> {
+ public:
+  static Tensor forward(
+      AutogradContext* ctx,
+      const Tensor& input,
+      const OptTensor& first,
+      const Tensor& core,
+      const OptTensor& last,
+      const OptTensor& bias,
+      c10::IntArrayRef stride,
+      c10::IntArrayRef padding,
+      c10::IntArrayRef dilation) {
+    Tensor output;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      output = conv2d_op().call(input, first, core, last, bias, stride, padding, dilation);
+    }
+    // A missing first/last is saved as an undefined tensor and unpacks as one: backward
+    // reads their presence from the saved tensors.
+    ctx->save_for_backward({input, present(first) ? *first : Tensor(), core, present(last) ? *last : Tensor()});
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["has_bias"] = present(bias);
+    return output;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    constexpr size_t kNumArgs = 8;  // input, first, core, last, bias, stride, padding, dilation
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &first = saved[1], &core = saved[2], &last = saved[3];
+    const Mask mask = grad_mask(ctx, first.defined(), last.defined(), ctx->saved_data["has_bias"].toBool());
+    if (!any(mask)) return variable_list(kNumArgs);
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    return to_result(
+        call_backward(
+            conv2d_backward_op(), grad_outputs[0], input, as_optional(first), core, as_optional(last), stride,
+            padding, dilation, mask),
+        mask, kNumArgs);
+  }
+};
+
+class TuckerLinearFunction : public torch::autograd::Function<TuckerLinearFunction> {
+ public:
+  static Tensor forward(
+      AutogradContext* ctx,
+      const Tensor& input,
+      const OptTensor& first,
+      const Tensor& core,
+      const OptTensor& last,
+      const OptTensor& bias) {
+    Tensor output;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      output = linear_op().call(input, first, core, last, bias);
+    }
+    ctx->save_for_backward({input, present(first) ? *first : Tensor(), core, present(last) ? *last : Tensor()});
+    ctx->saved_data["has_bias"] = present(bias);
+    return output;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    constexpr size_t kNumArgs = 5;  // input, first, core, last, bias
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &first = saved[1], &core = saved[2], &last = saved[3];
+    const Mask mask = grad_mask(ctx, first.defined(), last.defined(), ctx->saved_data["has_bias"].toBool());
+    if (!any(mask)) return variable_list(kNumArgs);
+    return to_result(
+        call_backward(linear_backward_op(), grad_outputs[0], input, as_optional(first), core, as_optional(last), mask),
+        mask, kNumArgs);
+  }
+};
+
+namespace {
+
+Tensor tucker_conv2d_autograd(
+    const Tensor& input,
+    const OptTensor& first,
+    const Tensor& core,
+    const OptTensor& last,
+    const OptTensor& bias,
+    c10::IntArrayRef stride,
+    c10::IntArrayRef padding,
+    c10::IntArrayRef dilation) {
+  return TuckerConv2dFunction::apply(
+      input, as_optional(first), core, as_optional(last), as_optional(bias), stride, padding, dilation);
+}
+
+Tensor tucker_linear_autograd(
+    const Tensor& input, const OptTensor& first, const Tensor& core, const OptTensor& last, const OptTensor& bias) {
+  return TuckerLinearFunction::apply(input, as_optional(first), core, as_optional(last), as_optional(bias));
+}
+
+}  // namespace
+}  // namespace tucker_ops
+
+TORCH_LIBRARY_IMPL(tucker_ops, Autograd, m) {
+  m.impl("tucker_conv2d", TORCH_FN(tucker_ops::tucker_conv2d_autograd));
+  m.impl("tucker_linear", TORCH_FN(tucker_ops::tucker_linear_autograd));
+}
