@@ -3,8 +3,8 @@
 Configurations are chosen to reach every path of csrc/cpu: whole-image and
 banded tiles (batch 1 splits images into bands with halos), pixel blocks with
 and without a vector-width tail, the direct 1x1 path, NCHW / channels_last /
-strided input, Tucker-1 on either side, the few-rows and row-block linear paths
-and every fold of the linear chain. The hand GEMM kernels of each instruction
+strided input, Tucker-1 on either side, the few-rows, row-block and whole-batch
+linear paths and every fold of the linear chain. The hand GEMM kernels of each instruction
 set (and the BLAS path) run in subprocesses with TUCKER_OPS_GEMM / TUCKER_OPS_ISA.
 """
 
@@ -116,6 +116,11 @@ LINEAR_CASES = [
     (300, 20, 20, 20, 50, False, True),  # Tucker-1 output side, fold last
     (3, 20, 5, 6, 6, True, False),  # Tucker-1 input side
     (700, 33, 33, 17, 17, False, False),
+    # weights (>= 2^18 elements) outweigh the rows: whole-batch BLAS stages, forward and backward
+    (40, 600, 300, 200, 700, True, True),
+    (4, 600, 300, 200, 700, True, True),  # few-rows forward, whole-batch backward
+    (32, 700, 400, 500, 700, False, True),
+    (32, 700, 500, 400, 600, True, False),
 ]
 
 
@@ -127,6 +132,9 @@ def test_linear_paths(case, dtype):
     x = torch.randn(m, i, dtype=dtype, generator=gen)
     params = _factors(i, ri, ro, o, (), has_first, has_last, True, dtype, gen)
     params = (params[0], params[1].reshape(params[1].shape[:2]), params[2], params[3])
+    # Unit-scale layers (weights / sqrt(fan-in)) keep float32 sums over hundreds
+    # of terms comparable under one absolute tolerance.
+    params = tuple(p / p.shape[-1] ** 0.5 if p is not None and p.dim() == 2 else p for p in params)
     _check(ops.tucker_linear, reference.tucker_linear, (x, *params), dtype)
 
 
@@ -208,3 +216,26 @@ def test_linear_inf_in_input_lands_where_the_reference_puts_it(dtype) -> None:
     x_finite = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
     torch.testing.assert_close(torch.ops.tucker_ops.tucker_linear(x_finite, first, core, last, bias),
                                reference.tucker_linear(x_finite, first, core, last, bias), **tol)
+
+
+@pytest.mark.parametrize("where", ["input", "core"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_backward_nonfinite_lands_where_the_reference_puts_it(where, stride) -> None:
+    """The implicit im2col multiplies discarded grid columns by zeros; an Inf there must not leak into gradients."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64, generator=g)
+    first, core, last, bias = _factors(3, 2, 3, 4, (3, 3), True, True, True, torch.float64, g)
+    if where == "input":
+        x[0, 1, 4, 7] = float("inf")  # last column: its window reaches the discarded columns
+    else:
+        core[1, 0, 2, 2] = float("-inf")
+    args = ((stride, stride), (1, 1), (1, 1))
+    gy = torch.randn(2, 4, *ops.tucker_conv2d(x, first, core, last, bias, *args).shape[2:], dtype=torch.float64, generator=g)
+    got = ops.tucker_conv2d_backward(gy, x, first, core, last, *args, [True] * 5)
+    ins = [t.clone().requires_grad_() for t in (x, first, core, last, bias)]
+    reference.tucker_conv2d(*ins, *args).backward(gy)
+    for name, a, t in zip(("input", "first", "core", "last", "bias"), got, ins):
+        for mask in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(mask(a), mask(t.grad)), f"grad of {name}: {mask.__name__} differs"
+        finite = torch.isfinite(t.grad)
+        torch.testing.assert_close(a[finite], t.grad[finite], rtol=1e-9, atol=1e-9)

@@ -2,9 +2,11 @@
 //
 // A tile is a band of whole output rows [oh0, oh1) of one image; its input is
 // the rows those outputs read (the band plus the (k-1)*dilation halo, clipped
-// to the image). Within a tile the im2col of the rank-R_in projection is built
-// one block of output pixels at a time, so every scratch buffer of a tile
-// stays within L2 and no intermediate ever goes to a full-size tensor.
+// to the image). Within a tile the rank-R_in projection is read either through
+// phase planes (an implicit im2col: each tap's window is the planes shifted,
+// see PhasePlanes) or through an explicit im2col built one block of output
+// pixels at a time; every scratch buffer of a tile stays within L2 and no
+// intermediate ever goes to a full-size tensor.
 //
 // The projection P of a tile (R_in channels, rows [ih_lo, ih_hi) of the image,
 // all W columns) is addressed as P(c, ih, iw) = p[c * cs + ((ih - ih_lo) * W + iw) * ps]:
@@ -118,6 +120,145 @@ void im2col_block(const Conv2dSizes& s, const T* p, int64_t cs, int64_t ps, int6
   }
 }
 
+// Implicit im2col. The tile's projection is copied, zero-padded, into
+// stride_h x stride_w phase planes: plane (ph, pw) holds the padded input
+// pixels (a*stride_h + ph, b*stride_w + pw), `wq` columns b per row and `rows`
+// rows a (the tile's output rows plus the halo) per channel, channel stride `cs`.
+// Output pixels are computed on an extended grid of wq columns per output row
+// (columns >= W_out are discarded). On it the window of tap (c, i, j) is one
+// plane shifted by whole rows and columns, so a GEMM reads B through a table
+// of row offsets (gemm_nn_offsets) and no im2col is materialised. Stride 1 is
+// one plane: the padded projection itself.
+struct PhasePlanes {
+  int64_t wq, rows, cs, plane;  // plane = R_in * cs elements
+  // The phases some tap reads (i*dil_h % stride_h, j*dil_w % stride_w), sorted:
+  // a stride larger than the kernel's reach leaves most phases unread, and
+  // they are not stored (a 1x1 kernel with stride s keeps 1 plane, not s*s).
+  std::vector<int64_t> row_phases, col_phases;
+
+  int64_t count() const { return static_cast<int64_t>(row_phases.size() * col_phases.size()); }
+  int64_t elems(const Conv2dSizes& s) const { return count() * plane + (s.kw - 1) * s.dil_w / s.stride_w; }
+  // Index of plane (ph, pw); both are phases some tap reads.
+  int64_t index(int64_t ph, int64_t pw) const {
+    const auto at = [](const std::vector<int64_t>& v, int64_t x) {
+      return static_cast<int64_t>(std::lower_bound(v.begin(), v.end(), x) - v.begin());
+    };
+    return at(row_phases, ph) * static_cast<int64_t>(col_phases.size()) + at(col_phases, pw);
+  }
+};
+
+inline std::vector<int64_t> used_phases(int64_t taps, int64_t dil, int64_t stride) {
+  std::vector<int64_t> v;
+  for (int64_t i = 0; i < taps; ++i) v.push_back(i * dil % stride);
+  std::sort(v.begin(), v.end());
+  v.erase(std::unique(v.begin(), v.end()), v.end());
+  return v;
+}
+
+inline PhasePlanes phase_planes(const Conv2dSizes& s, int64_t out_rows) {
+  PhasePlanes t;
+  t.wq = (s.W + 2 * s.pad_w + s.stride_w - 1) / s.stride_w;
+  t.rows = out_rows + (s.kh - 1) * s.dil_h / s.stride_h;
+  t.cs = t.rows * t.wq;
+  t.plane = s.R_in * t.cs;
+  t.row_phases = used_phases(s.kh, s.dil_h, s.stride_h);
+  t.col_phases = used_phases(s.kw, s.dil_w, s.stride_w);
+  return t;
+}
+
+// Buffer elements for a tile of `out_rows` output rows: every plane plus the
+// overhang of the last window on the extended grid.
+inline int64_t phase_planes_elems(const Conv2dSizes& s, int64_t out_rows) {
+  return phase_planes(s, out_rows).elems(s);
+}
+
+// Columns b of phase pw inside the image (iw = b*stride_w + pw - pad_w in
+// [0, W)): the half-open range [lo, hi) within the plane's wq columns.
+inline std::pair<int64_t, int64_t> phase_cols(const Conv2dSizes& s, const PhasePlanes& t, int64_t pw) {
+  const int64_t lo = std::min(t.wq, std::max<int64_t>(0, (s.pad_w - pw + s.stride_w - 1) / s.stride_w));
+  const int64_t last = s.W - 1 + s.pad_w - pw;  // floor division below: it may be negative
+  return {lo, std::clamp<int64_t>(last < 0 ? 0 : last / s.stride_w + 1, lo, t.wq)};
+}
+
+// Fills buf with the planes of P (addressed as in im2col_block, rows
+// [ih_lo, ih_hi)) for output rows [oh0, oh1), zeros outside the image, and
+// offsets (R_in*kh*kw, im2col row order) with each tap's window start.
+template <typename T>
+PhasePlanes fill_phase_planes(const Conv2dSizes& s, const T* p, int64_t cs, int64_t ps, int64_t ih_lo, int64_t ih_hi,
+                              int64_t oh0, int64_t oh1, T* buf, int64_t* offsets) {
+  PhasePlanes t = phase_planes(s, oh1 - oh0);
+  for (const int64_t ph : t.row_phases) {
+    for (const int64_t pw : t.col_phases) {
+      T* plane = buf + t.index(ph, pw) * t.plane;
+      const auto [b_lo, b_hi] = phase_cols(s, t, pw);
+      for (int64_t c = 0; c < s.R_in; ++c) {
+        for (int64_t a = 0; a < t.rows; ++a) {
+          T* d = plane + c * t.cs + a * t.wq;
+          const int64_t ih = (oh0 + a) * s.stride_h + ph - s.pad_h;
+          if (ih < ih_lo || ih >= ih_hi || b_lo >= b_hi) {
+            std::fill(d, d + t.wq, T(0));
+            continue;
+          }
+          std::fill(d, d + b_lo, T(0));
+          const T* src = p + c * cs + ((ih - ih_lo) * s.W + pw - s.pad_w) * ps;  // src[b*stride_w*ps] is (ih, iw)
+          const int64_t step = s.stride_w * ps;
+          if (step == 1) {
+            std::memcpy(d + b_lo, src + b_lo, (b_hi - b_lo) * sizeof(T));
+          } else {
+            for (int64_t b = b_lo; b < b_hi; ++b) d[b] = src[b * step];
+          }
+          std::fill(d + b_hi, d + t.wq, T(0));
+        }
+      }
+    }
+  }
+  std::fill(buf + t.count() * t.plane, buf + t.elems(s), T(0));
+  for (int64_t c = 0; c < s.R_in; ++c)
+    for (int64_t i = 0; i < s.kh; ++i)
+      for (int64_t j = 0; j < s.kw; ++j) {
+        const int64_t ph = i * s.dil_h % s.stride_h, pw = j * s.dil_w % s.stride_w;
+        offsets[(c * s.kh + i) * s.kw + j] = t.index(ph, pw) * t.plane + c * t.cs +
+                                             i * s.dil_h / s.stride_h * t.wq + j * s.dil_w / s.stride_w;
+      }
+  return t;
+}
+
+// Adjoint of fill_phase_planes, restricted to the tile's input rows
+// [ih_lo, ih_hi) (rows outside receive only exact zeros, and another tile may
+// own them): gp (R_in, H, W) of one image, channel-major, += the planes.
+template <typename T>
+void add_phase_planes(const Conv2dSizes& s, const PhasePlanes& t, const T* planes, int64_t ih_lo, int64_t ih_hi,
+                      int64_t oh0, T* gp) {
+  const int64_t HW = s.H * s.W;
+  for (const int64_t ph : t.row_phases) {
+    for (const int64_t pw : t.col_phases) {
+      const T* plane = planes + t.index(ph, pw) * t.plane;
+      const auto [b_lo, b_hi] = phase_cols(s, t, pw);
+      for (int64_t a = 0; a < t.rows; ++a) {
+        const int64_t ih = (oh0 + a) * s.stride_h + ph - s.pad_h;
+        if (ih < ih_lo || ih >= ih_hi) continue;
+        for (int64_t c = 0; c < s.R_in; ++c) {
+          const T* src = plane + c * t.cs + a * t.wq;
+          T* dst = gp + c * HW + ih * s.W + pw - s.pad_w;  // dst[b * stride_w] is (ih, iw)
+          if (s.stride_w == 1) {
+            for (int64_t b = b_lo; b < b_hi; ++b) dst[b] += src[b];
+          } else {
+            for (int64_t b = b_lo; b < b_hi; ++b) dst[b * s.stride_w] += src[b];
+          }
+        }
+      }
+    }
+  }
+}
+
+// x - x is 0 for every finite x and NaN for +-Inf and NaN; the loop vectorises.
+template <typename T>
+bool all_finite(const T* x, int64_t n) {
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) finite &= (x[i] - x[i] == T(0));
+  return finite;
+}
+
 // Adjoint of im2col_block: gp (R_in, H, W) of one image, channel-major,
 // += the scatter of gcols (R_in*kh*kw x n).
 template <typename T>
@@ -157,7 +298,7 @@ void col2im_block_add(const Conv2dSizes& s, const T* gcols, int64_t oh0, int64_t
 // allocation per call would cost more than a small layer's arithmetic).
 template <typename T>
 T* scratch(int slot, int64_t elems) {
-  thread_local std::vector<T> bufs[6];
+  thread_local std::vector<T> bufs[8];
   std::vector<T>& b = bufs[slot];
   if (static_cast<int64_t>(b.size()) < elems) b.resize(static_cast<size_t>(elems));
   return b.data();

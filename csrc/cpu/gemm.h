@@ -34,6 +34,28 @@ void gemm_nt(int64_t M, int64_t N, int64_t K,
              const T* b, int64_t ldb,
              T* c, int64_t ldc, bool accumulate);
 
+// C (M x N, row stride ldc) = [C +] A * B with A row-major (M x K, row stride
+// lda) and row k of B starting at b + b_offsets[k], contiguous along N: an
+// implicit im2col (rows are shifted windows of one buffer). Hand kernel only.
+template <typename T>
+void gemm_nn_offsets(int64_t M, int64_t N, int64_t K,
+                     const T* a, int64_t lda,
+                     const T* b, const int64_t* b_offsets,
+                     T* c, int64_t ldc, bool accumulate);
+
+// C (M x N) = [C +] A * B^T with A (M x K, row stride lda) and row n of B
+// starting at b + b_offsets[n], contiguous along K: the weight gradient against
+// an implicit im2col. Hand kernel only.
+template <typename T>
+void gemm_nt_offsets(int64_t M, int64_t N, int64_t K,
+                     const T* a, int64_t lda,
+                     const T* b, const int64_t* b_offsets,
+                     T* c, int64_t ldc, bool accumulate);
+
+// Whether gemm_nn / gemm_nt would hand an (M x N x K) product to the BLAS.
+template <typename T>
+bool gemm_uses_blas(int64_t M, int64_t N, int64_t K);
+
 // Name of the instruction set the hand kernels run with ("avx512", "avx2",
 // "baseline") and whether a BLAS was found; for benchmark reports.
 std::string kernel_isa_name();

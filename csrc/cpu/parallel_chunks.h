@@ -25,7 +25,7 @@ inline int64_t num_chunks(int64_t work, int64_t min_items) {
 // Below about this many multiply-adds per thread, waking another thread
 // costs more than it saves (and on a loaded machine an OpenMP barrier can wait
 // a whole scheduler time slice for a descheduled worker).
-constexpr int64_t kMinMacsPerThread = int64_t(1) << 20;
+constexpr int64_t kMinMacsPerThread = int64_t(1) << 19;
 
 // Chunks for `work` items carrying `macs` multiply-adds in all: at most one
 // per thread, and only as many as keep kMinMacsPerThread each busy.
@@ -78,6 +78,8 @@ void for_each_chunk_raw(int64_t n, const F& body) {
 
 // Sums a (chunks, ...) accumulator over its first dimension in chunk order.
 inline at::Tensor sum_chunks(const at::Tensor& acc) {
+  // One chunk: its accumulator is the result (no copy; the (1, ...) buffer is not used otherwise).
+  if (acc.size(0) == 1) return acc.view(acc.sizes().slice(1));
   at::Tensor total = acc.select(0, 0).clone();
   for (int64_t c = 1; c < acc.size(0); ++c) total.add_(acc.select(0, c));
   return total;

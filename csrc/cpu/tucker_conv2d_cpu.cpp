@@ -2,18 +2,22 @@
 // per output tile (conv_tiles.h).
 //
 // Forward, per tile: project the tile's input rows (with halo) to R_in
-// channels in thread-local scratch; then per block of output pixels, im2col
-// the projection, run the core into R_out (one GEMM, K = R_in*kh*kw) and
-// expand to C_out straight into the output, on top of the bias. Tiles run in
-// parallel (at::parallel_for over batch x tiles).
+// channels in thread-local scratch and copy them, zero-padded, into phase
+// planes (conv_tiles.h, PhasePlanes); then per block of output rows, run the
+// core into R_out with a GEMM that reads every tap's window of the planes in
+// place (an implicit im2col, gemm_nn_offsets) and expand to C_out straight into
+// the output, on top of the bias. A pointwise core on a channel-major
+// projection reads the projection itself. Tiles run in parallel
+// (at::parallel_for over batch x tiles).
 //
-// Backward, per tile: recompute the projection and its im2col (cheaper than
-// storing them: they are rank-sized and cache-resident), then the gradients of
-// last, bias, core and the projection. The projection gradient of a tile
-// overlaps its neighbours' by the halo, so even tiles run first and odd tiles
-// second; a second pass maps it to the input and first gradients per pixel.
-// Weight gradients are summed per thread chunk, then over chunks in order:
-// results depend on the thread count only, never on scheduling.
+// Backward, per tile: recompute the projection (cheaper than storing it: it
+// is rank-sized and cache-resident), then the gradients of last, bias, core and
+// the projection: through the phase planes for cores the hand kernels run,
+// through an explicit im2col and the BLAS for large ones. The projection
+// gradient of a tile overlaps its neighbours' by the halo, so even tiles run
+// first and odd tiles second; a second pass maps it to the input and first
+// gradients per pixel. Weight gradients are summed per thread chunk, then over
+// chunks in order: results depend on the thread count only, never on scheduling.
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -85,6 +89,47 @@ int64_t chain_macs(const Conv2dSizes& s) {
   return s.N * (s.H_out * s.W_out * per_out + s.H * s.W * per_in);
 }
 
+// One tile's output rows [oh0, oh1) by the implicit im2col (conv_tiles.h,
+// PhasePlanes): core over blocks of whole extended rows, then the valid columns
+// are expanded by last (or copied) into the output, on top of the bias.
+template <typename T>
+void forward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, const Projection& pr, const T* p,
+                          int64_t oh0, int64_t oh1, int64_t block, const T* bias, T* yn) {
+  const int64_t HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
+  T* planes = scratch<T>(1, phase_planes_elems(s, oh1 - oh0));
+  int64_t* offsets = scratch<int64_t>(0, K);
+  const PhasePlanes t = fill_phase_planes<T>(s, p, pr.cs, pr.ps, pr.ih_lo, pr.ih_hi, oh0, oh1, planes, offsets);
+  const int64_t rows_per_block = std::max<int64_t>(1, block / t.wq);
+  T* q_ext = scratch<T>(3, s.R_out * rows_per_block * t.wq);
+  T* q = op.last ? scratch<T>(2, s.R_out * rows_per_block * s.W_out) : nullptr;
+  for (int64_t r0 = 0; r0 < oh1 - oh0; r0 += rows_per_block) {
+    const int64_t nr = std::min(rows_per_block, oh1 - oh0 - r0);
+    const int64_t ne = nr * t.wq, npx = nr * s.W_out;
+    gemm_nn_offsets<T>(s.R_out, ne, K, op.core, K, planes + r0 * t.wq, offsets, q_ext, ne, false);
+    T* y = yn + r0 * s.W_out;
+    // The valid W_out columns of each extended row: into q (then expanded), or
+    // straight into the output when there is no last factor.
+    T* dst = op.last ? q : y;
+    const int64_t ld = op.last ? npx : HWo;
+    const bool add_bias = !op.last && bias;
+    for (int64_t r = 0; r < s.R_out; ++r) {
+      for (int64_t row = 0; row < nr; ++row) {
+        const T* src = q_ext + r * ne + row * t.wq;
+        T* d = dst + r * ld + row * s.W_out;
+        if (add_bias) {
+          for (int64_t ow = 0; ow < s.W_out; ++ow) d[ow] = bias[r] + src[ow];
+        } else {
+          std::copy(src, src + s.W_out, d);
+        }
+      }
+    }
+    if (!op.last) continue;
+    if (bias)
+      for (int64_t c = 0; c < s.C_out; ++c) std::fill(y + c * HWo, y + c * HWo + npx, bias[c]);
+    gemm_nn<T>(s.C_out, npx, s.R_out, op.last, s.R_out, 1, q, npx, y, HWo, bias != nullptr);
+  }
+}
+
 template <typename T>
 void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias, T* out) {
   const TilePlan plan = plan_tiles(s, at::get_num_threads(), sizeof(T), false);
@@ -102,28 +147,24 @@ void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias
       const Projection pr = project_rows<T>(s, op, n, ih_lo, ih_hi, scratch<T>(0, s.R_in * (ih_hi - ih_lo) * s.W), &p);
       const bool direct = reads_projection_directly(s, pr.ps);
       const int64_t npx = (oh1 - oh0) * s.W_out;
-      T* cols = direct ? nullptr : scratch<T>(1, K * plan.block);
-      T* q = op.last ? scratch<T>(2, s.R_out * plan.block) : nullptr;
       T* yn = out + n * s.C_out * HWo + oh0 * s.W_out;
+      if (!direct) {
+        forward_tile_windows<T>(s, op, pr, p, oh0, oh1, plan.block, bias, yn);
+        continue;
+      }
+      // Pointwise core on a channel-major projection: the core reads it in place.
+      T* q = op.last ? scratch<T>(2, s.R_out * plan.block) : nullptr;
       for (int64_t q0 = 0; q0 < npx; q0 += plan.block) {
         const int64_t nb = std::min(plan.block, npx - q0);
-        const T* col = nullptr;
-        int64_t ldcol = nb;
-        if (direct) {
-          col = p + (oh0 * s.W_out + q0 - pr.ih_lo * s.W);  // pointwise: pixel index is the same
-          ldcol = pr.cs;
-        } else {
-          im2col_block<T>(s, p, pr.cs, pr.ps, pr.ih_lo, pr.ih_hi, oh0, q0, nb, cols);
-          col = cols;
-        }
+        const T* col = p + (oh0 * s.W_out + q0 - pr.ih_lo * s.W);  // same pixel index in and out
         T* y = yn + q0;
         if (bias)
           for (int64_t c = 0; c < s.C_out; ++c) std::fill(y + c * HWo, y + c * HWo + nb, bias[c]);
         if (op.last) {
-          gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, ldcol, q, nb, false);
+          gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, q, nb, false);
           gemm_nn<T>(s.C_out, nb, s.R_out, op.last, s.R_out, 1, q, nb, y, HWo, bias != nullptr);
         } else {
-          gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, ldcol, y, HWo, bias != nullptr);
+          gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, y, HWo, bias != nullptr);
         }
       }
     }
@@ -167,10 +208,80 @@ struct ConvGrads {
   T* acc_bias;   // (chunks, C_out)
 };
 
+// Pass 1 for one tile by the implicit im2col (PhasePlanes): the gradients of
+// last, core and the projection (bias is done by the caller). Returns false,
+// having done nothing, when the tile's projection is not all finite (a
+// discarded grid column times zero would then be NaN); the caller then runs
+// the explicit im2col.
+template <typename T>
+bool backward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, const Projection& pr, const T* p,
+                           const T* gy, const ConvGrads<T>& g, int64_t chunk, int64_t n, int64_t oh0, int64_t oh1,
+                           int64_t block) {
+  const int64_t HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
+  const bool need_back = g.input || g.first;
+  T* planes = scratch<T>(1, phase_planes_elems(s, oh1 - oh0));
+  int64_t* offsets = scratch<int64_t>(0, K);
+  const PhasePlanes t = fill_phase_planes<T>(s, p, pr.cs, pr.ps, pr.ih_lo, pr.ih_hi, oh0, oh1, planes, offsets);
+  const int64_t planes_elems = phase_planes_elems(s, oh1 - oh0);
+  if (!all_finite(planes, planes_elems)) return false;
+  T* gplanes = need_back ? scratch<T>(6, planes_elems) : nullptr;
+  if (need_back) std::fill(gplanes, gplanes + planes_elems, T(0));
+  const int64_t rows_per_block = std::max<int64_t>(1, block / t.wq);
+  const int64_t max_ne = rows_per_block * t.wq, max_npx = rows_per_block * s.W_out;
+  T* q_ext = g.last ? scratch<T>(2, s.R_out * max_ne) : nullptr;
+  T* q = g.last ? scratch<T>(5, s.R_out * max_npx) : nullptr;
+  T* gq_buf = op.last ? scratch<T>(3, s.R_out * max_npx) : nullptr;
+  T* gq_ext = scratch<T>(7, s.R_out * max_ne);
+  T* gcols = need_back ? scratch<T>(4, K * max_ne) : nullptr;
+  const T* gyn = gy + n * s.C_out * HWo + oh0 * s.W_out;
+
+  for (int64_t r0 = 0; r0 < oh1 - oh0; r0 += rows_per_block) {
+    const int64_t nr = std::min(rows_per_block, oh1 - oh0 - r0);
+    const int64_t ne = nr * t.wq, npx = nr * s.W_out;
+    const T* window0 = planes + r0 * t.wq;
+    const T* gyb = gyn + r0 * s.W_out;  // (C_out x npx), row stride HWo
+    if (g.last) {
+      gemm_nn_offsets<T>(s.R_out, ne, K, op.core, K, window0, offsets, q_ext, ne, false);
+      for (int64_t r = 0; r < s.R_out; ++r)
+        for (int64_t row = 0; row < nr; ++row)
+          std::copy(q_ext + r * ne + row * t.wq, q_ext + r * ne + row * t.wq + s.W_out, q + r * npx + row * s.W_out);
+      gemm_nt<T>(s.C_out, s.R_out, npx, gyb, HWo, q, npx, g.acc_last + chunk * s.C_out * s.R_out, s.R_out, true);
+    }
+    if (!g.core && !need_back) continue;
+    const T* gq = gyb;  // (R_out x npx)
+    int64_t ldgq = HWo;
+    if (op.last) {
+      gemm_nn<T>(s.R_out, npx, s.C_out, op.last, 1, s.R_out, gyb, HWo, gq_buf, npx, false);
+      gq = gq_buf;
+      ldgq = npx;
+    }
+    // gQ on the extended grid, zero in the discarded columns.
+    for (int64_t r = 0; r < s.R_out; ++r) {
+      for (int64_t row = 0; row < nr; ++row) {
+        T* d = gq_ext + r * ne + row * t.wq;
+        std::copy(gq + r * ldgq + row * s.W_out, gq + r * ldgq + (row + 1) * s.W_out, d);
+        std::fill(d + s.W_out, d + t.wq, T(0));
+      }
+    }
+    if (g.core) gemm_nt_offsets<T>(s.R_out, K, ne, gq_ext, ne, window0, offsets, g.acc_core + chunk * s.R_out * K, K, true);
+    if (!need_back) continue;
+    // gcols (K x ne) = core^T gQ, each row added back onto its window.
+    gemm_nn<T>(K, ne, s.R_out, op.core, 1, K, gq_ext, ne, gcols, ne, false);
+    T* gwindow0 = gplanes + r0 * t.wq;
+    for (int64_t k = 0; k < K; ++k) {
+      T* dst = gwindow0 + offsets[k];
+      const T* src = gcols + k * ne;
+      for (int64_t e = 0; e < ne; ++e) dst[e] += src[e];
+    }
+  }
+  if (need_back) add_phase_planes<T>(s, t, gplanes, pr.ih_lo, pr.ih_hi, oh0, g.gp + n * s.R_in * s.H * s.W);
+  return true;
+}
+
 // Pass 1 for one tile: gradients of bias, last, core and the projection.
 template <typename T>
 void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePlan& plan, const T* gy,
-                   const ConvGrads<T>& g, int64_t chunk, int64_t task) {
+                   const ConvGrads<T>& g, int64_t chunk, int64_t task, bool windows) {
   const int64_t HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
   const bool need_cols = g.core || g.last;
   const bool need_back = g.input || g.first;
@@ -200,6 +311,8 @@ void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePl
     pr = project_rows<T>(s, op, n, ih_lo, ih_hi, scratch<T>(0, s.R_in * (ih_hi - ih_lo) * s.W), &p);
     direct = reads_projection_directly(s, pr.ps);
   }
+  // Only the input side wanted: no projection to window, the explicit path below.
+  if (windows && need_cols && !direct && backward_tile_windows<T>(s, op, pr, p, gy, g, chunk, n, oh0, oh1, plan.block)) return;
   T* cols = need_cols && !direct ? scratch<T>(1, K * plan.block) : nullptr;
   T* q = g.last ? scratch<T>(2, s.R_out * plan.block) : nullptr;
   T* gq_buf = op.last && need_gq ? scratch<T>(3, s.R_out * plan.block) : nullptr;
@@ -271,6 +384,13 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
   // Tiles of an image that share input rows must not scatter concurrently:
   // two passes (even tiles, odd tiles) when there is more than one per image.
   const int64_t passes = need_back && plan.tiles_per_image > 1 ? 2 : 1;
+  // The implicit im2col's weight gradient runs on the hand kernels; where the
+  // BLAS would take the core's products (large ranks) the explicit im2col and
+  // the BLAS measured faster. It also multiplies discarded grid columns by the
+  // core and by zeros: with an Inf or NaN in the core those would reach real
+  // gradients.
+  const int64_t K = s.R_in * s.kh * s.kw;
+  const bool windows = !gemm_uses_blas<T>(s.R_out, plan.block, K) && all_finite(op.core, s.R_out * K);
   const int64_t tiles_per_pass = (plan.tiles_per_image + passes - 1) / passes;
   for (int64_t pass = 0; pass < passes; ++pass) {
     // Task t of this pass is tile (t % tiles_per_pass) * passes + pass of image t / tiles_per_pass.
@@ -281,7 +401,7 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
         const int64_t n = t / tiles_per_pass;
         const int64_t tile = (t % tiles_per_pass) * passes + pass;
         if (tile >= plan.tiles_per_image) continue;
-        backward_tile<T>(s, op, plan, gy, g, c, n * plan.tiles_per_image + tile);
+        backward_tile<T>(s, op, plan, gy, g, c, n * plan.tiles_per_image + tile, windows);
       }
     });
   }

@@ -54,14 +54,6 @@ struct Chain {
   Tensor folded;  // keeps folded weights alive
 };
 
-// x - x is 0 for every finite x and NaN for +-Inf and NaN; the loop vectorises.
-template <typename T>
-bool all_finite(const T* x, int64_t n) {
-  bool finite = true;
-  for (int64_t i = 0; i < n; ++i) finite &= (x[i] - x[i] == T(0));
-  return finite;
-}
-
 // Chooses the association by multiply-adds for M rows and folds accordingly.
 // allow_fold=false keeps the reference's association: with an Inf in the input,
 // folding changes which products meet it ((a + b)*inf instead of a*inf + b*(-inf)),
@@ -197,6 +189,46 @@ void run_few_rows(const Chain<T>& chain, const T* x, int64_t in, const T* bias, 
   }
 }
 
+template <typename T>
+int64_t chain_weights(const Chain<T>& chain) {
+  int64_t n = 0;
+  for (const Stage<T>& st : chain.stages) n += st.out * st.in;
+  return n;
+}
+
+// True when the weights, not the rows, are the traffic: every row-block of
+// the fused path would stream all of them (once per thread), while a
+// whole-batch GEMM per stage reads them once and splits them over threads.
+// Then there is nothing left to fuse, and the torch BLAS (threaded, with its
+// own blocking) runs each stage over all rows at once.
+bool weights_dominate(int64_t weights, int64_t M, int64_t in, int64_t out) {
+  constexpr int64_t kCacheResidentWeights = int64_t(1) << 18;  // 1 MiB of float: about one L2
+  return weights >= kCacheResidentWeights && weights > M * (in + out);
+}
+
+// Every stage as one GEMM over all M rows through the torch BLAS (at::mm /
+// at::addmm on views of the weights; no copies).
+template <typename T>
+void run_whole_batch(const Chain<T>& chain, const Tensor& x, const Tensor& bias, Tensor& out, int64_t M, int64_t in,
+                     int64_t out_features) {
+  const auto opts = x.options();
+  Tensor cur = x.view({M, in});
+  Tensor y = out.view({M, out_features});
+  const size_t last = chain.stages.size() - 1;
+  for (size_t i = 0; i < chain.stages.size(); ++i) {
+    const Stage<T>& st = chain.stages[i];
+    // from_blob over a const weight: read only, never written through.
+    const Tensor w_t = at::from_blob(const_cast<T*>(st.w), {st.out, st.in}, opts).t();
+    if (i != last) {
+      cur = at::mm(cur, w_t);
+    } else if (bias.defined()) {
+      at::addmm_out(y, bias, cur, w_t);
+    } else {
+      at::mm_out(y, cur, w_t);
+    }
+  }
+}
+
 Tensor tucker_linear_cpu(
     const Tensor& input,
     const std::optional<Tensor>& first,
@@ -204,6 +236,7 @@ Tensor tucker_linear_cpu(
     const std::optional<Tensor>& last,
     const std::optional<Tensor>& bias) {
   const LinearSizes s = check_tucker_linear_args(input, first, core, last, bias, kCpuDtypes);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the whole-batch path calls at:: ops
   const auto opts = input.options();
   Tensor out = at::empty(output_shape(input, s.out), opts);
   if (s.M == 0) return out;
@@ -225,6 +258,10 @@ Tensor tucker_linear_cpu(
     const int64_t chunks = chunks_for_work(s.M, chain_macs(chain, s.M));
     if (s.M < kMinRowsPerChunk) {
       run_few_rows<T>(chain, xp, s.in, bp, yp, s.out, s.M);
+      return;
+    }
+    if (weights_dominate(chain_weights(chain), s.M, s.in, s.out)) {
+      run_whole_batch<T>(chain, x, bp ? b : Tensor(), out, s.M, s.in, s.out);
       return;
     }
     for_each_chunk_raw(chunks, [&](int64_t c) {
@@ -286,6 +323,38 @@ void linear_backward_rows(const LinearSizes& s, const T* x, const T* gy, const T
   if (A && g.input) gemm_nn<T>(m, in, ri, gp, ri, 1, A, in, g.gx + r * in, in, false);
 }
 
+// Backward when the weights dominate (see weights_dominate): each product is
+// one whole-batch GEMM through the torch BLAS. The rank-sized intermediates
+// (M x R) are small here; the weight gradients are written once, with no
+// per-thread accumulators to zero and sum.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward_whole_batch(
+    const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& first, const Tensor& core,
+    const std::optional<Tensor>& last, std::array<bool, 5> need, const LinearSizes& s) {
+  const auto opts = input.options();
+  const Tensor x = input.reshape({s.M, s.in});
+  const Tensor gy = grad_output.reshape({s.M, s.out});
+  const bool need_p = need[2] || need[3];
+  const bool need_back = need[0] || need[1];
+  const Tensor p = need_p ? (s.has_first ? at::mm(x, first->t()) : x) : Tensor();  // (M x R_in)
+  Tensor grad_last, grad_core, grad_first, grad_input;
+  if (need[3]) grad_last = at::mm(gy.t(), at::mm(p, core.t()));  // (out x R_out)
+  const Tensor gq = (need[2] || need_back) ? (s.has_last ? at::mm(gy, *last) : gy) : Tensor();  // (M x R_out)
+  if (need[2]) grad_core = at::mm(gq.t(), p);
+  if (need_back) {
+    const Tensor gp = at::mm(gq, core);  // (M x R_in)
+    if (need[1]) grad_first = at::mm(gp.t(), x);
+    if (need[0]) grad_input = (s.has_first ? at::mm(gp, *first) : gp).reshape(input.sizes()).contiguous();
+  }
+  auto none = [&] { return at::empty({0}, opts); };
+  return {
+      need[0] ? grad_input : none(),
+      need[1] ? grad_first.contiguous() : none(),
+      need[2] ? grad_core.contiguous() : none(),
+      need[3] ? grad_last.contiguous() : none(),
+      need[4] ? gy.sum(0) : none(),
+  };
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
     const Tensor& grad_output,
     const Tensor& input,
@@ -302,6 +371,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
   const bool need_core = output_mask[2];
   const bool need_last = output_mask[3] && s.has_last;
   const bool need_bias = output_mask[4];
+
+  const int64_t weights = (s.has_first ? s.in * s.R_in : 0) + s.R_in * s.R_out + (s.has_last ? s.R_out * s.out : 0);
+  if (s.M > 0 && weights_dominate(weights, s.M, s.in, s.out)) {
+    return linear_backward_whole_batch(grad_output, input, first, core, last,
+                                       {need_input, need_first, need_core, need_last, need_bias}, s);
+  }
 
   const int64_t backward_macs = 2 * s.M * ((s.has_first ? s.in * s.R_in : 0) + s.R_in * s.R_out +
                                            (s.has_last ? s.R_out * s.out : 0));
