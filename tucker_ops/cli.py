@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", metavar="DIR", default="reproduce-out", help="output folder (default: reproduce-out)")
     rep.add_argument("--quick", action="store_true", help="a few steps of everything: checks the pipeline in seconds")
     rep.add_argument("--epochs", type=_nonnegative_int, default=None, help="override the dense training epochs (default: recipe, 6)")
-    rep.add_argument("--fine-tune-epochs", type=_nonnegative_int, default=None, help="override the fine-tuning epochs (default: recipe, 3)")
+    rep.add_argument("--fine-tune-epochs", type=_nonnegative_int, default=None, help="override the fine-tuning epochs (default: recipe, 10)")
     rep.add_argument("--sweep-epochs", type=_nonnegative_int, default=None, help="override the sweep fine-tuning epochs (default: recipe, 1)")
     rep.add_argument("--latency-batch", type=_positive_int, default=None, help="batch size of the timed test-set passes (default: 1000)")
     rep.add_argument("--latency-repeats", type=_positive_int, default=None, help="timed passes per implementation (default: 5)")
