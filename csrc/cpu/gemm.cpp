@@ -38,6 +38,22 @@ namespace {
 
 // ---- hand kernels ----------------------------------------------------------------
 
+template <typename T, int Bytes>
+struct Vec;
+#define TUCKER_VEC(T, B) \
+  template <>            \
+  struct Vec<T, B> {     \
+    typedef T type __attribute__((vector_size(B))); \
+  };
+TUCKER_VEC(float, 16)
+TUCKER_VEC(float, 32)
+TUCKER_VEC(float, 64)
+TUCKER_VEC(double, 16)
+TUCKER_VEC(double, 32)
+TUCKER_VEC(double, 64)
+#undef TUCKER_VEC
+
+
 template <typename V, typename T>
 TUCKER_INLINE V load(const T* p) {
   V v;
@@ -138,12 +154,43 @@ TUCKER_INLINE void gemm_nn_impl(int64_t M, int64_t N, int64_t K, const T* a, int
   for (int64_t m = 0; m < M; ++m) std::memcpy(c + m * ldc + n, ct + m * L, rem * sizeof(T));
 }
 
+// Horizontal sum by halving (a log-depth tree of vector adds down to 16
+// bytes), not a serial chain over the lanes.
 template <typename V, typename T>
 TUCKER_INLINE T hsum(const V& v) {
-  constexpr int L = sizeof(V) / sizeof(T);
-  T s = T(0);
-  for (int i = 0; i < L; ++i) s += v[i];
-  return s;
+  constexpr int B = sizeof(V);
+  if constexpr (B > 16) {
+    using H = typename Vec<T, B / 2>::type;
+    H lo, hi;
+    __builtin_memcpy(&lo, &v, B / 2);
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + B / 2, B / 2);
+    return hsum<H, T>(lo + hi);
+  } else {
+    T s = T(0);
+    for (int i = 0; i < int(B / sizeof(T)); ++i) s += v[i];
+    return s;
+  }
+}
+
+// The K % L tail of the dot products, one step of each narrower vector width
+// (down to 16 bytes) before the scalar remainder: K = 40 with 16-float vectors
+// is two full steps and one half step instead of 8 dependent scalar products.
+template <typename T, int Bytes, int MR, int NB>
+TUCKER_INLINE void nt_tail(int64_t& k, int64_t K, const T* a, int64_t lda, const T* const* brow, T (&s)[MR][NB]) {
+  if constexpr (Bytes >= 16) {
+    using H = typename Vec<T, Bytes>::type;
+    constexpr int L = Bytes / int(sizeof(T));
+    if (k + L <= K) {
+      H bv[NB];
+      for (int j = 0; j < NB; ++j) bv[j] = load<H>(brow[j] + k);
+      for (int m = 0; m < MR; ++m) {
+        const H av = load<H>(a + m * lda + k);
+        for (int j = 0; j < NB; ++j) s[m][j] += hsum<H, T>(av * bv[j]);
+      }
+      k += L;
+    }
+    nt_tail<T, Bytes / 2, MR, NB>(k, K, a, lda, brow, s);
+  }
 }
 
 // MR rows of A against NB rows of B: MR * NB dot products along K. Row j of
@@ -165,9 +212,13 @@ TUCKER_INLINE void nt_micro(int64_t K, const T* a, int64_t lda, const Rows& b, T
       for (int j = 0; j < NB; ++j) acc[m][j] += av * bv[j];
     }
   }
+  T sum[MR][NB];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NB; ++j) sum[m][j] = hsum<V, T>(acc[m][j]);
+  nt_tail<T, int(sizeof(V)) / 2, MR, NB>(k, K, a, lda, brow, sum);
   for (int m = 0; m < MR; ++m) {
     for (int j = 0; j < NB; ++j) {
-      T s = hsum<V, T>(acc[m][j]);
+      T s = sum[m][j];
       for (int64_t kk = k; kk < K; ++kk) s += a[m * lda + kk] * brow[j][kk];
       T& out = c[m * ldc + j];
       out = accumulate ? out + s : s;
@@ -224,20 +275,6 @@ TUCKER_INLINE void gemm_nt_impl(int64_t M, int64_t N, int64_t K, const T* a, int
   gemm_nt_dots<T, V>(M, N, K, a, lda, StridedRows<T>{b, ldb}, c, ldc, accumulate);
 }
 
-template <typename T, int Bytes>
-struct Vec;
-#define TUCKER_VEC(T, B) \
-  template <>            \
-  struct Vec<T, B> {     \
-    typedef T type __attribute__((vector_size(B))); \
-  };
-TUCKER_VEC(float, 16)
-TUCKER_VEC(float, 32)
-TUCKER_VEC(float, 64)
-TUCKER_VEC(double, 16)
-TUCKER_VEC(double, 32)
-TUCKER_VEC(double, 64)
-#undef TUCKER_VEC
 
 // One wrapper per ISA; the target attribute makes the inlined templates use it.
 #define TUCKER_VARIANT(NAME, TARGET, BYTES)                                                                        \

@@ -161,7 +161,6 @@ template <typename T>
 void run_few_rows(const Chain<T>& chain, const T* x, int64_t in, const T* bias, T* y, int64_t out, int64_t M) {
   const T* cur = x;
   int64_t ld = in;
-  std::vector<T> bufs[2];
   const size_t last = chain.stages.size() - 1;
   for (size_t i = 0; i < chain.stages.size(); ++i) {
     const Stage<T>& st = chain.stages[i];
@@ -171,8 +170,9 @@ void run_few_rows(const Chain<T>& chain, const T* x, int64_t in, const T* bias, 
       dst = y;
       ldd = out;
     } else {
-      bufs[i % 2].resize(static_cast<size_t>(M * st.out));
-      dst = bufs[i % 2].data();
+      // The calling thread's scratch (slots the row-block path does not use
+      // here), shared read-only with the workers of the next stage.
+      dst = scratch<T>(6 + static_cast<int>(i % 2), M * st.out);
       ldd = st.out;
     }
     const bool add_bias = i == last && bias;
