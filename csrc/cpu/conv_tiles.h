@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/gemm.h"
 
 namespace tucker_ops::cpu {
 
@@ -137,13 +138,21 @@ struct PhasePlanes {
   std::vector<int64_t> row_phases, col_phases;
 
   int64_t count() const { return static_cast<int64_t>(row_phases.size() * col_phases.size()); }
-  int64_t elems(const Conv2dSizes& s) const { return count() * plane + (s.kw - 1) * s.dil_w / s.stride_w; }
-  // Index of plane (ph, pw); both are phases some tap reads.
+  // Plus gemm_nn_offsets' read slack past the last window.
+  int64_t elems(const Conv2dSizes& s) const {
+    return count() * plane + (s.kw - 1) * s.dil_w / s.stride_w + kGemmRowSlack;
+  }
+  // Index of plane (ph, pw) = row_index(ph) * (number of column phases) + col_index(pw);
+  // both are phases some tap reads.
+  int64_t row_index(int64_t ph) const { return position(row_phases, ph); }
+  int64_t col_index(int64_t pw) const { return position(col_phases, pw); }
   int64_t index(int64_t ph, int64_t pw) const {
-    const auto at = [](const std::vector<int64_t>& v, int64_t x) {
-      return static_cast<int64_t>(std::lower_bound(v.begin(), v.end(), x) - v.begin());
-    };
-    return at(row_phases, ph) * static_cast<int64_t>(col_phases.size()) + at(col_phases, pw);
+    return row_index(ph) * static_cast<int64_t>(col_phases.size()) + col_index(pw);
+  }
+
+ private:
+  static int64_t position(const std::vector<int64_t>& v, int64_t x) {
+    return static_cast<int64_t>(std::lower_bound(v.begin(), v.end(), x) - v.begin());
   }
 };
 
@@ -182,7 +191,8 @@ inline std::pair<int64_t, int64_t> phase_cols(const Conv2dSizes& s, const PhaseP
 
 // Fills buf with the planes of P (addressed as in im2col_block, rows
 // [ih_lo, ih_hi)) for output rows [oh0, oh1), zeros outside the image, and
-// offsets (R_in*kh*kw, im2col row order) with each tap's window start.
+// offsets (R_in*kh*kw, im2col row order, plus kh + kw entries of scratch) with
+// each tap's window start.
 template <typename T>
 PhasePlanes fill_phase_planes(const Conv2dSizes& s, const T* p, int64_t cs, int64_t ps, int64_t ih_lo, int64_t ih_hi,
                               int64_t oh0, int64_t oh1, T* buf, int64_t* offsets) {
@@ -213,13 +223,21 @@ PhasePlanes fill_phase_planes(const Conv2dSizes& s, const T* p, int64_t cs, int6
     }
   }
   std::fill(buf + t.count() * t.plane, buf + t.elems(s), T(0));
+  // offset(c, i, j) = c*cs + row_part(i) + col_part(j): the plane index splits
+  // into its row-phase and column-phase parts.
+  int64_t* row_part = offsets + s.R_in * s.kh * s.kw;  // caller gives kh + kw spare entries
+  int64_t* col_part = row_part + s.kh;
+  const int64_t col_phases = static_cast<int64_t>(t.col_phases.size());
+  for (int64_t i = 0; i < s.kh; ++i)
+    row_part[i] = t.row_index(i * s.dil_h % s.stride_h) * col_phases * t.plane + i * s.dil_h / s.stride_h * t.wq;
+  for (int64_t j = 0; j < s.kw; ++j)
+    col_part[j] = t.col_index(j * s.dil_w % s.stride_w) * t.plane + j * s.dil_w / s.stride_w;
   for (int64_t c = 0; c < s.R_in; ++c)
-    for (int64_t i = 0; i < s.kh; ++i)
-      for (int64_t j = 0; j < s.kw; ++j) {
-        const int64_t ph = i * s.dil_h % s.stride_h, pw = j * s.dil_w % s.stride_w;
-        offsets[(c * s.kh + i) * s.kw + j] = t.index(ph, pw) * t.plane + c * t.cs +
-                                             i * s.dil_h / s.stride_h * t.wq + j * s.dil_w / s.stride_w;
-      }
+    for (int64_t i = 0; i < s.kh; ++i) {
+      int64_t* o = offsets + (c * s.kh + i) * s.kw;
+      const int64_t base = c * t.cs + row_part[i];
+      for (int64_t j = 0; j < s.kw; ++j) o[j] = base + col_part[j];
+    }
   return t;
 }
 

@@ -70,6 +70,7 @@ TUCKER_INLINE void store(T* p, const V& v) {
 // of offsets into one buffer. shifted(n) moves every row n columns right.
 template <typename T>
 struct StridedRows {
+  static constexpr bool kReadsPastN = false;
   const T* b;
   int64_t ldb;
   TUCKER_INLINE const T* row(int64_t k) const { return b + k * ldb; }
@@ -79,6 +80,7 @@ struct StridedRows {
 
 template <typename T>
 struct OffsetRows {
+  static constexpr bool kReadsPastN = true;  // gemm_nn_offsets' contract (gemm.h)
   const T* b;
   const int64_t* offsets;
   TUCKER_INLINE const T* row(int64_t k) const { return b + offsets[k]; }
@@ -144,6 +146,17 @@ TUCKER_INLINE void gemm_nn_impl(int64_t M, int64_t N, int64_t K, const T* a, int
   const int64_t rem = N - n;
   if (rem == 0) return;
   std::vector<T>& buf = tail_buffer<T>();
+  if constexpr (Rows::kReadsPastN) {
+    // B's rows may be read a whole vector past N (the caller's buffer has the
+    // slack): only C's strip goes through the buffer.
+    buf.assign(static_cast<size_t>(M * L), T(0));
+    T* ct = buf.data();
+    if (accumulate)
+      for (int64_t m = 0; m < M; ++m) std::memcpy(ct + m * L, c + m * ldc + n, rem * sizeof(T));
+    nn_rows<T, V, MR, 1>(M, K, a, a_rs, a_cs, b.shifted(n), ct, L, accumulate);
+    for (int64_t m = 0; m < M; ++m) std::memcpy(c + m * ldc + n, ct + m * L, rem * sizeof(T));
+    return;
+  }
   buf.assign(static_cast<size_t>((K + M) * L), T(0));
   T* bt = buf.data();
   T* ct = bt + K * L;

@@ -36,7 +36,11 @@ void gemm_nt(int64_t M, int64_t N, int64_t K,
 
 // C (M x N, row stride ldc) = [C +] A * B with A row-major (M x K, row stride
 // lda) and row k of B starting at b + b_offsets[k], contiguous along N: an
-// implicit im2col (rows are shifted windows of one buffer). Hand kernel only.
+// implicit im2col (rows are shifted windows of one buffer). Every row must be
+// readable kGemmRowSlack elements past N (the values there never reach C).
+// Hand kernel only.
+constexpr int64_t kGemmRowSlack = 64;  // >= one 64-byte vector of any element type
+
 template <typename T>
 void gemm_nn_offsets(int64_t M, int64_t N, int64_t K,
                      const T* a, int64_t lda,

@@ -97,7 +97,7 @@ void forward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, const
                           int64_t oh0, int64_t oh1, int64_t block, const T* bias, T* yn) {
   const int64_t HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
   T* planes = scratch<T>(1, phase_planes_elems(s, oh1 - oh0));
-  int64_t* offsets = scratch<int64_t>(0, K);
+  int64_t* offsets = scratch<int64_t>(0, K + s.kh + s.kw);
   const PhasePlanes t = fill_phase_planes<T>(s, p, pr.cs, pr.ps, pr.ih_lo, pr.ih_hi, oh0, oh1, planes, offsets);
   const int64_t rows_per_block = std::max<int64_t>(1, block / t.wq);
   T* q_ext = scratch<T>(3, s.R_out * rows_per_block * t.wq);
@@ -220,7 +220,7 @@ bool backward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, cons
   const int64_t HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
   const bool need_back = g.input || g.first;
   T* planes = scratch<T>(1, phase_planes_elems(s, oh1 - oh0));
-  int64_t* offsets = scratch<int64_t>(0, K);
+  int64_t* offsets = scratch<int64_t>(0, K + s.kh + s.kw);
   const PhasePlanes t = fill_phase_planes<T>(s, p, pr.cs, pr.ps, pr.ih_lo, pr.ih_hi, oh0, oh1, planes, offsets);
   const int64_t planes_elems = phase_planes_elems(s, oh1 - oh0);
   if (!all_finite(planes, planes_elems)) return false;
