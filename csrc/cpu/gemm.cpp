@@ -403,17 +403,35 @@ void blas_call(char ta, char tb, int m, int n, int k, const double* a, int lda, 
   dgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
+// Products with an empty dimension: C is left (accumulate) or zeroed (K = 0).
+// True when there is nothing else to do.
+template <typename T>
+bool nothing_to_multiply(int64_t M, int64_t N, int64_t K, T* c, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return true;
+  if (K > 0) return false;
+  if (!accumulate)
+    for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, T(0));
+  return true;
+}
+
+// Returns NAME_<isa>(args) for the instruction set picked at load time.
+#ifdef TUCKER_HAVE_X86_VARIANTS
+#define TUCKER_CALL_ISA(NAME, ...)                                       \
+  switch (kIsa) {                                                        \
+    case Isa::kAvx512: return NAME##_avx512<T>(__VA_ARGS__);             \
+    case Isa::kAvx2: return NAME##_avx2<T>(__VA_ARGS__);                 \
+    default: return NAME##_baseline<T>(__VA_ARGS__);                     \
+  }
+#else
+#define TUCKER_CALL_ISA(NAME, ...) return NAME##_baseline<T>(__VA_ARGS__);
+#endif
+
 }  // namespace
 
 template <typename T>
 void gemm_nn(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb, T* c,
              int64_t ldc, bool accumulate) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    if (!accumulate)
-      for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, T(0));
-    return;
-  }
+  if (nothing_to_multiply(M, N, K, c, ldc, accumulate)) return;
   if (use_blas<T>(M, N, K)) {
     // Row-major C = A B is column-major C^T = B^T A^T: B goes first, untransposed.
     const bool a_rows = a_cs == 1 && a_rs >= K;  // A row-major
@@ -425,73 +443,34 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t 
       return;
     }
   }
-  switch (kIsa) {
-#ifdef TUCKER_HAVE_X86_VARIANTS
-    case Isa::kAvx512: return nn_avx512<T>(M, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
-    case Isa::kAvx2: return nn_avx2<T>(M, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
-#endif
-    default: return nn_baseline<T>(M, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
-  }
+  TUCKER_CALL_ISA(nn, M, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate)
 }
 
 template <typename T>
 void gemm_nt(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
              bool accumulate) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    if (!accumulate)
-      for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, T(0));
-    return;
-  }
+  if (nothing_to_multiply(M, N, K, c, ldc, accumulate)) return;
   if (use_blas<T>(M, N, K) && fits_int(M) && fits_int(N) && fits_int(K) && fits_int(lda) && fits_int(ldb) &&
       fits_int(ldc) && lda >= K && ldb >= K && ldc >= N) {
     // Column-major C^T = B A^T with B (N x K row-major) read transposed.
     blas_call('T', 'N', int(N), int(M), int(K), b, int(ldb), a, int(lda), accumulate ? T(1) : T(0), c, int(ldc));
     return;
   }
-  switch (kIsa) {
-#ifdef TUCKER_HAVE_X86_VARIANTS
-    case Isa::kAvx512: return nt_avx512<T>(M, N, K, a, lda, b, ldb, c, ldc, accumulate);
-    case Isa::kAvx2: return nt_avx2<T>(M, N, K, a, lda, b, ldb, c, ldc, accumulate);
-#endif
-    default: return nt_baseline<T>(M, N, K, a, lda, b, ldb, c, ldc, accumulate);
-  }
+  TUCKER_CALL_ISA(nt, M, N, K, a, lda, b, ldb, c, ldc, accumulate)
 }
 
 template <typename T>
 void gemm_nn_offsets(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, const int64_t* b_offsets,
                      T* c, int64_t ldc, bool accumulate) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    if (!accumulate)
-      for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, T(0));
-    return;
-  }
-  switch (kIsa) {
-#ifdef TUCKER_HAVE_X86_VARIANTS
-    case Isa::kAvx512: return nn_offsets_avx512<T>(M, N, K, a, lda, b, b_offsets, c, ldc, accumulate);
-    case Isa::kAvx2: return nn_offsets_avx2<T>(M, N, K, a, lda, b, b_offsets, c, ldc, accumulate);
-#endif
-    default: return nn_offsets_baseline<T>(M, N, K, a, lda, b, b_offsets, c, ldc, accumulate);
-  }
+  if (nothing_to_multiply(M, N, K, c, ldc, accumulate)) return;
+  TUCKER_CALL_ISA(nn_offsets, M, N, K, a, lda, b, b_offsets, c, ldc, accumulate)
 }
 
 template <typename T>
 void gemm_nt_offsets(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, const int64_t* b_offsets,
                      T* c, int64_t ldc, bool accumulate) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    if (!accumulate)
-      for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, T(0));
-    return;
-  }
-  switch (kIsa) {
-#ifdef TUCKER_HAVE_X86_VARIANTS
-    case Isa::kAvx512: return nt_offsets_avx512<T>(M, N, K, a, lda, b, b_offsets, c, ldc, accumulate);
-    case Isa::kAvx2: return nt_offsets_avx2<T>(M, N, K, a, lda, b, b_offsets, c, ldc, accumulate);
-#endif
-    default: return nt_offsets_baseline<T>(M, N, K, a, lda, b, b_offsets, c, ldc, accumulate);
-  }
+  if (nothing_to_multiply(M, N, K, c, ldc, accumulate)) return;
+  TUCKER_CALL_ISA(nt_offsets, M, N, K, a, lda, b, b_offsets, c, ldc, accumulate)
 }
 
 template void gemm_nn_offsets<float>(int64_t, int64_t, int64_t, const float*, int64_t, const float*, const int64_t*,
