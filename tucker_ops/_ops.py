@@ -461,6 +461,11 @@ def _runs_reference(backend: str | None) -> bool:
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple:
+    # Modules pass ready-made tuples on every call: skip the ABC isinstance
+    # checks below (about 1 us each time, several per conv call). Their lengths
+    # and elements are checked by the op itself, like every other value.
+    if type(value) is tuple:
+        return value
     if isinstance(value, (bool, str)):
         raise TypeError(f"{name} must be an int or a sequence of 2 ints, but got {value!r}")
     if isinstance(value, (int, torch.SymInt)):
