@@ -2,6 +2,7 @@
 
 #include <string>
 
+#include <ATen/Functions.h>
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
 #include <c10/util/safe_numerics.h>
@@ -344,6 +345,13 @@ LinearSizes check_tucker_linear_backward_args(
   expected.back() = s.out;
   check_grad_output(op, grad_output, input, expected);
   return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_result(
+    const at::TensorOptions& options, at::Tensor grad_input, at::Tensor grad_first, at::Tensor grad_core,
+    at::Tensor grad_last, at::Tensor grad_bias) {
+  auto or_empty = [&](at::Tensor& t) { return t.defined() ? std::move(t) : at::empty({0}, options); };
+  return {or_empty(grad_input), or_empty(grad_first), or_empty(grad_core), or_empty(grad_last), or_empty(grad_bias)};
 }
 
 }  // namespace tucker_ops

@@ -9,6 +9,7 @@
 
 #include <array>
 #include <optional>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
@@ -50,6 +51,24 @@ struct LinearSizes {
 inline bool present(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
 }
+
+// The gradients one backward call computes: output_mask less first/last where
+// that factor is absent (a None argument has no gradient). Every backend reads
+// the mask through this.
+struct GradRequest {
+  bool input, first, core, last, bias;
+};
+
+inline GradRequest grad_request(const std::array<bool, 5>& output_mask, bool has_first, bool has_last) {
+  return {output_mask[0], output_mask[1] && has_first, output_mask[2], output_mask[3] && has_last, output_mask[4]};
+}
+
+// The backward ops' result in (input, first, core, last, bias) order. An
+// undefined gradient (not requested) becomes a (0,) tensor of its own: the
+// outputs must not alias each other.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_result(
+    const at::TensorOptions& options, at::Tensor grad_input, at::Tensor grad_first, at::Tensor grad_core,
+    at::Tensor grad_last, at::Tensor grad_bias);
 
 Conv2dSizes check_tucker_conv2d_args(
     const at::Tensor& input,

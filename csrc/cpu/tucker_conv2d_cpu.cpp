@@ -435,22 +435,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const auto opts = input.options();
-  const bool need_input = output_mask[0];
-  const bool need_first = output_mask[1] && s.has_first;
-  const bool need_core = output_mask[2];
-  const bool need_last = output_mask[3] && s.has_last;
-  const bool need_bias = output_mask[4];
-  const bool need_back = need_input || need_first;
+  const GradRequest need = grad_request(output_mask, s.has_first, s.has_last);
+  const bool need_back = need.input || need.first;
   const int64_t K = s.R_in * s.kh * s.kw;
 
   // One accumulator slice per chunk of work (at most one chunk per thread);
   // the backward does about twice the forward's multiply-adds.
   const int64_t chunks = std::max<int64_t>(1, chunks_for_work(s.N * s.H_out, 2 * chain_macs(s)));
-  Tensor grad_input = need_input ? at::empty({s.N, s.C_in, s.H, s.W}, opts) : Tensor();
-  Tensor acc_first = need_first ? at::zeros({chunks, s.R_in, s.C_in}, opts) : Tensor();
-  Tensor acc_core = need_core ? at::zeros({chunks, s.R_out, K}, opts) : Tensor();
-  Tensor acc_last = need_last ? at::zeros({chunks, s.C_out, s.R_out}, opts) : Tensor();
-  Tensor acc_bias = need_bias ? at::zeros({chunks, s.C_out}, opts) : Tensor();
+  Tensor grad_input = need.input ? at::empty({s.N, s.C_in, s.H, s.W}, opts) : Tensor();
+  Tensor acc_first = need.first ? at::zeros({chunks, s.R_in, s.C_in}, opts) : Tensor();
+  Tensor acc_core = need.core ? at::zeros({chunks, s.R_out, K}, opts) : Tensor();
+  Tensor acc_last = need.last ? at::zeros({chunks, s.C_out, s.R_out}, opts) : Tensor();
+  Tensor acc_bias = need.bias ? at::zeros({chunks, s.C_out}, opts) : Tensor();
   // Projection gradient; without first it is the input gradient itself.
   Tensor gp;
   if (need_back) {
@@ -474,26 +470,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
           x.const_data_ptr<T>(), nhwc, s.has_first ? A.const_data_ptr<T>() : nullptr, G.const_data_ptr<T>(),
           s.has_last ? B.const_data_ptr<T>() : nullptr};
       const ConvGrads<T> g{
-          need_input, need_first, need_core, need_last, need_bias,
+          need.input, need.first, need.core, need.last, need.bias,
           need_back ? gp.mutable_data_ptr<T>() : nullptr,
-          need_first ? acc_first.mutable_data_ptr<T>() : nullptr,
-          need_core ? acc_core.mutable_data_ptr<T>() : nullptr,
-          need_last ? acc_last.mutable_data_ptr<T>() : nullptr,
-          need_bias ? acc_bias.mutable_data_ptr<T>() : nullptr};
-      conv_backward<T>(s, op, gy.const_data_ptr<T>(), g, need_input ? grad_input.mutable_data_ptr<T>() : nullptr,
+          need.first ? acc_first.mutable_data_ptr<T>() : nullptr,
+          need.core ? acc_core.mutable_data_ptr<T>() : nullptr,
+          need.last ? acc_last.mutable_data_ptr<T>() : nullptr,
+          need.bias ? acc_bias.mutable_data_ptr<T>() : nullptr};
+      conv_backward<T>(s, op, gy.const_data_ptr<T>(), g, need.input ? grad_input.mutable_data_ptr<T>() : nullptr,
                        chunks);
     });
   }
 
-  // Outputs must not alias each other, so each skipped one gets its own (0,).
-  auto none = [&] { return at::empty({0}, opts); };
-  return {
-      need_input ? grad_input : none(),
-      need_first ? sum_chunks(acc_first) : none(),
-      need_core ? sum_chunks(acc_core).view({s.R_out, s.R_in, s.kh, s.kw}) : none(),
-      need_last ? sum_chunks(acc_last) : none(),
-      need_bias ? sum_chunks(acc_bias) : none(),
-  };
+  return backward_result(
+      opts,
+      need.input ? grad_input : Tensor(),
+      need.first ? sum_chunks(acc_first) : Tensor(),
+      need.core ? sum_chunks(acc_core).view({s.R_out, s.R_in, s.kh, s.kw}) : Tensor(),
+      need.last ? sum_chunks(acc_last) : Tensor(),
+      need.bias ? sum_chunks(acc_bias) : Tensor());
 }
 
 }  // namespace

@@ -329,30 +329,24 @@ void linear_backward_rows(const LinearSizes& s, const T* x, const T* gy, const T
 // per-thread accumulators to zero and sum.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward_whole_batch(
     const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& first, const Tensor& core,
-    const std::optional<Tensor>& last, std::array<bool, 5> need, const LinearSizes& s) {
+    const std::optional<Tensor>& last, const GradRequest& need, const LinearSizes& s) {
   const auto opts = input.options();
   const Tensor x = input.reshape({s.M, s.in});
   const Tensor gy = grad_output.reshape({s.M, s.out});
-  const bool need_p = need[2] || need[3];
-  const bool need_back = need[0] || need[1];
+  const bool need_p = need.core || need.last;
+  const bool need_back = need.input || need.first;
   const Tensor p = need_p ? (s.has_first ? at::mm(x, first->t()) : x) : Tensor();  // (M x R_in)
   Tensor grad_last, grad_core, grad_first, grad_input;
-  if (need[3]) grad_last = at::mm(gy.t(), at::mm(p, core.t()));  // (out x R_out)
-  const Tensor gq = (need[2] || need_back) ? (s.has_last ? at::mm(gy, *last) : gy) : Tensor();  // (M x R_out)
-  if (need[2]) grad_core = at::mm(gq.t(), p);
+  if (need.last) grad_last = at::mm(gy.t(), at::mm(p, core.t()));  // (out x R_out)
+  const Tensor gq = (need.core || need_back) ? (s.has_last ? at::mm(gy, *last) : gy) : Tensor();  // (M x R_out)
+  if (need.core) grad_core = at::mm(gq.t(), p);
   if (need_back) {
     const Tensor gp = at::mm(gq, core);  // (M x R_in)
-    if (need[1]) grad_first = at::mm(gp.t(), x);
-    if (need[0]) grad_input = (s.has_first ? at::mm(gp, *first) : gp).reshape(input.sizes()).contiguous();
+    if (need.first) grad_first = at::mm(gp.t(), x);
+    if (need.input) grad_input = (s.has_first ? at::mm(gp, *first) : gp).reshape(input.sizes()).contiguous();
   }
-  auto none = [&] { return at::empty({0}, opts); };
-  return {
-      need[0] ? grad_input : none(),
-      need[1] ? grad_first.contiguous() : none(),
-      need[2] ? grad_core.contiguous() : none(),
-      need[3] ? grad_last.contiguous() : none(),
-      need[4] ? gy.sum(0) : none(),
-  };
+  // at::mm returns fresh contiguous tensors; unrequested ones stay undefined.
+  return backward_result(opts, grad_input, grad_first, grad_core, grad_last, need.bias ? gy.sum(0) : Tensor());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
@@ -366,27 +360,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const auto opts = input.options();
-  const bool need_input = output_mask[0];
-  const bool need_first = output_mask[1] && s.has_first;
-  const bool need_core = output_mask[2];
-  const bool need_last = output_mask[3] && s.has_last;
-  const bool need_bias = output_mask[4];
+  const GradRequest need = grad_request(output_mask, s.has_first, s.has_last);
 
   const int64_t weights = (s.has_first ? s.in * s.R_in : 0) + s.R_in * s.R_out + (s.has_last ? s.R_out * s.out : 0);
   if (s.M > 0 && weights_dominate(weights, s.M, s.in, s.out)) {
-    return linear_backward_whole_batch(grad_output, input, first, core, last,
-                                       {need_input, need_first, need_core, need_last, need_bias}, s);
+    return linear_backward_whole_batch(grad_output, input, first, core, last, need, s);
   }
 
   const int64_t backward_macs = 2 * s.M * ((s.has_first ? s.in * s.R_in : 0) + s.R_in * s.R_out +
                                            (s.has_last ? s.R_out * s.out : 0));
   const int64_t chunks = std::max<int64_t>(1, chunks_for_work((s.M + kMinRowsPerChunk - 1) / kMinRowsPerChunk,
                                                               backward_macs));
-  Tensor grad_input = need_input ? at::empty(input.sizes(), opts) : Tensor();
-  Tensor acc_first = need_first ? at::zeros({chunks, s.R_in, s.in}, opts) : Tensor();
-  Tensor acc_core = need_core ? at::zeros({chunks, s.R_out, s.R_in}, opts) : Tensor();
-  Tensor acc_last = need_last ? at::zeros({chunks, s.out, s.R_out}, opts) : Tensor();
-  Tensor acc_bias = need_bias ? at::zeros({chunks, s.out}, opts) : Tensor();
+  Tensor grad_input = need.input ? at::empty(input.sizes(), opts) : Tensor();
+  Tensor acc_first = need.first ? at::zeros({chunks, s.R_in, s.in}, opts) : Tensor();
+  Tensor acc_core = need.core ? at::zeros({chunks, s.R_out, s.R_in}, opts) : Tensor();
+  Tensor acc_last = need.last ? at::zeros({chunks, s.out, s.R_out}, opts) : Tensor();
+  Tensor acc_bias = need.bias ? at::zeros({chunks, s.out}, opts) : Tensor();
 
   if (s.M > 0) {
     const Tensor x = input.contiguous();
@@ -396,12 +385,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
     const Tensor B = s.has_last ? last->contiguous() : Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_linear_backward_cpu", [&] {
       using T = scalar_t;
-      const LinearGrads<T> g{need_input, need_first, need_core, need_last, need_bias,
-                             need_input ? grad_input.mutable_data_ptr<T>() : nullptr,
-                             need_first ? acc_first.mutable_data_ptr<T>() : nullptr,
-                             need_core ? acc_core.mutable_data_ptr<T>() : nullptr,
-                             need_last ? acc_last.mutable_data_ptr<T>() : nullptr,
-                             need_bias ? acc_bias.mutable_data_ptr<T>() : nullptr};
+      const LinearGrads<T> g{need.input, need.first, need.core, need.last, need.bias,
+                             need.input ? grad_input.mutable_data_ptr<T>() : nullptr,
+                             need.first ? acc_first.mutable_data_ptr<T>() : nullptr,
+                             need.core ? acc_core.mutable_data_ptr<T>() : nullptr,
+                             need.last ? acc_last.mutable_data_ptr<T>() : nullptr,
+                             need.bias ? acc_bias.mutable_data_ptr<T>() : nullptr};
       const T* xp = x.const_data_ptr<T>();
       const T* gyp = gy.const_data_ptr<T>();
       const T* Ap = s.has_first ? A.const_data_ptr<T>() : nullptr;
@@ -415,15 +404,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
     });
   }
 
-  // Outputs must not alias each other, so each skipped one gets its own (0,).
-  auto none = [&] { return at::empty({0}, opts); };
-  return {
-      need_input ? grad_input : none(),
-      need_first ? sum_chunks(acc_first) : none(),
-      need_core ? sum_chunks(acc_core) : none(),
-      need_last ? sum_chunks(acc_last) : none(),
-      need_bias ? sum_chunks(acc_bias) : none(),
-  };
+  return backward_result(
+      opts,
+      need.input ? grad_input : Tensor(),
+      need.first ? sum_chunks(acc_first) : Tensor(),
+      need.core ? sum_chunks(acc_core) : Tensor(),
+      need.last ? sum_chunks(acc_last) : Tensor(),
+      need.bias ? sum_chunks(acc_bias) : Tensor());
 }
 
 }  // namespace

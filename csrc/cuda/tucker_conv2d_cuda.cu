@@ -174,25 +174,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cuda(
       grad_output, input, first, core, last, stride, padding, dilation, kCudaDtypes);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto opts = input.options();
-  const bool need_input = output_mask[0];
-  const bool need_first = output_mask[1] && s.has_first;
-  const bool need_core = output_mask[2];
-  const bool need_last = output_mask[3] && s.has_last;
-  const bool need_bias = output_mask[4];
-  const bool need_back = need_input || need_first;  // needs the projection gradient gP
+  const GradRequest need = grad_request(output_mask, s.has_first, s.has_last);
+  const bool need_back = need.input || need.first;  // needs the projection gradient gP
   const int64_t HW = s.H * s.W, HWo = s.H_out * s.W_out, taps = s.kh * s.kw, K = s.R_in * taps;
 
   const ConvTensors t = prepare(input, first, core, last, s);
   const Tensor gy = grad_output.contiguous();
-  Tensor grad_input = need_input ? at::empty({s.N, s.C_in, s.H, s.W}, opts) : Tensor();
-  Tensor grad_first = need_first ? at::empty({s.R_in, s.C_in}, opts) : Tensor();
-  Tensor grad_core = need_core ? at::empty({s.R_out, s.R_in, s.kh, s.kw}, opts) : Tensor();
-  Tensor grad_last = need_last ? at::empty({s.C_out, s.R_out}, opts) : Tensor();
-  Tensor grad_bias = need_bias ? at::empty({s.C_out}, opts) : Tensor();
+  Tensor grad_input = need.input ? at::empty({s.N, s.C_in, s.H, s.W}, opts) : Tensor();
+  Tensor grad_first = need.first ? at::empty({s.R_in, s.C_in}, opts) : Tensor();
+  Tensor grad_core = need.core ? at::empty({s.R_out, s.R_in, s.kh, s.kw}, opts) : Tensor();
+  Tensor grad_last = need.last ? at::empty({s.C_out, s.R_out}, opts) : Tensor();
+  Tensor grad_bias = need.bias ? at::empty({s.C_out}, opts) : Tensor();
 
   // Recomputed forward intermediates: P for the core gradient, Q for last's.
-  const Tensor P = s.has_first && need_core ? project(s, t) : Tensor();
-  if (need_last) {
+  const Tensor P = s.has_first && need.core ? project(s, t) : Tensor();
+  if (need.last) {
     const Tensor Pq = s.has_first && !P.defined() ? project(s, t) : P;
     Tensor Q = at::empty({s.N, s.R_out, s.H_out, s.W_out}, acc_options(t.x));
     core_conv(s, t, Pq, Q.mutable_data_ptr(), true, nullptr);
@@ -201,12 +197,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cuda(
          batch_pixels_as_rows(Q.const_data_ptr(), true, HWo, s.R_out * HWo, 1, HWo),
          output(grad_last.mutable_data_ptr(), false, s.R_out, 1));
   }
-  if (need_bias) {
+  if (need.bias) {
     channel_sums(t.x, gy.const_data_ptr(), grad_bias.mutable_data_ptr(), s.C_out, HWo, s.N * HWo, HWo,
                  s.C_out * HWo, 1);
   }
 
-  if (need_core || need_back) {
+  if (need.core || need_back) {
     // gQ (N, R_out, H_out, W_out) = last^T gY, or gY itself without last.
     Tensor gq_buf;
     const void* gq = gy.const_data_ptr();
@@ -219,7 +215,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cuda(
       gq = gq_buf.const_data_ptr();
       gq_acc = true;
     }
-    if (need_core) {
+    if (need.core) {
       // grad_core (R_out x R_in*kh*kw) = sum over (n, p) of gQ[n, :, p] cols[n, :, p]^T
       gemm(t.x, 1, s.R_out, K, s.N * HWo, batch_pixels_as_cols(gq, gq_acc, s.R_out, HWo),
            core_input_cols(OperandKind::kIm2colT, s, t, P), output(grad_core.mutable_data_ptr(), false, K, 1));
@@ -238,13 +234,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cuda(
       g.sW = 1;
       gemm(t.x, s.N, s.R_in, HW, s.R_out * taps, core_t, conv_view(OperandKind::kCol2im, gq, gq_acc, g),
            output(gp, s.has_first, HW, 1, s.R_in * HW));
-      if (s.has_first && need_input) {
+      if (s.has_first && need.input) {
         // grad_input (N, C_in, H, W) = first^T gP
         gemm(t.x, s.N, s.C_in, HW, s.R_in, matrix(t.first.const_data_ptr(), false, 1, s.C_in),
              matrix(gp_buf.const_data_ptr(), true, HW, 1, s.R_in * HW),
              output(grad_input.mutable_data_ptr(), false, HW, 1, s.C_in * HW));
       }
-      if (need_first) {
+      if (need.first) {
         // grad_first (R_in x C_in) = sum over (n, p) of gP[n, :, p] X[n, :, p]^T
         gemm(t.x, 1, s.R_in, s.C_in, s.N * HW, batch_pixels_as_cols(gp_buf.const_data_ptr(), true, s.R_in, HW),
              batch_pixels_as_rows(t.x.const_data_ptr(), false, HW, s.C_in * HW, pixel_stride(s.C_in, t.nhwc),
@@ -254,15 +250,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cuda(
     }
   }
 
-  // Outputs must not alias each other, so each skipped one gets its own (0,).
-  auto none = [&] { return at::empty({0}, opts); };
-  return {
-      need_input ? grad_input : none(),
-      need_first ? grad_first : none(),
-      need_core ? grad_core : none(),
-      need_last ? grad_last : none(),
-      need_bias ? grad_bias : none(),
-  };
+  return backward_result(
+      opts,
+      need.input ? grad_input : Tensor(),
+      need.first ? grad_first : Tensor(),
+      need.core ? grad_core : Tensor(),
+      need.last ? grad_last : Tensor(),
+      need.bias ? grad_bias : Tensor());
 }
 
 }  // namespace

@@ -90,27 +90,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cuda(
   const LinearSizes s = check_tucker_linear_backward_args(grad_output, input, first, core, last, kCudaDtypes);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto opts = input.options();
-  const bool need_input = output_mask[0];
-  const bool need_first = output_mask[1] && s.has_first;
-  const bool need_core = output_mask[2];
-  const bool need_last = output_mask[3] && s.has_last;
-  const bool need_bias = output_mask[4];
-  const bool need_back = need_input || need_first;  // needs gt1
+  const GradRequest need = grad_request(output_mask, s.has_first, s.has_last);
+  const bool need_back = need.input || need.first;  // needs gt1
 
   const Tensor x = input.contiguous();
   const Tensor gy = grad_output.contiguous();
   const Tensor A = s.has_first ? first->contiguous() : Tensor();
   const Tensor G = core.contiguous();
   const Tensor B = s.has_last ? last->contiguous() : Tensor();
-  Tensor grad_input = need_input ? at::empty(input.sizes(), opts) : Tensor();
-  Tensor grad_first = need_first ? at::empty({s.R_in, s.in}, opts) : Tensor();
-  Tensor grad_core = need_core ? at::empty({s.R_out, s.R_in}, opts) : Tensor();
-  Tensor grad_last = need_last ? at::empty({s.out, s.R_out}, opts) : Tensor();
-  Tensor grad_bias = need_bias ? at::empty({s.out}, opts) : Tensor();
+  Tensor grad_input = need.input ? at::empty(input.sizes(), opts) : Tensor();
+  Tensor grad_first = need.first ? at::empty({s.R_in, s.in}, opts) : Tensor();
+  Tensor grad_core = need.core ? at::empty({s.R_out, s.R_in}, opts) : Tensor();
+  Tensor grad_last = need.last ? at::empty({s.out, s.R_out}, opts) : Tensor();
+  Tensor grad_bias = need.bias ? at::empty({s.out}, opts) : Tensor();
 
-  const Tensor t1 = s.has_first && (need_core || need_last) ? first_stage(s, x, A) : Tensor();
+  const Tensor t1 = s.has_first && (need.core || need.last) ? first_stage(s, x, A) : Tensor();
   const auto [core_in, core_in_acc] = core_input(s, x, t1);
-  if (need_last) {
+  if (need.last) {
     Tensor t2 = at::empty({s.M, s.R_out}, acc_options(x));
     times_weight_t(x, s.M, s.R_out, s.R_in, core_in, core_in_acc, G.const_data_ptr(),
                    output(t2.mutable_data_ptr(), true, s.R_out, 1));
@@ -118,10 +114,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cuda(
     gemm(x, 1, s.out, s.R_out, s.M, matrix(gy.const_data_ptr(), false, 1, s.out),
          matrix(t2.const_data_ptr(), true, s.R_out, 1), output(grad_last.mutable_data_ptr(), false, s.R_out, 1));
   }
-  if (need_bias) {
+  if (need.bias) {
     channel_sums(x, gy.const_data_ptr(), grad_bias.mutable_data_ptr(), s.out, 1, s.M, s.M, 0, s.out);
   }
-  if (need_core || need_back) {
+  if (need.core || need_back) {
     // gt2 (M x R_out) = gY last, or gY itself without last.
     Tensor gt2_buf;
     const void* gt2 = gy.const_data_ptr();
@@ -133,7 +129,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cuda(
       gt2 = gt2_buf.const_data_ptr();
       gt2_acc = true;
     }
-    if (need_core) {
+    if (need.core) {
       // grad_core (R_out x R_in) = gt2^T t1 (t1 = X without first)
       gemm(x, 1, s.R_out, s.R_in, s.M, matrix(gt2, gt2_acc, 1, s.R_out), matrix(core_in, core_in_acc, s.R_in, 1),
            output(grad_core.mutable_data_ptr(), false, s.R_in, 1));
@@ -144,12 +140,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cuda(
       void* gt1 = s.has_first ? gt1_buf.mutable_data_ptr() : grad_input.mutable_data_ptr();
       gemm(x, 1, s.M, s.R_in, s.R_out, matrix(gt2, gt2_acc, s.R_out, 1), matrix(G.const_data_ptr(), false, s.R_in, 1),
            output(gt1, s.has_first, s.R_in, 1));
-      if (s.has_first && need_input) {
+      if (s.has_first && need.input) {
         // grad_input (M x in) = gt1 first
         gemm(x, 1, s.M, s.in, s.R_in, matrix(gt1_buf.const_data_ptr(), true, s.R_in, 1),
              matrix(A.const_data_ptr(), false, s.in, 1), output(grad_input.mutable_data_ptr(), false, s.in, 1));
       }
-      if (need_first) {
+      if (need.first) {
         // grad_first (R_in x in) = gt1^T X
         gemm(x, 1, s.R_in, s.in, s.M, matrix(gt1_buf.const_data_ptr(), true, 1, s.R_in),
              matrix(x.const_data_ptr(), false, s.in, 1), output(grad_first.mutable_data_ptr(), false, s.in, 1));
@@ -157,15 +153,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cuda(
     }
   }
 
-  // Outputs must not alias each other, so each skipped one gets its own (0,).
-  auto none = [&] { return at::empty({0}, opts); };
-  return {
-      need_input ? grad_input : none(),
-      need_first ? grad_first : none(),
-      need_core ? grad_core : none(),
-      need_last ? grad_last : none(),
-      need_bias ? grad_bias : none(),
-  };
+  return backward_result(
+      opts,
+      need.input ? grad_input : Tensor(),
+      need.first ? grad_first : Tensor(),
+      need.core ? grad_core : Tensor(),
+      need.last ? grad_last : Tensor(),
+      need.bias ? grad_bias : Tensor());
 }
 
 }  // namespace
