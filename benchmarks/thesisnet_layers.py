@@ -3,7 +3,8 @@
     python benchmarks/thesisnet_layers.py [--batch 10000] [--threads 2]
 
 Each layer (and each ReLU / pool between them) is timed on the activation the
-previous one produced, best of 3 after one warm-up call, in inference mode.
+previous one produced (best of 5 loops of about 20 ms, after one warm-up call),
+in inference mode.
 It shows where a whole-network time goes; it is not part of ``make bench``.
 """
 
@@ -21,13 +22,17 @@ import tucker_ops
 STEPS = ("conv1", "relu", "pool", "conv2", "relu", "pool", "flatten", "l1", "relu", "l2", "relu", "l_out")
 
 
-def _best_ms(fn, repeats: int = 3) -> float:
+def _best_ms(fn, repeats: int = 5) -> float:
+    """Best over `repeats` of the mean time of a loop of calls lasting about 20 ms."""
+    start = time.perf_counter()
     fn()
+    calls = max(1, int(0.02 / max(time.perf_counter() - start, 1e-7)))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
     return best * 1e3
 
 
@@ -46,7 +51,7 @@ def main() -> None:
     x = torch.randn(args.batch, 1, 28, 28)
     with torch.inference_mode():
         for name, model in (("dense", dense), ("compressed-fused", fused)):
-            print(f"{name}: whole forward {_best_ms(lambda: model(x)):.2f} ms (batch {args.batch}, {args.threads} threads)")
+            print(f"{name}: whole forward {_best_ms(lambda: model(x)):.4f} ms (batch {args.batch}, {args.threads} threads)")
             h = x
             for step in STEPS:
                 if step == "relu":
@@ -57,7 +62,7 @@ def main() -> None:
                     fn = lambda h=h: h.flatten(1)  # noqa: E731
                 else:
                     fn = lambda h=h, layer=getattr(model, step): layer(h)  # noqa: E731
-                print(f"  {step:8s} {_best_ms(fn):9.2f} ms  input {tuple(h.shape)}")
+                print(f"  {step:8s} {_best_ms(fn):9.4f} ms  input {tuple(h.shape)}")
                 h = fn()
 
 
