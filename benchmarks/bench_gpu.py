@@ -244,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
                     del outs
                     times = {name: time_ms(lambda fn=fn: fn(x), reps, args.warmup)
                              for name, fn in impls.items()}
+                    # The op with each forward path forced: its unfused chain
+                    # ("0") and its fused kernel ("1"), for what fusion buys where.
+                    for column, mode in (("chain", "0"), ("kernel", "1")):
+                        os.environ["TUCKER_OPS_CUDA_FUSED"] = mode
+                        try:
+                            times[column] = time_ms(lambda: impls["fused"](x), reps, args.warmup)
+                        finally:
+                            del os.environ["TUCKER_OPS_CUDA_FUSED"]
                     chain, dense = chain_macs(c, batch)
                     t = times["fused"] * 1e-3
                     row = {
@@ -257,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                     }
                     rows.append(row)
                     print(f"{c.name:14s} {row['dtype']:8s} b={batch:<4d} fused {times['fused']:.4f} ms  "
-                          f"seq {times['sequential']:.4f} ms  dense {times['dense']:.4f} ms  err {err:.1e}", flush=True)
+                          f"seq {times['sequential']:.4f} ms  dense {times['dense']:.4f} ms  "
+                          f"chain {times['chain']:.4f} ms  kernel {times['kernel']:.4f} ms  err {err:.1e}", flush=True)
                     del x
 
     report = render(rows, card, bandwidth, peaks, " ".join([os.path.basename(sys.executable), *sys.argv]))
@@ -285,15 +294,17 @@ def render(rows: list[dict], card: str, bandwidth: float, peaks: dict, command: 
         + ", ".join(f"{str(d).removeprefix('torch.')} {p / 1e12:.1f} TFLOP/s" for d, p in peaks.items()),
         "- times: forward, inference mode, median ms per call over CUDA-event-timed loops after warm-up",
         "- vs seq / vs dense: speed-up of the fused op over the cuDNN Sequential chain / the dense cuDNN layer",
+        "- fused ms: the op as shipped (it picks its fused kernel or its unfused cuDNN/cuBLAS chain per shape); "
+        "chain ms / kernel ms: the op with TUCKER_OPS_CUDA_FUSED=0 / =1 forcing one path",
         "- bw / flop: bytes / bandwidth / time and FLOPs / peak / time of the fused op (fraction of the roofline)",
         "",
-        "| case | dtype | batch | fused ms | seq ms | dense ms | vs seq | vs dense | FLOPs chain/dense | bw | flop | err |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | dtype | batch | fused ms | seq ms | dense ms | chain ms | kernel ms | vs seq | vs dense | FLOPs chain/dense | bw | flop | err |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['dtype']} | {r['batch']} | {r['fused_ms']:.4f} | {r['sequential_ms']:.4f} | "
-            f"{r['dense_ms']:.4f} | {r['vs_seq']:.2f}x | {r['vs_dense']:.2f}x | {r['flop_ratio']:.3f} | "
+            f"{r['dense_ms']:.4f} | {r['chain_ms']:.4f} | {r['kernel_ms']:.4f} | {r['vs_seq']:.2f}x | {r['vs_dense']:.2f}x | {r['flop_ratio']:.3f} | "
             f"{r['bw_frac']:.2f} | {r['flop_frac']:.3f} | {r['err']:.1e} |"
         )
     lines += ["", "## Targets", ""]

@@ -43,14 +43,31 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   TORCH_CUDA_ARCH_LIST="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
   export TORCH_CUDA_ARCH_LIST
 fi
-echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=$CUDA_HOME"
+# Compile with the system toolchain, whose libstdc++ is the one torch loads.
+# Seen on the lent H200 image: its default /opt/gcc/bin/g++ left a second copy
+# of libstdc++'s stream code in _C.so, and every error message that formats an
+# integer crashed the process (two libstdc++ copies disagreeing on the locale).
+if [ -z "${CXX:-}" ] || [ "${GPU_CHECK_SYSTEM_CXX:-1}" = 1 ]; then
+  if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
+    export CC=/usr/bin/gcc CXX=/usr/bin/g++
+  fi
+fi
+echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=$CUDA_HOME CXX=${CXX:-(default)}"
 
 stage "build (pip install --no-build-isolation --no-deps -e .)"
-if ! TUCKER_OPS_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >"$LOGS/gpu_check_build.log" 2>&1; then
+# ptxas -v: registers, shared memory and spills of every kernel, in the build log.
+export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-Xptxas=-v"
+if ! TUCKER_OPS_CUDA=1 timeout 240 "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e . >"$LOGS/gpu_check_build.log" 2>&1; then
   tail -n 30 "$LOGS/gpu_check_build.log"
+  # An older setuptools may reject pyproject.toml's metadata (PEP 639 license);
+  # build_ext needs none of it, so build in place with pyproject.toml set aside.
   echo "pip install failed; falling back to an in-place build (setup.py build_ext --inplace)"
-  if ! TUCKER_OPS_CUDA=1 "$PY" setup.py build_ext --inplace >>"$LOGS/gpu_check_build.log" 2>&1; then
-    tail -n 60 "$LOGS/gpu_check_build.log"
+  mv pyproject.toml pyproject.toml.aside
+  TUCKER_OPS_CUDA=1 timeout 200 "$PY" setup.py build_ext --inplace >>"$LOGS/gpu_check_build.log" 2>&1
+  built=$?
+  mv pyproject.toml.aside pyproject.toml
+  if [ $built -ne 0 ]; then
+    grep -n -B2 -A12 "error" "$LOGS/gpu_check_build.log" | head -n 120
     echo "BUILD FAILED (log: $LOGS/gpu_check_build.log)"
     exit 1
   fi
@@ -58,20 +75,57 @@ fi
 tail -n 3 "$LOGS/gpu_check_build.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build is importable too
 "$PY" -c 'import tucker_ops._build_info as b, torch, tucker_ops._ops; print("WITH_CUDA =", b.WITH_CUDA, "| CUDA kernel registered:", torch._C._dispatch_has_kernel_for_dispatch_key("tucker_ops::tucker_conv2d", "CUDA"))' || status=1
+# The error path in a child process: a toolchain problem like the one above
+# shows as a crash here, with a clear line, rather than as a dead test worker.
+if "$PY" - <<'EOF'
+import torch, tucker_ops._ops
+for dev in ("cpu", "cuda"):
+    try:
+        torch.ops.tucker_ops.tucker_linear(torch.randn(3, 4, device=dev), torch.randn(2, 5, device=dev),
+                                           torch.randn(2, 2, device=dev), None, None)
+    except ValueError as e:
+        print(f"error path on {dev}: ok ({str(e).splitlines()[0][:60]}...)")
+EOF
+then :; else echo "ERROR PATH CRASHED (rc $?): error messages with integers kill the process with this build"; status=1; fi
 
 stage "CUDA tests"
-if TUCKER_OPS_TEST_DEVICES=cuda timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_build.py tests/test_cuda.py \
-    2>&1 | tee "$LOGS/gpu_check_tests.log" | tail -n 40; then
+# Spread over worker processes when pytest-xdist is there (one GPU, many CPU
+# cores: the tests are small), and bound each test when pytest-timeout is.
+PARALLEL=()
+"$PY" -c 'import xdist' 2>/dev/null && PARALLEL+=(-n 8)
+"$PY" -c 'import pytest_timeout' 2>/dev/null && PARALLEL+=(--timeout 150)
+if TUCKER_OPS_TEST_DEVICES=cuda timeout 200 "$PY" -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
+    tests/test_cuda_build.py tests/test_cuda.py >"$LOGS/gpu_check_tests.log" 2>&1; then
+  tail -n 5 "$LOGS/gpu_check_tests.log"
   echo "CUDA tests passed"
 else
+  grep -E "^(FAILED|ERROR)|Error|error:|assert" "$LOGS/gpu_check_tests.log" | head -n 60
+  tail -n 25 "$LOGS/gpu_check_tests.log"
   echo "CUDA TESTS FAILED (log: $LOGS/gpu_check_tests.log)"
   status=1
 fi
 
 stage "GPU benchmark"
-if ! timeout 200 "$PY" benchmarks/bench_gpu.py --out "$RESULTS" 2>&1 | tee "$LOGS/gpu_check_bench.log"; then
+if ! timeout 150 "$PY" benchmarks/bench_gpu.py --out "$RESULTS" 2>&1 | tee "$LOGS/gpu_check_bench.log"; then
   echo "BENCHMARK FAILED OR TIMED OUT (log: $LOGS/gpu_check_bench.log)"
   status=1
+fi
+
+# Out-of-bounds reads and writes on a few small random configurations, both
+# paths (compute-sanitizer is slow: bounded, and reported, not fatal on timeout).
+if command -v compute-sanitizer >/dev/null && [ "${GPU_CHECK_SANITIZER:-1}" = 1 ]; then
+  stage "compute-sanitizer memcheck (bounded to 60 s)"
+  TUCKER_OPS_TEST_DEVICES=cuda timeout 60 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py \
+    -k "random_configurations and (cuda-0] or cuda-1] or cuda-2] or cuda-3] or cuda-5] or cuda-8]) or row_blocks_and_output_splits and tucker2 and cuda-9-" \
+    >"$LOGS/gpu_check_sanitizer.log" 2>&1
+  rc=$?
+  grep -E "Invalid|ERROR SUMMARY|passed|failed" "$LOGS/gpu_check_sanitizer.log" | tail -n 15
+  case $rc in
+    0) echo "memcheck: clean" ;;
+    124) echo "memcheck: timed out (partial log: $LOGS/gpu_check_sanitizer.log)" ;;
+    *) echo "MEMCHECK FOUND ERRORS OR FAILED (rc $rc, log: $LOGS/gpu_check_sanitizer.log)"; status=1 ;;
+  esac
 fi
 echo "gpu_check: exit status $status"
 exit $status

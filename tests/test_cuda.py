@@ -6,9 +6,10 @@ so the test logic itself is exercised on every machine. The oracle is
 reference.py in float64 on the same device; errors are norm-wise relative:
 at most 1e-4 in float32 and 1e-2 in float16/bfloat16.
 
-On CUDA, even seeds of the sweeps run the fused forward kernel and odd seeds set
-TUCKER_OPS_CUDA_FUSED=0, which forces the GEMM path, so both are checked on the
-same kind of shapes. TUCKER_OPS_TEST_DEVICES=cuda (comma-separated) restricts the
+On CUDA, even seeds of the sweeps set TUCKER_OPS_CUDA_FUSED=1 (the fused forward
+kernel on every shape it takes) and odd seeds TUCKER_OPS_CUDA_FUSED=0 (the
+unfused chain), so both are checked on the same kind of shapes; the other tests
+leave the op to choose. TUCKER_OPS_TEST_DEVICES=cuda (comma-separated) restricts the
 device parameter, as benchmarks/gpu_check.sh does to spend GPU time on the GPU.
 """
 
@@ -45,8 +46,19 @@ def _require(device: str, dtype: torch.dtype) -> None:
 
 
 def _select_path(device: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    if device == "cuda" and seed % 2 == 1:
-        monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "0")
+    if device == "cuda":
+        monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1" if seed % 2 == 0 else "0")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    # The unfused CUDA chain runs cuDNN/cuBLAS under torch's global precision
+    # settings, as nn.Conv2d does; cuDNN's TF32 default would miss float32's 1e-4
+    # (cuBLAS's default is full float32 already).
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -233,7 +245,8 @@ def _random_linear(seed: int, device: str):
 
 @pytest.mark.parametrize("seed", range(24))
 @pytest.mark.parametrize("device", DEVICES)
-def test_linear_random_configurations(device: str, seed: int) -> None:
+def test_linear_random_configurations(device: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    _select_path(device, seed, monkeypatch)
     tensors, dtype = _random_linear(seed, device)
     _check_against_reference(
         lambda *t: _ops.tucker_linear(*t, backend="fused"), reference.tucker_linear, tensors, dtype, seed + 2000
@@ -245,7 +258,7 @@ def test_linear_random_configurations(device: str, seed: int) -> None:
 def test_linear_thesis_and_large_layers(device: str, dtype: torch.dtype) -> None:
     _require(device, dtype)
     gen = torch.Generator().manual_seed(9)
-    for rows, n_in, r_in, r_out, n_out in ((64, 800, 40, 200, 500), (3, 1024, 256, 256, 1024)):
+    for rows, n_in, r_in, r_out, n_out in ((64, 800, 40, 200, 500), (3, 1024, 256, 256, 1024), (1, 800, 40, 200, 120)):
         t = (
             _randn((rows, n_in), dtype, device, gen),
             _randn((r_in, n_in), dtype, device, gen),
@@ -254,6 +267,30 @@ def test_linear_thesis_and_large_layers(device: str, dtype: torch.dtype) -> None
             _randn((n_out,), dtype, device, gen),
         )
         _check_against_reference(_ops.tucker_linear, reference.tucker_linear, t, dtype, rows)
+
+
+@pytest.mark.parametrize("path", ["fused", "chain"])
+@pytest.mark.parametrize("sides", ["tucker2", "no_first", "no_last", "core_only"])
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 511, 512, 513])
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_row_blocks_and_output_splits(
+    device: str, rows: int, sides: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rows around the fused kernel's 8-row blocks and its 512-row limit; a wide
+    # last factor after small early stages, so few row blocks split the outputs.
+    if device == "cuda":
+        monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1" if path == "fused" else "0")
+    gen = torch.Generator().manual_seed(rows)
+    n_in, r_in, r_out, n_out = 24, 6, 5, 300
+    has_first, has_last = sides in ("tucker2", "no_last"), sides in ("tucker2", "no_first")
+    t = (
+        _randn((rows, n_in), torch.float32, device, gen),
+        _randn((r_in, n_in), torch.float32, device, gen) if has_first else None,
+        _randn((r_out, r_in if has_first else n_in), torch.float32, device, gen),
+        _randn((n_out, r_out), torch.float32, device, gen) if has_last else None,
+        _randn((n_out if has_last else r_out,), torch.float32, device, gen),
+    )
+    _check_against_reference(_ops.tucker_linear, reference.tucker_linear, t, torch.float32, rows + 1)
 
 
 # -- gradcheck and opcheck (float64) --------------------------------------------------
@@ -360,8 +397,7 @@ def test_conv2d_beyond_32_bit_indexing(fused: bool, monkeypatch: pytest.MonkeyPa
     # 8 * 16384 * 16400 > 2^31 elements: the last rows are only reachable with 64-bit offsets.
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
         pytest.skip("needs a GPU with at least 40 GiB of memory")
-    if not fused:
-        monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "0")
+    monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1" if fused else "0")  # "0": beyond cuDNN's 32 bits, the GEMMs
     x = torch.empty(1, 8, 16384, 16400, device="cuda", dtype=torch.bfloat16).normal_()
     assert x.numel() > 2**31
     first = torch.randn(2, 8, device="cuda", dtype=torch.bfloat16)

@@ -54,6 +54,12 @@ __device__ __forceinline__ void store_from_acc(void* ptr, bool is_acc, int64_t o
   }
 }
 
+// TUCKER_OPS_CUDA_FUSED picks the forward path, so tests can check every path
+// on the same shapes: "0" never runs the fused kernels (the unfused chain
+// runs), "1" runs them on every shape they take, unset lets the op choose.
+enum class FusedMode { kAuto, kNever, kAlways };
+FusedMode fused_mode_from_env();
+
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }

@@ -1,18 +1,25 @@
 // Fused tucker_conv2d forward (conv_fused.cuh).
 //
-// One block of 256 threads per (image, 8x8 output tile, slice of C_out):
-//   1. the tile's input patch (tile plus the dilated-kernel halo) is projected
-//      to R_in channels in shared memory, C_in staged in chunks of 16 together
-//      with the matching slice of `first`; R_in itself is processed in chunks
-//      when patch x R_in does not fit;
-//   2. the kh x kw core runs from the projection into R_out accumulators held
-//      in registers: thread (pixel p, group g) owns channels g, g+4, g+8, ...;
-//   3. the accumulators go to shared memory and `last` expands them to the
-//      block's C_out slice (each warp reads one row of `last`: a broadcast),
-//      plus bias, written once to the output.
+// One block of 256 threads per (image, 8x8 output tile, slice of C_out). Each
+// stage is a small matrix product out of shared memory, every thread owning a
+// register tile so that one shared-memory load feeds several FMAs:
+//   1. projection: the tile's input patch (tile plus the dilated-kernel halo)
+//      times `first`, C_in staged 16 channels at a time with the matching
+//      slice of `first`; a thread owns up to two 4 (rank) x 4 (patch position)
+//      tiles. R_in is processed in chunks when patch x R_in does not fit.
+//   2. core: R_out x 64 pixels accumulated in registers across all R_in
+//      chunks; thread (pixel group, channel group) owns 4 pixels of one tile
+//      row x RO_PER channels. The core's slice for a few ranks at a time is
+//      staged in shared memory (in the space the projection's staging used).
+//   3. expansion: the core's output goes to shared memory; thread owns 4
+//      output channels x 4 pixels of the block's C_out slice, reads `last`
+//      through the read-only cache, adds the bias and writes the output once.
 // When a batch has few tiles, C_out is split over several blocks (each
 // recomputes steps 1-2) so that small batches still fill the GPU.
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -25,45 +32,51 @@ namespace tucker_ops::cuda {
 namespace {
 
 constexpr int kTileH = 8, kTileW = 8, kTilePixels = kTileH * kTileW, kThreads = 256;
-constexpr int kGroups = kThreads / kTilePixels;  // threads per output pixel
-constexpr int kMaxQReg = 32;                     // R_out <= kGroups * kMaxQReg
-constexpr int kChannelChunk = 16;                // C_in staged per step of the projection
-
-// Device-side min (std::min is host-only without --expt-relaxed-constexpr,
-// which the CMake route does not pass).
-__device__ __forceinline__ int64_t dmin(int64_t a, int64_t b) {
-  return a < b ? a : b;
-}
+constexpr int kPixelGroups = kTilePixels / 4;             // 16 groups of 4 pixels (half a tile row each)
+constexpr int kChannelGroups = kThreads / kPixelGroups;   // 16
+constexpr int kMaxRoPer = 8;                              // R_out <= kChannelGroups * kMaxRoPer
+constexpr int kChannelChunk = 16;                         // C_in staged per step of the projection
+constexpr int kProjTilesPerThread = 2;                    // 4x4 projection tiles a thread owns
+constexpr int kCoPerPass = 4 * kChannelGroups;            // output channels of one expansion pass
 
 struct FusedPlan {
   int patch_h, patch_w;
-  int r_chunk;   // projected channels held at once
-  int c_chunk;   // input channels staged per step (0 without first)
+  int patch_stride;  // patch rounded up to 4: row stride of the projection and the staged input
+  int r_chunk;       // projected channels held at once
+  int r_rows;        // r_chunk rounded up to 4: rows allocated for them
+  int r_sub;         // ranks whose core slice is staged at once
+  int c_chunk;       // input channels staged per step (0 without first)
   int64_t tiles_w, tiles_per_image;
   int64_t co_splits, co_per_split;
   size_t smem_bytes;
 };
 
-template <typename T, int QREG>
-__global__ void __launch_bounds__(kThreads) fused_conv_forward_kernel(
+template <typename T, int RO_PER>
+__global__ void __launch_bounds__(kThreads, 2) fused_conv_forward_kernel(
     Conv2dSizes s, FusedPlan plan, const T* __restrict__ x, bool nhwc, const T* __restrict__ first,
     const T* __restrict__ core, const T* __restrict__ last, const T* __restrict__ bias, T* __restrict__ out) {
   using F = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   F* smem = reinterpret_cast<F*>(smem_raw);
-  const int patch_w = plan.patch_w, patch = plan.patch_h * plan.patch_w;
-  const int r_chunk = plan.r_chunk, c_chunk = plan.c_chunk;
-  F* proj = smem;                         // (r_chunk, patch)
-  F* xs = proj + r_chunk * patch;         // (c_chunk, patch)
-  F* ws = xs + c_chunk * patch;           // (r_chunk, c_chunk)
+  const int patch_w = plan.patch_w, patch = plan.patch_h * plan.patch_w, ps = plan.patch_stride;
+  const int kc = plan.c_chunk;
+  F* proj = smem;                        // (r_rows, ps)
+  F* staging = proj + plan.r_rows * ps;  // stage 1: xs (kc, ps), ws (r_rows, kc); stage 2: core slice
+  F* xs = staging;
+  F* ws = xs + kc * ps;
+  F* core_s = staging;                   // (R_out, r_sub, taps)
 
   const int64_t n = blockIdx.x / plan.tiles_per_image;
   const int64_t tile = blockIdx.x % plan.tiles_per_image;
   const int64_t oh0 = (tile / plan.tiles_w) * kTileH, ow0 = (tile % plan.tiles_w) * kTileW;
   const int64_t ih0 = oh0 * s.stride_h - s.pad_h, iw0 = ow0 * s.stride_w - s.pad_w;
-  const int tid = threadIdx.x, px = tid % kTilePixels, grp = tid / kTilePixels;
-  const int py = px / kTileW, pxw = px % kTileW;
-  const int64_t HW = s.H * s.W, taps = s.kh * s.kw;
+  const int tid = threadIdx.x, pg = tid % kPixelGroups, og = tid / kPixelGroups;
+  const int py = pg / 2, px0 = (pg % 2) * 4;  // this thread's pixels: tile row py, columns px0..px0+3
+  const int64_t HW = s.H * s.W;
+  const int taps = static_cast<int>(s.kh * s.kw), kw = static_cast<int>(s.kw);
+  const int sh = static_cast<int>(s.stride_h), sw = static_cast<int>(s.stride_w);
+  const int dh = static_cast<int>(s.dil_h), dw = static_cast<int>(s.dil_w);
+  const int R_out = static_cast<int>(s.R_out);
   const T* xn = x + n * s.C_in * HW;
 
   // Input channel c at patch position q; zero outside the image, which is the
@@ -74,126 +87,241 @@ __global__ void __launch_bounds__(kThreads) fused_conv_forward_kernel(
     return static_cast<F>(nhwc ? xn[(ih * s.W + iw) * s.C_in + c] : xn[c * HW + ih * s.W + iw]);
   };
 
-  F acc[QREG];
+  F acc[RO_PER][4];
 #pragma unroll
-  for (int j = 0; j < QREG; ++j) acc[j] = F(0);
+  for (int k = 0; k < RO_PER; ++k)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[k][q] = F(0);
 
-  for (int64_t r0 = 0; r0 < s.R_in; r0 += r_chunk) {
-    const int rc = static_cast<int>(dmin(r_chunk, s.R_in - r0));
+  for (int64_t r0 = 0; r0 < s.R_in; r0 += plan.r_chunk) {
+    const int rc = static_cast<int>(r0 + plan.r_chunk < s.R_in ? plan.r_chunk : s.R_in - r0);
     if (first) {
-      for (int e = tid; e < rc * patch; e += kThreads) proj[e] = F(0);
-      for (int64_t c0 = 0; c0 < s.C_in; c0 += c_chunk) {
-        const int cc = static_cast<int>(dmin(c_chunk, s.C_in - c0));
+      // 1. proj (rc, patch) = first[r0:r0+rc, :] x patch (C_in, patch).
+      const int nqg = (patch + 3) / 4, ntiles = ((rc + 3) / 4) * nqg;
+      F pacc[kProjTilesPerThread][4][4];
+#pragma unroll
+      for (int t = 0; t < kProjTilesPerThread; ++t)
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) pacc[t][k][q] = F(0);
+      for (int64_t c0 = 0; c0 < s.C_in; c0 += kc) {
+        const int cc = static_cast<int>(c0 + kc < s.C_in ? kc : s.C_in - c0);
         // NHWC: consecutive threads read consecutive channels of one pixel.
         for (int e = tid; e < cc * patch; e += kThreads) {
           const int c = nhwc ? e % cc : e / patch, q = nhwc ? e / cc : e % patch;
-          xs[c * patch + q] = x_at(c0 + c, q);
+          xs[c * ps + q] = x_at(c0 + c, q);
         }
-        for (int e = tid; e < rc * cc; e += kThreads) {
-          const int r = e / cc, c = e % cc;
-          ws[r * c_chunk + c] = static_cast<F>(first[(r0 + r) * s.C_in + c0 + c]);
-        }
-        __syncthreads();
-        for (int e = tid; e < rc * patch; e += kThreads) {
-          const int r = e / patch, q = e % patch;
-          F v = F(0);
-          for (int c = 0; c < cc; ++c) v += ws[r * c_chunk + c] * xs[c * patch + q];
-          proj[e] += v;
+        // Rows rc..r_rows-1 and columns cc..kc-1 are zero: tiles read them.
+        for (int e = tid; e < plan.r_rows * kc; e += kThreads) {
+          const int r = e / kc, c = e % kc;
+          ws[e] = r < rc && c < cc ? static_cast<F>(first[(r0 + r) * s.C_in + c0 + c]) : F(0);
         }
         __syncthreads();
+#pragma unroll
+        for (int t = 0; t < kProjTilesPerThread; ++t) {
+          const int m = tid + t * kThreads;
+          if (m < ntiles) {
+            const int rg = m / nqg, qg = m % nqg;
+            for (int c = 0; c < cc; ++c) {
+              F xv[4], wv[4];
+#pragma unroll
+              for (int q = 0; q < 4; ++q) xv[q] = xs[c * ps + qg * 4 + q];
+#pragma unroll
+              for (int k = 0; k < 4; ++k) wv[k] = ws[(rg * 4 + k) * kc + c];
+#pragma unroll
+              for (int k = 0; k < 4; ++k)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) pacc[t][k][q] += wv[k] * xv[q];
+            }
+          }
+        }
+        __syncthreads();
+      }
+#pragma unroll
+      for (int t = 0; t < kProjTilesPerThread; ++t) {
+        const int m = tid + t * kThreads;
+        if (m < ntiles) {
+          const int rg = m / nqg, qg = m % nqg;
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              if (rg * 4 + k < rc && qg * 4 + q < patch) proj[(rg * 4 + k) * ps + qg * 4 + q] = pacc[t][k][q];
+            }
+        }
       }
     } else {
       for (int e = tid; e < rc * patch; e += kThreads) {
         const int c = nhwc ? e % rc : e / patch, q = nhwc ? e / rc : e % patch;
-        proj[c * patch + q] = x_at(r0 + c, q);
+        proj[c * ps + q] = x_at(r0 + c, q);
+      }
+    }
+    __syncthreads();
+
+    // 2. acc (R_out, this thread's 4 pixels) += core[:, r0:r0+rc] (*) proj.
+    for (int rs0 = 0; rs0 < rc; rs0 += plan.r_sub) {
+      const int rn = rs0 + plan.r_sub < rc ? plan.r_sub : rc - rs0;
+      const int slice = rn * taps;  // core[ro, r0+rs0 : r0+rs0+rn, :, :] is contiguous
+      for (int e = tid; e < R_out * slice; e += kThreads) {
+        const int ro = e / slice, rem = e % slice;
+        core_s[e] = static_cast<F>(core[(ro * s.R_in + r0 + rs0) * taps + rem]);
       }
       __syncthreads();
-    }
-
-    for (int r = 0; r < rc; ++r) {
-      for (int64_t i = 0; i < s.kh; ++i) {
-        for (int64_t j = 0; j < s.kw; ++j) {
-          const F p = proj[r * patch + (py * s.stride_h + i * s.dil_h) * patch_w + pxw * s.stride_w + j * s.dil_w];
-          const T* g = core + (r0 + r) * taps + i * s.kw + j;  // + ro * R_in * taps
+      for (int r = 0; r < rn; ++r) {
+        const F* pr = proj + (rs0 + r) * ps + py * sh * patch_w + px0 * sw;
+        for (int i = 0; i < s.kh; ++i) {
+          for (int j = 0; j < kw; ++j) {
+            const F* p = pr + i * dh * patch_w + j * dw;
+            F pv[4];
 #pragma unroll
-          for (int jj = 0; jj < QREG; ++jj) {
-            const int64_t ro = grp + kGroups * jj;
-            if (ro < s.R_out) acc[jj] += static_cast<F>(g[ro * s.R_in * taps]) * p;
+            for (int q = 0; q < 4; ++q) pv[q] = p[q * sw];
+            const int tap = i * kw + j;
+#pragma unroll
+            for (int k = 0; k < RO_PER; ++k) {
+              const int ro = og + kChannelGroups * k;
+              const F c = ro < R_out ? core_s[(ro * rn + r) * taps + tap] : F(0);
+#pragma unroll
+              for (int q = 0; q < 4; ++q) acc[k][q] += c * pv[q];
+            }
           }
         }
       }
+      __syncthreads();  // core_s, then proj, are overwritten next
     }
-    __syncthreads();  // proj is overwritten by the next chunk (or by q_s below)
   }
 
-  const int64_t oh = oh0 + py, ow = ow0 + pxw, HWo = s.H_out * s.W_out;
-  const bool valid = oh < s.H_out && ow < s.W_out;
-  T* yn = out + n * s.C_out * HWo + oh * s.W_out + ow;
+  const int64_t HWo = s.H_out * s.W_out, oh = oh0 + py;
+  T* yn = out + n * s.C_out * HWo;
   if (!last) {
 #pragma unroll
-    for (int jj = 0; jj < QREG; ++jj) {
-      const int64_t ro = grp + kGroups * jj;
-      if (valid && ro < s.R_out) yn[ro * HWo] = static_cast<T>(acc[jj] + (bias ? static_cast<F>(bias[ro]) : F(0)));
+    for (int k = 0; k < RO_PER; ++k) {
+      const int ro = og + kChannelGroups * k;
+      if (ro >= R_out || oh >= s.H_out) continue;
+      const F b = bias ? static_cast<F>(bias[ro]) : F(0);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t ow = ow0 + px0 + q;
+        if (ow < s.W_out) yn[ro * HWo + oh * s.W_out + ow] = static_cast<T>(acc[k][q] + b);
+      }
     }
     return;
   }
+
+  // 3. out[co, pixels] = last[co, :] q_s + bias for this block's C_out slice.
   F* q_s = smem;  // (R_out, tile pixels)
 #pragma unroll
-  for (int jj = 0; jj < QREG; ++jj) {
-    const int64_t ro = grp + kGroups * jj;
-    if (ro < s.R_out) q_s[ro * kTilePixels + px] = acc[jj];
+  for (int k = 0; k < RO_PER; ++k) {
+    const int ro = og + kChannelGroups * k;
+    if (ro < R_out) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) q_s[ro * kTilePixels + pg * 4 + q] = acc[k][q];
+    }
   }
   __syncthreads();
-  if (!valid) return;
   const int64_t co_begin = blockIdx.y * plan.co_per_split;
-  const int64_t co_end = dmin(s.C_out, co_begin + plan.co_per_split);
-  for (int64_t co = co_begin + grp; co < co_end; co += kGroups) {
-    F v = bias ? static_cast<F>(bias[co]) : F(0);
-    const T* l = last + co * s.R_out;
-    for (int64_t ro = 0; ro < s.R_out; ++ro) v += static_cast<F>(l[ro]) * q_s[ro * kTilePixels + px];
-    yn[co * HWo] = static_cast<T>(v);
+  const int64_t co_end = co_begin + plan.co_per_split < s.C_out ? co_begin + plan.co_per_split : s.C_out;
+  for (int64_t cb = co_begin + og * 4; cb < co_end; cb += kCoPerPass) {
+    F y[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const F b = bias && cb + i < co_end ? static_cast<F>(bias[cb + i]) : F(0);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) y[i][q] = b;
+    }
+#pragma unroll 4
+    for (int ro = 0; ro < R_out; ++ro) {
+      F qv[4], lv[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) qv[q] = q_s[ro * kTilePixels + pg * 4 + q];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) lv[i] = cb + i < co_end ? static_cast<F>(last[(cb + i) * R_out + ro]) : F(0);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) y[i][q] += lv[i] * qv[q];
+    }
+    if (oh >= s.H_out) continue;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (cb + i >= co_end) continue;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t ow = ow0 + px0 + q;
+        if (ow < s.W_out) yn[(cb + i) * HWo + oh * s.W_out + ow] = static_cast<T>(y[i][q]);
+      }
+    }
   }
 }
 
-bool fused_disabled_by_env() {
-  const char* v = std::getenv("TUCKER_OPS_CUDA_FUSED");
-  return v != nullptr && std::strcmp(v, "0") == 0;
+// Multiprocessors of the current device, asked once per device.
+double multiprocessor_count() {
+  static std::array<std::atomic<int>, 64> cache{};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= static_cast<int>(cache.size())) return 132;
+  int count = cache[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
+
+int64_t round_up4(int64_t v) {
+  return (v + 3) / 4 * 4;
 }
 
 // The launch plan, or false when the shape does not fit the kernel.
 bool make_plan(const Conv2dSizes& s, int64_t acc_bytes, FusedPlan* plan) {
-  if (s.R_out > kGroups * kMaxQReg) return false;
+  if (s.R_out > kChannelGroups * kMaxRoPer) return false;
   const int64_t budget = kSharedMemBudget / acc_bytes;  // in elements
   const int64_t patch_h = (kTileH - 1) * s.stride_h + (s.kh - 1) * s.dil_h + 1;
   const int64_t patch_w = (kTileW - 1) * s.stride_w + (s.kw - 1) * s.dil_w + 1;
   if (patch_h > budget || patch_w > budget || patch_h * patch_w > budget) return false;
-  const int64_t patch = patch_h * patch_w;
-  int64_t c_chunk = 0, r_chunk = 0;
+  const int64_t patch = patch_h * patch_w, ps = round_up4(patch), taps = s.kh * s.kw;
+  const int64_t kc = s.has_first ? std::min<int64_t>(kChannelChunk, s.C_in) : 0;
+  // Largest rank chunk whose projection tiles the threads can hold and whose
+  // buffers fit next to one rank's core slice.
+  int64_t r_chunk = s.R_in;
   if (s.has_first) {
-    c_chunk = std::min<int64_t>(kChannelChunk, s.C_in);
-    r_chunk = std::min<int64_t>(s.R_in, (budget - c_chunk * patch) / (patch + c_chunk));
-  } else {
-    r_chunk = std::min<int64_t>(s.C_in, budget / patch);
+    const int64_t nqg = (patch + 3) / 4;
+    r_chunk = std::min<int64_t>(r_chunk, 4 * ((kProjTilesPerThread * kThreads) / nqg));
   }
+  auto fits = [&](int64_t rc) {
+    const int64_t rows = round_up4(rc);
+    const int64_t stage1 = s.has_first ? kc * ps + rows * kc : 0;
+    return rows * ps + std::max(stage1, s.R_out * taps) <= budget;
+  };
+  while (r_chunk > 0 && !fits(r_chunk)) r_chunk = r_chunk > 4 ? (r_chunk - 1) / 4 * 4 : r_chunk - 1;
   if (r_chunk < 1) return false;
+  const int64_t r_rows = round_up4(r_chunk);
+  const int64_t r_sub = std::min<int64_t>(r_chunk, (budget - r_rows * ps) / (s.R_out * taps));
+  if (r_sub < 1) return false;
   const int64_t q_elems = s.has_last ? s.R_out * kTilePixels : 0;
   if (q_elems > budget) return false;
-  const int64_t elems = std::max(r_chunk * patch + c_chunk * patch + r_chunk * c_chunk, q_elems);
+  const int64_t stage1 = s.has_first ? kc * ps + r_rows * kc : 0;
+  const int64_t elems = std::max(r_rows * ps + std::max(stage1, s.R_out * r_sub * taps), q_elems);
 
   const int64_t tiles_h = ceil_div(s.H_out, kTileH), tiles_w = ceil_div(s.W_out, kTileW);
   const int64_t blocks = s.N * tiles_h * tiles_w;
   if (blocks >= (int64_t{1} << 31)) return false;
-  // Split C_out over blocks until there are about 256 of them (at least 16
-  // output channels per block, so the recomputed projection stays a small part).
+  // Split C_out over blocks until there are about 256 of them (at least one
+  // full expansion pass per block, so the recomputed stages stay a small part).
   int64_t co_splits = 1;
-  if (s.has_last && blocks < 256) co_splits = std::clamp<int64_t>(ceil_div(256, blocks), 1, ceil_div(s.C_out, 16));
+  if (s.has_last && blocks < 256) {
+    co_splits = std::clamp<int64_t>(ceil_div(256, blocks), 1, ceil_div(s.C_out, kCoPerPass));
+  }
   co_splits = std::min<int64_t>(co_splits, 65535);
   const int64_t co_per_split = ceil_div(s.C_out, co_splits);
 
   plan->patch_h = static_cast<int>(patch_h);
   plan->patch_w = static_cast<int>(patch_w);
+  plan->patch_stride = static_cast<int>(ps);
   plan->r_chunk = static_cast<int>(r_chunk);
-  plan->c_chunk = static_cast<int>(c_chunk);
+  plan->r_rows = static_cast<int>(r_rows);
+  plan->r_sub = static_cast<int>(r_sub);
+  plan->c_chunk = static_cast<int>(kc);
   plan->tiles_w = tiles_w;
   plan->tiles_per_image = tiles_h * tiles_w;
   plan->co_splits = ceil_div(s.C_out, co_per_split);
@@ -204,8 +332,37 @@ bool make_plan(const Conv2dSizes& s, int64_t acc_bytes, FusedPlan* plan) {
 
 }  // namespace
 
+FusedMode fused_mode_from_env() {
+  const char* v = std::getenv("TUCKER_OPS_CUDA_FUSED");
+  if (v == nullptr) return FusedMode::kAuto;
+  if (std::strcmp(v, "0") == 0) return FusedMode::kNever;
+  if (std::strcmp(v, "1") == 0) return FusedMode::kAlways;
+  return FusedMode::kAuto;
+}
+
+bool fused_conv_preferred(const Conv2dSizes& s) {
+  FusedPlan plan{};
+  if (!make_plan(s, 4, &plan)) return false;
+  // A time model fitted to the kernel on an H200 (benchmarks/RESULTS_GPU.md):
+  // launch cost, then either the whole grid at the kernel's throughput or, for
+  // grids of few large blocks, the waves of blocks at one block's rate.
+  constexpr double kLaunchSeconds = 10e-6, kMacsPerSecondPerSm = 19e9, kMacsPerSecondPerBlock = 30e9;
+  // The unfused chain costs three cuDNN calls, about 60 us of host time each
+  // forward, whatever its GPU time: below that, the one launch wins.
+  constexpr double kChainFloorSeconds = 60e-6;
+  const double patch = static_cast<double>(plan.patch_h) * plan.patch_w;
+  const double per_block = (s.has_first ? static_cast<double>(s.R_in) * s.C_in * patch : 0.0) +
+                           static_cast<double>(s.R_out) * s.R_in * s.kh * s.kw * kTilePixels +
+                           (s.has_last ? static_cast<double>(plan.co_per_split) * s.R_out * kTilePixels : 0.0);
+  const double blocks = static_cast<double>(s.N) * plan.tiles_per_image * plan.co_splits;
+  const double sms = multiprocessor_count();
+  const double waves = std::ceil(blocks / (2 * sms));  // two blocks per multiprocessor
+  const double seconds = kLaunchSeconds + std::max(blocks * per_block / (sms * kMacsPerSecondPerSm),
+                                                   waves * per_block / kMacsPerSecondPerBlock);
+  return seconds < kChainFloorSeconds;
+}
+
 bool fused_conv_forward(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p) {
-  if (fused_disabled_by_env()) return false;
   FusedPlan plan{};
   const int64_t acc_bytes = c10::elementSize(at::toOpMathType(like.scalar_type()));
   if (!make_plan(s, acc_bytes, &plan)) return false;
@@ -214,8 +371,11 @@ bool fused_conv_forward(const at::Tensor& like, const Conv2dSizes& s, const Conv
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "tucker_conv2d_cuda_fused", [&] {
     using T = scalar_t;
-    // Small R_out gets a short accumulator array: no predicated-off FMAs.
-    auto kernel = s.R_out <= kGroups * 8 ? fused_conv_forward_kernel<T, 8> : fused_conv_forward_kernel<T, kMaxQReg>;
+    // The accumulator array sized to R_out: few predicated-off FMAs.
+    auto kernel = s.R_out <= kChannelGroups     ? fused_conv_forward_kernel<T, 1>
+                  : s.R_out <= 2 * kChannelGroups ? fused_conv_forward_kernel<T, 2>
+                  : s.R_out <= 4 * kChannelGroups ? fused_conv_forward_kernel<T, 4>
+                                                  : fused_conv_forward_kernel<T, kMaxRoPer>;
     kernel<<<grid, kThreads, plan.smem_bytes, stream>>>(
         s, plan, static_cast<const T*>(p.x), p.nhwc, static_cast<const T*>(p.first), static_cast<const T*>(p.core),
         static_cast<const T*>(p.last), static_cast<const T*>(p.bias), static_cast<T*>(p.out));

@@ -21,8 +21,12 @@ struct ConvPointers {
 // Launches the fused kernel on the current stream and returns true, or returns
 // false without launching anything when the shape is outside what it takes
 // (R_out > 128, or a patch too large for shared memory); the caller then runs
-// the unfused GEMM path. TUCKER_OPS_CUDA_FUSED=0 in the environment forces
-// false, so tests can check both paths on the same shapes.
+// an unfused chain.
 bool fused_conv_forward(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p);
+
+// Whether the fused kernel is expected to beat the unfused chain on this shape:
+// a time model of the kernel against the chain's host-side floor, both
+// measured on an H200 (benchmarks/RESULTS_GPU.md).
+bool fused_conv_preferred(const Conv2dSizes& s);
 
 }  // namespace tucker_ops::cuda

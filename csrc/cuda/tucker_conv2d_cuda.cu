@@ -1,7 +1,8 @@
 // CUDA kernels for tucker_ops::tucker_conv2d and its backward.
 //
-// Forward: the fused kernel (conv_fused.cu) where the shape fits it, else
-// three index-mapped GEMMs (gemm.cu) through accumulation-type scratch:
+// Forward: the fused kernel (conv_fused.cu) on the shapes where it wins, else
+// the chain of three ATen (cuDNN) convolutions; beyond 32-bit indexing, three
+// index-mapped GEMMs (gemm.cu) through accumulation-type scratch:
 //   P = first * X,   Q = core (*) P  (implicit im2col),   Y = last * Q + bias.
 // Backward recomputes P and Q, then
 //   gQ = last^T gY,  grad_last = sum gY Q^T,  grad_bias = sum gY,
@@ -9,6 +10,10 @@
 //   grad_input = first^T gP,  grad_first = sum gP X^T,
 // with every sum over (image, pixel) done inside one GEMM's K loop (split and
 // summed in a fixed order): deterministic, no atomics.
+#include <algorithm>
+#include <limits>
+
+#include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -103,6 +108,28 @@ void core_conv(const Conv2dSizes& s, const ConvTensors& t, const Tensor& P, void
        core_input_cols(OperandKind::kIm2col, s, t, P), o);
 }
 
+// cuDNN's kernels index with 32 bits; the GEMM chain below with 64.
+bool indices_fit_32bit(const Conv2dSizes& s) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  const int64_t in_pixels = s.H * s.W, out_pixels = s.H_out * s.W_out;
+  return s.N * std::max(s.C_in, s.R_in) * in_pixels < kMax && s.N * std::max(s.R_out, s.C_out) * out_pixels < kMax;
+}
+
+// The unfused chain through ATen's own convolutions (cuDNN), under the same
+// global settings as torch.nn.Conv2d (TF32, benchmark, deterministic): three
+// launches, but tensor cores, for the shapes the fused kernel does not win.
+Tensor chain_forward_aten(const Tensor& input, const std::optional<Tensor>& first, const Tensor& core,
+                          const std::optional<Tensor>& last, const std::optional<Tensor>& bias,
+                          c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                          const Conv2dSizes& s) {
+  const std::optional<Tensor> no_bias;
+  Tensor h = input;
+  if (s.has_first) h = at::conv2d(h, first->reshape({s.R_in, s.C_in, 1, 1}));
+  h = at::conv2d(h, core, s.has_last ? no_bias : bias, stride, padding, dilation);
+  if (s.has_last) h = at::conv2d(h, last->reshape({s.C_out, s.R_out, 1, 1}), bias);
+  return h.contiguous();
+}
+
 Tensor tucker_conv2d_cuda(
     const Tensor& input,
     const std::optional<Tensor>& first,
@@ -116,6 +143,11 @@ Tensor tucker_conv2d_cuda(
   const c10::cuda::CUDAGuard guard(input.device());
   Tensor out = at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options());
   if (s.N == 0) return out;
+  const FusedMode mode = fused_mode_from_env();
+  const bool fits_32bit = indices_fit_32bit(s);
+  const bool try_fused = mode == FusedMode::kAlways || (mode == FusedMode::kAuto && fused_conv_preferred(s));
+  if (!try_fused && fits_32bit) return chain_forward_aten(input, first, core, last, bias, stride, padding, dilation, s);
+
   const ConvTensors t = prepare(input, first, core, last, s);
   const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
   const void* bias_ptr = s.has_bias ? b.const_data_ptr() : nullptr;
@@ -123,7 +155,9 @@ Tensor tucker_conv2d_cuda(
   const ConvPointers ptrs{t.x.const_data_ptr(), t.nhwc, s.has_first ? t.first.const_data_ptr() : nullptr,
                           t.core.const_data_ptr(), s.has_last ? t.last.const_data_ptr() : nullptr, bias_ptr,
                           out.mutable_data_ptr()};
-  if (fused_conv_forward(t.x, s, ptrs)) return out;
+  if (mode != FusedMode::kNever && fused_conv_forward(t.x, s, ptrs)) return out;
+  if (fits_32bit) return chain_forward_aten(input, first, core, last, bias, stride, padding, dilation, s);
+  // Beyond 32-bit indexing and outside the fused kernel: the index-mapped GEMMs.
 
   const Tensor P = s.has_first ? project(s, t) : Tensor();
   if (!s.has_last) {

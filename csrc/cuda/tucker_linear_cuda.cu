@@ -1,19 +1,24 @@
-// CUDA kernels for tucker_ops::tucker_linear and its backward, as chains of
-// the index-mapped GEMM (gemm.cu) with rank-sized intermediates kept in the
-// accumulation type:
+// CUDA kernels for tucker_ops::tucker_linear and its backward. The forward
+// runs the fused kernel (linear_fused.cu) for small factor sets and few rows,
+// else three cuBLAS products (ATen's mm/addmm):
 //   forward:  t1 = X first^T,  t2 = t1 core^T,  Y = t2 last^T + bias
+// The backward is a chain of the index-mapped GEMM (gemm.cu) with rank-sized
+// intermediates kept in the accumulation type:
 //   backward: gt2 = gY last,  grad_last = gY^T t2,  grad_bias = sum gY,
 //             grad_core = gt2^T t1,  gt1 = gt2 core,
 //             grad_input = gt1 first,  grad_first = gt1^T X
 // Transposes are index maps, never copies. Sums over rows are GEMM K loops
 // (split and summed in a fixed order): deterministic.
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "checks.h"
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
+#include "cuda/linear_fused.cuh"
 
 namespace tucker_ops::cuda {
 namespace {
@@ -40,10 +45,11 @@ Tensor first_stage(const LinearSizes& s, const Tensor& x, const Tensor& first) {
   return t1;
 }
 
-// The core's input: t1, or X without first.
+// The core's input: t1, or X without first. Null when t1 was not computed
+// (a backward that needs neither the core's nor last's gradient).
 std::pair<const void*, bool> core_input(const LinearSizes& s, const Tensor& x, const Tensor& t1) {
-  return s.has_first ? std::pair<const void*, bool>{t1.const_data_ptr(), true}
-                     : std::pair<const void*, bool>{x.const_data_ptr(), false};
+  if (!s.has_first) return {x.const_data_ptr(), false};
+  return {t1.defined() ? t1.const_data_ptr() : nullptr, true};
 }
 
 Tensor tucker_linear_cuda(
@@ -54,30 +60,32 @@ Tensor tucker_linear_cuda(
     const std::optional<Tensor>& bias) {
   const LinearSizes s = check_tucker_linear_args(input, first, core, last, bias, kCudaDtypes);
   const c10::cuda::CUDAGuard guard(input.device());
-  Tensor out = at::empty(output_shape(input, s.out), input.options());
-  if (s.M == 0) return out;
+  const std::vector<int64_t> shape = output_shape(input, s.out);
+  if (s.M == 0) return at::empty(shape, input.options());
   const Tensor x = input.contiguous();
   const Tensor A = s.has_first ? first->contiguous() : Tensor();
   const Tensor G = core.contiguous();
   const Tensor B = s.has_last ? last->contiguous() : Tensor();
   const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
 
-  Output y = output(out.mutable_data_ptr(), false, s.out, 1);
-  if (s.has_bias) {
-    y.bias = b.const_data_ptr();
-    y.bias_mode = BiasMode::kPerCol;
+  if (fused_mode_from_env() != FusedMode::kNever) {
+    Tensor out = at::empty(shape, input.options());
+    const LinearPointers ptrs{x.const_data_ptr(), s.has_first ? A.const_data_ptr() : nullptr, G.const_data_ptr(),
+                              s.has_last ? B.const_data_ptr() : nullptr, s.has_bias ? b.const_data_ptr() : nullptr,
+                              out.mutable_data_ptr()};
+    if (fused_linear_forward(x, s, ptrs)) return out;
   }
-  const Tensor t1 = s.has_first ? first_stage(s, x, A) : Tensor();
-  const auto [core_in, core_in_acc] = core_input(s, x, t1);
+  // cuBLAS: each weight is streamed once per output tile, with tensor cores
+  // where torch.backends.cuda.matmul allows them, as torch.nn.Linear.
+  Tensor h = x.reshape({s.M, s.in});
+  if (s.has_first) h = at::mm(h, A.t());
   if (!s.has_last) {
-    times_weight_t(x, s.M, s.R_out, s.R_in, core_in, core_in_acc, G.const_data_ptr(), y);
-    return out;
+    h = s.has_bias ? at::addmm(b, h, G.t()) : at::mm(h, G.t());
+  } else {
+    h = at::mm(h, G.t());
+    h = s.has_bias ? at::addmm(b, h, B.t()) : at::mm(h, B.t());
   }
-  Tensor t2 = at::empty({s.M, s.R_out}, acc_options(x));
-  times_weight_t(x, s.M, s.R_out, s.R_in, core_in, core_in_acc, G.const_data_ptr(),
-                 output(t2.mutable_data_ptr(), true, s.R_out, 1));
-  times_weight_t(x, s.M, s.out, s.R_out, t2.const_data_ptr(), true, B.const_data_ptr(), y);
-  return out;
+  return h.view(shape);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cuda(

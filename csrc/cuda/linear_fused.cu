@@ -1,0 +1,152 @@
+// Fused tucker_linear forward (linear_fused.cuh).
+//
+// One block of 512 threads per kRows rows of X (and, when there are few row
+// blocks, per slice of the last stage's outputs; each slice recomputes the
+// cheap earlier stages). Every stage is a set of dot products along a
+// contiguous dimension: a warp takes kOutsPerWarp output features, reads their
+// weight rows once (coalesced) and multiplies them with all kRows source rows
+// at once, then shuffle reductions. t1 = X first^T and t2 = t1 core^T live in shared memory
+// in the accumulation type; only the final row is written to global memory.
+// Meant for the small layers where three GEMM launches cost more than the
+// arithmetic (ThesisNet's l1/l2 at small batch); large factors go to the GEMM
+// chain, which streams each weight once per output tile instead of per block.
+#include <algorithm>
+
+#include <ATen/Dispatch.h>
+
+#include "cuda/common.cuh"
+#include "cuda/linear_fused.cuh"
+
+namespace tucker_ops::cuda {
+namespace {
+
+constexpr int kRows = 8, kThreads = 512, kWarps = kThreads / 32;
+// Outputs a warp computes at once: their weight loads are independent, so a
+// warp keeps several in flight instead of waiting on one row at a time.
+constexpr int kOutsPerWarp = 4;
+// Every block streams all factors, so the fused path is for factor sets that
+// stay L2-resident and grids of at most a few waves of blocks.
+constexpr int64_t kMaxFactorElems = int64_t{1} << 17;
+constexpr int64_t kMaxRows = 512;
+
+// dst(r, o, v) with v = sum_k src(r, k) * W[o, k], for r < rows and o in
+// [o_begin, o_end). W is (n, K) row-major in T; src/dst are callables (global
+// or shared memory).
+template <typename T, typename Src, typename Dst>
+__device__ __forceinline__ void warp_dots(int rows, int64_t o_begin, int64_t o_end, int64_t K, const T* W, Src src,
+                                          Dst dst) {
+  using F = acc_t<T>;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int64_t o0 = o_begin + warp * kOutsPerWarp; o0 < o_end; o0 += kWarps * kOutsPerWarp) {
+    F acc[kOutsPerWarp][kRows];
+#pragma unroll
+    for (int j = 0; j < kOutsPerWarp; ++j)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) acc[j][r] = F(0);
+    for (int64_t k = lane; k < K; k += 32) {
+      F w[kOutsPerWarp], x[kRows];
+#pragma unroll
+      for (int j = 0; j < kOutsPerWarp; ++j) w[j] = o0 + j < o_end ? static_cast<F>(W[(o0 + j) * K + k]) : F(0);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) x[r] = r < rows ? src(r, k) : F(0);
+#pragma unroll
+      for (int j = 0; j < kOutsPerWarp; ++j)
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) acc[j][r] += w[j] * x[r];
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      if (r >= rows) break;  // uniform across the warp
+#pragma unroll
+      for (int j = 0; j < kOutsPerWarp; ++j) {
+        F v = acc[j][r];
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == 0 && o0 + j < o_end) dst(r, o0 + j, v);
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fused_linear_forward_kernel(
+    LinearSizes s, int64_t out_per_split, const T* __restrict__ x, const T* __restrict__ first,
+    const T* __restrict__ core, const T* __restrict__ last, const T* __restrict__ bias, T* __restrict__ out) {
+  using F = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  F* t1 = reinterpret_cast<F*>(smem_raw);  // (kRows, R_in), only with first
+  F* t2 = t1 + (first ? kRows * s.R_in : 0);  // (kRows, R_out), only with last
+
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int rows = static_cast<int>(s.M - row0 < kRows ? s.M - row0 : kRows);
+  const T* xb = x + row0 * s.in;
+  T* yb = out + row0 * s.out;
+  const int64_t o_begin = static_cast<int64_t>(blockIdx.y) * out_per_split;
+  const int64_t o_end = o_begin + out_per_split < s.out ? o_begin + out_per_split : s.out;
+
+  auto from_x = [&](int r, int64_t k) -> F { return static_cast<F>(xb[r * s.in + k]); };
+  auto from_t1 = [&](int r, int64_t k) -> F { return t1[r * s.R_in + k]; };
+  auto from_t2 = [&](int r, int64_t k) -> F { return t2[r * s.R_out + k]; };
+  auto to_t1 = [&](int r, int64_t o, F v) { t1[r * s.R_in + o] = v; };
+  auto to_t2 = [&](int r, int64_t o, F v) { t2[r * s.R_out + o] = v; };
+  auto to_y = [&](int r, int64_t o, F v) {
+    yb[r * s.out + o] = static_cast<T>(v + (bias ? static_cast<F>(bias[o]) : F(0)));
+  };
+
+  if (first) {
+    warp_dots<T>(rows, 0, s.R_in, s.in, first, from_x, to_t1);
+    __syncthreads();
+  }
+  if (!last) {
+    if (first) {
+      warp_dots<T>(rows, o_begin, o_end, s.R_in, core, from_t1, to_y);
+    } else {
+      warp_dots<T>(rows, o_begin, o_end, s.R_in, core, from_x, to_y);
+    }
+    return;
+  }
+  if (first) {
+    warp_dots<T>(rows, 0, s.R_out, s.R_in, core, from_t1, to_t2);
+  } else {
+    warp_dots<T>(rows, 0, s.R_out, s.R_in, core, from_x, to_t2);
+  }
+  __syncthreads();
+  warp_dots<T>(rows, o_begin, o_end, s.R_out, last, from_t2, to_y);
+}
+
+}  // namespace
+
+bool fused_linear_forward(const at::Tensor& like, const LinearSizes& s, const LinearPointers& p) {
+  const int64_t early = (s.has_first ? s.R_in * s.in : 0) + (s.has_last ? s.R_out * s.R_in : 0);
+  const int64_t final_stage = s.out * (s.has_last ? s.R_out : s.R_in);
+  if (fused_mode_from_env() != FusedMode::kAlways && (early + final_stage > kMaxFactorElems || s.M > kMaxRows)) {
+    return false;
+  }
+  const int64_t acc_bytes = c10::elementSize(at::toOpMathType(like.scalar_type()));
+  const int64_t smem = kRows * ((s.has_first ? s.R_in : 0) + (s.has_last ? s.R_out : 0)) * acc_bytes;
+  if (smem > kSharedMemBudget) return false;
+  if (s.M == 0 || s.out == 0) return true;
+
+  // Few row blocks: split the last stage's outputs over blocks while the
+  // recomputed earlier stages stay a small part of each block's work.
+  const int64_t row_blocks = ceil_div(s.M, kRows);
+  int64_t splits = 1;
+  if (row_blocks < 64 && final_stage > 4 * early) {
+    splits = std::max<int64_t>(1, std::min<int64_t>(ceil_div(s.out, kOutsPerWarp * kWarps), ceil_div(64, row_blocks)));
+  }
+  const int64_t out_per_split = ceil_div(s.out, splits);
+  splits = ceil_div(s.out, out_per_split);
+
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "tucker_linear_cuda_fused", [&] {
+    using T = scalar_t;
+    fused_linear_forward_kernel<T><<<grid, kThreads, static_cast<size_t>(smem), stream>>>(
+        s, out_per_split, static_cast<const T*>(p.x), static_cast<const T*>(p.first), static_cast<const T*>(p.core),
+        static_cast<const T*>(p.last), static_cast<const T*>(p.bias), static_cast<T*>(p.out));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return true;
+}
+
+}  // namespace tucker_ops::cuda
