@@ -428,7 +428,11 @@ def _graph_step(x, xl, conv, lin):
 
 
 @CUDA_ONLY
-def test_cuda_graph_capture_forward_and_backward() -> None:
+@pytest.mark.parametrize("path", ["auto", "fused", "chain"])
+def test_cuda_graph_capture_forward_and_backward(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "auto" lets the op choose, which it does differently while a graph is captured.
+    if path != "auto":
+        monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1" if path == "fused" else "0")
     conv, lin = _graph_operands("cuda")
     gen = torch.Generator().manual_seed(22)
     x = _randn((4, 16, 12, 12), torch.float32, "cuda", gen)

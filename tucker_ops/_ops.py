@@ -495,6 +495,11 @@ def tucker_conv2d(
         Returns ``(N, C_out, H_out, W_out)``, contiguous.
     stride, padding, dilation: an int (both dimensions) or an ``(h, w)`` pair.
     backend: None follows :func:`use_reference` (fused op by default); ``"fused"`` or ``"reference"``.
+
+    On CUDA the forward runs the fused kernel where it is expected to be faster, else the
+    unfused chain through cuDNN/cuBLAS under torch's global settings (TF32 follows
+    ``torch.backends.cudnn.allow_tf32`` as for ``nn.Conv2d``); the environment variable
+    ``TUCKER_OPS_CUDA_FUSED=1`` / ``=0`` forces one path (benchmarks/RESULTS_GPU.md).
     """
     use_ref = _runs_reference(backend)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
@@ -518,6 +523,9 @@ def tucker_linear(
         input ``(..., in)``; first ``(R_in, in)`` or None; core ``(R_out, R_in | in)``;
         last ``(out, R_out)`` or None; bias ``(out,)`` or None. Returns ``(..., out)``, contiguous.
     backend: None follows :func:`use_reference` (fused op by default); ``"fused"`` or ``"reference"``.
+
+    On CUDA the forward runs one fused kernel for small factor sets, else three cuBLAS
+    products (``TUCKER_OPS_CUDA_FUSED=1`` / ``=0`` force one path).
     """
     if _runs_reference(backend):
         return reference.tucker_linear(input, first, core, last, bias)

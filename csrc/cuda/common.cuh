@@ -60,6 +60,11 @@ __device__ __forceinline__ void store_from_acc(void* ptr, bool is_acc, int64_t o
 enum class FusedMode { kAuto, kNever, kAlways };
 FusedMode fused_mode_from_env();
 
+// Whether the current stream is capturing a CUDA graph. Replays cost no host
+// time, so there the unfused chain's tensor-core kernels win every shape but
+// the smallest, and the op's path choice changes accordingly.
+bool current_stream_is_capturing();
+
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }

@@ -332,6 +332,12 @@ bool make_plan(const Conv2dSizes& s, int64_t acc_bytes, FusedPlan* plan) {
 
 }  // namespace
 
+bool current_stream_is_capturing() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 FusedMode fused_mode_from_env() {
   const char* v = std::getenv("TUCKER_OPS_CUDA_FUSED");
   if (v == nullptr) return FusedMode::kAuto;
@@ -347,9 +353,11 @@ bool fused_conv_preferred(const Conv2dSizes& s) {
   // launch cost, then either the whole grid at the kernel's throughput or, for
   // grids of few large blocks, the waves of blocks at one block's rate.
   constexpr double kLaunchSeconds = 10e-6, kMacsPerSecondPerSm = 19e9, kMacsPerSecondPerBlock = 30e9;
-  // The unfused chain costs three cuDNN calls, about 60 us of host time each
-  // forward, whatever its GPU time: below that, the one launch wins.
-  constexpr double kChainFloorSeconds = 60e-6;
+  // Eager, the unfused chain costs a cuDNN call and up to two cuBLAS calls,
+  // about 50 us of host time per forward whatever its GPU time: below that,
+  // the one launch wins. Under graph capture only GPU time counts, and the
+  // kernel beat the chain's replay only where it is launch-bound.
+  const double chain_floor_seconds = current_stream_is_capturing() ? 12e-6 : 50e-6;
   const double patch = static_cast<double>(plan.patch_h) * plan.patch_w;
   const double per_block = (s.has_first ? static_cast<double>(s.R_in) * s.C_in * patch : 0.0) +
                            static_cast<double>(s.R_out) * s.R_in * s.kh * s.kw * kTilePixels +
@@ -359,7 +367,7 @@ bool fused_conv_preferred(const Conv2dSizes& s) {
   const double waves = std::ceil(blocks / (2 * sms));  // two blocks per multiprocessor
   const double seconds = kLaunchSeconds + std::max(blocks * per_block / (sms * kMacsPerSecondPerSm),
                                                    waves * per_block / kMacsPerSecondPerBlock);
-  return seconds < kChainFloorSeconds;
+  return seconds < chain_floor_seconds;
 }
 
 bool fused_conv_forward(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p) {

@@ -28,6 +28,7 @@ constexpr int kOutsPerWarp = 4;
 // stay L2-resident and grids of at most a few waves of blocks.
 constexpr int64_t kMaxFactorElems = int64_t{1} << 17;
 constexpr int64_t kMaxRows = 512;
+constexpr int64_t kMaxFactorElemsCaptured = int64_t{1} << 13;
 
 // dst(r, o, v) with v = sum_k src(r, k) * W[o, k], for r < rows and o in
 // [o_begin, o_end). W is (n, K) row-major in T; src/dst are callables (global
@@ -119,8 +120,11 @@ __global__ void __launch_bounds__(kThreads) fused_linear_forward_kernel(
 bool fused_linear_forward(const at::Tensor& like, const LinearSizes& s, const LinearPointers& p) {
   const int64_t early = (s.has_first ? s.R_in * s.in : 0) + (s.has_last ? s.R_out * s.R_in : 0);
   const int64_t final_stage = s.out * (s.has_last ? s.R_out : s.R_in);
-  if (fused_mode_from_env() != FusedMode::kAlways && (early + final_stage > kMaxFactorElems || s.M > kMaxRows)) {
-    return false;
+  if (fused_mode_from_env() != FusedMode::kAlways) {
+    if (early + final_stage > kMaxFactorElems || s.M > kMaxRows) return false;
+    // In a CUDA graph the three cuBLAS kernels replay without host cost and
+    // beat this kernel unless the factors are tiny (RESULTS_GPU.md, graphs).
+    if (early + final_stage > kMaxFactorElemsCaptured && current_stream_is_capturing()) return false;
   }
   const int64_t acc_bytes = c10::elementSize(at::toOpMathType(like.scalar_type()));
   const int64_t smem = kRows * ((s.has_first ? s.R_in : 0) + (s.has_last ? s.R_out : 0)) * acc_bytes;

@@ -1,7 +1,8 @@
 // CUDA kernels for tucker_ops::tucker_conv2d and its backward.
 //
 // Forward: the fused kernel (conv_fused.cu) on the shapes where it wins, else
-// the chain of three ATen (cuDNN) convolutions; beyond 32-bit indexing, three
+// the unfused chain through ATen (cuDNN core, cuBLAS or cuDNN 1x1 stages);
+// beyond 32-bit indexing, three
 // index-mapped GEMMs (gemm.cu) through accumulation-type scratch:
 //   P = first * X,   Q = core (*) P  (implicit im2col),   Y = last * Q + bias.
 // Backward recomputes P and Q, then
@@ -13,7 +14,12 @@
 #include <algorithm>
 #include <limits>
 
+#include <ATen/Context.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/conv2d.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -115,18 +121,57 @@ bool indices_fit_32bit(const Conv2dSizes& s) {
   return s.N * std::max(s.C_in, s.R_in) * in_pixels < kMax && s.N * std::max(s.R_out, s.C_out) * out_pixels < kMax;
 }
 
-// The unfused chain through ATen's own convolutions (cuDNN), under the same
-// global settings as torch.nn.Conv2d (TF32, benchmark, deterministic): three
-// launches, but tensor cores, for the shapes the fused kernel does not win.
+// Below this many multiply-adds a float32 1x1 stage is host-bound: a cuBLAS
+// call costs the host about a third of a cuDNN call (RESULTS_GPU.md), which
+// outweighs cuDNN's TF32 tensor cores on the GPU side.
+constexpr int64_t kHostBoundMacs = int64_t{1} << 27;
+
+// A 1x1 convolution of h (N, C, H, W), NCHW- or NHWC-contiguous, by w (R, C),
+// plus an optional per-channel bias, as one cuBLAS product; the result has
+// h's memory format.
+Tensor pointwise_blas(const Tensor& h, const Tensor& w, const std::optional<Tensor>& bias) {
+  const int64_t N = h.size(0), C = h.size(1), H = h.size(2), W = h.size(3), R = w.size(0);
+  if (h.is_contiguous()) {
+    const Tensor h3 = h.view({N, C, H * W});
+    Tensor y;
+    if (N == 1) {
+      y = bias ? at::addmm(bias->reshape({R, 1}), w, h3[0]) : at::mm(w, h3[0]);
+    } else {
+      // The weight's batch stride is 0: cuBLAS reads one copy for every image.
+      y = bias ? at::baddbmm(bias->reshape({1, R, 1}).expand({N, R, H * W}), w.expand({N, R, C}), h3)
+               : at::bmm(w.expand({N, R, C}), h3);
+    }
+    return y.view({N, R, H, W});
+  }
+  const Tensor rows = h.permute({0, 2, 3, 1}).reshape({N * H * W, C});  // a view: NHWC rows
+  const Tensor y = bias ? at::addmm(*bias, rows, w.t()) : at::mm(rows, w.t());
+  return y.view({N, H, W, R}).permute({0, 3, 1, 2});
+}
+
+// A 1x1 stage on cuBLAS when it is host-bound or cuDNN would not use TF32
+// anyway (half, bfloat16, double, or TF32 switched off), else on cuDNN.
+Tensor pointwise(const Tensor& h, const Tensor& w, const std::optional<Tensor>& bias) {
+  const bool packed = h.is_contiguous() || h.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool blas = h.scalar_type() != at::kFloat || !at::globalContext().allowTF32CuDNN() ||
+                    h.numel() * w.size(0) <= kHostBoundMacs;
+  if (packed && blas) return pointwise_blas(h, w, bias);
+  return at::conv2d(h, w.reshape({w.size(0), w.size(1), 1, 1}), bias);
+}
+
+// The unfused chain through ATen: the core on cuDNN, the 1x1 stages on cuBLAS
+// or cuDNN (pointwise), under the same global settings as torch.nn.Conv2d and
+// nn.Linear (TF32, benchmark, deterministic). Several launches, but tensor
+// cores, for the shapes the fused kernel does not win.
 Tensor chain_forward_aten(const Tensor& input, const std::optional<Tensor>& first, const Tensor& core,
                           const std::optional<Tensor>& last, const std::optional<Tensor>& bias,
                           c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
                           const Conv2dSizes& s) {
-  const std::optional<Tensor> no_bias;
+  // An optional holding an undefined tensor means "absent" too (present()).
+  const std::optional<Tensor> no_bias, b = s.has_bias ? bias : no_bias;
   Tensor h = input;
-  if (s.has_first) h = at::conv2d(h, first->reshape({s.R_in, s.C_in, 1, 1}));
-  h = at::conv2d(h, core, s.has_last ? no_bias : bias, stride, padding, dilation);
-  if (s.has_last) h = at::conv2d(h, last->reshape({s.C_out, s.R_out, 1, 1}), bias);
+  if (s.has_first) h = pointwise(h, *first, no_bias);
+  h = at::conv2d(h, core, s.has_last ? no_bias : b, stride, padding, dilation);
+  if (s.has_last) h = pointwise(h, *last, b);
   return h.contiguous();
 }
 
