@@ -139,7 +139,8 @@ def write_markdown(summary: dict, command: str) -> str:
         for group in sorted(efficiency):
             e = efficiency[group]
             lines.append(f"| {group} | {e['fused_gflops']:.1f} | {e['dense_gflops']:.1f} | {e['fraction']:.0%} |")
-    impls = ["dense", "sequential", "reference", "onnxruntime", "onnxruntime_dense", "onnxruntime_sequential", "1 thread"]
+    impls = ["dense", "sequential", "reference", "fused_no_epilogue", "onnxruntime", "onnxruntime_dense",
+             "onnxruntime_sequential", "1 thread"]
     lines += ["", "## Per group", "", "| group | fused | " + " | ".join(impls) + " |", "|---|---|" + "---|" * len(impls)]
     for group in sorted(summary["ratios_vs_fused"]):
         times = summary["times_s"][group]

@@ -305,6 +305,28 @@ Conv2dSizes check_tucker_conv2d_args(
   return conv2d_args("tucker_conv2d", input, first, core, last, bias, stride, padding, dilation, supported);
 }
 
+Conv2dSizes check_tucker_conv2d_relu_pool_args(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& first,
+    const at::Tensor& core,
+    const std::optional<at::Tensor>& last,
+    const std::optional<at::Tensor>& bias,
+    c10::IntArrayRef stride,
+    c10::IntArrayRef padding,
+    c10::IntArrayRef dilation,
+    int64_t pool,
+    DtypeList supported) {
+  constexpr const char* op = "tucker_conv2d_relu_pool";
+  TORCH_CHECK_VALUE(pool >= 1, op,
+                    ": expected pool to be an int >= 1 (the average pool's window and stride; 1 means ReLU only), "
+                    "but got ", pool);
+  const Conv2dSizes s = conv2d_args(op, input, first, core, last, bias, stride, padding, dilation, supported);
+  TORCH_CHECK_VALUE(s.H_out >= pool && s.W_out >= pool, op, ": expected the conv output (H_out, W_out) = (",
+                    s.H_out, ", ", s.W_out, ") to be at least pool x pool = ", pool, " x ", pool,
+                    " (the pooled output would be empty)");
+  return s;
+}
+
 Conv2dSizes check_tucker_conv2d_backward_args(
     const at::Tensor& grad_output,
     const at::Tensor& input,

@@ -70,6 +70,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const at::TensorOptions& options, at::Tensor grad_input, at::Tensor grad_first, at::Tensor grad_core,
     at::Tensor grad_last, at::Tensor grad_bias);
 
+// check_tucker_conv2d_args under the name tucker_conv2d_relu_pool, plus pool >= 1.
+Conv2dSizes check_tucker_conv2d_relu_pool_args(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& first,
+    const at::Tensor& core,
+    const std::optional<at::Tensor>& last,
+    const std::optional<at::Tensor>& bias,
+    c10::IntArrayRef stride,
+    c10::IntArrayRef padding,
+    c10::IntArrayRef dilation,
+    int64_t pool,
+    DtypeList supported);
+
 Conv2dSizes check_tucker_conv2d_args(
     const at::Tensor& input,
     const std::optional<at::Tensor>& first,

@@ -19,6 +19,12 @@ TORCH_LIBRARY(tucker_ops, m) {
       "int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
       tags);
   m.def("tucker_linear(Tensor input, Tensor? first, Tensor core, Tensor? last, Tensor? bias) -> Tensor", tags);
+  // avg_pool2d(relu(tucker_conv2d(...)), pool, pool): the CPU kernel pools each
+  // output tile in cache (tucker_ops/_epilogue_op.py has the rest).
+  m.def(
+      "tucker_conv2d_relu_pool(Tensor input, Tensor? first, Tensor core, Tensor? last, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int pool) -> Tensor",
+      tags);
   m.def(
       "tucker_conv2d_backward(Tensor grad_output, Tensor input, Tensor? first, Tensor core, Tensor? last, "
       "int[2] stride, int[2] padding, int[2] dilation, bool[5] output_mask) "

@@ -12,6 +12,8 @@ and modules work without it.
 
 from . import flops  # noqa: F401  (registers the ops' FlopCounterMode formulas)
 from ._ops import tucker_conv2d, tucker_linear, use_reference
+from ._epilogue_op import tucker_conv2d_relu_pool
+from .epilogues import TuckerConv2dReLUPool, fuse_epilogues
 from .compress import CompressionReport, LayerReport, compress, fuse_sequential_chains, to_sequential_model
 from .decompose import TuckerFactors, decompose_conv2d, decompose_linear, reconstruct_conv2d, reconstruct_linear
 from .models import ThesisNet, thesis_ranks
@@ -32,6 +34,7 @@ __all__ = [
     "RankSpec",
     "ThesisNet",
     "TuckerConv2d",
+    "TuckerConv2dReLUPool",
     "TuckerFactors",
     "TuckerLinear",
     "TuckerProjection",
@@ -43,6 +46,7 @@ __all__ = [
     "dense_params",
     "energy_rank",
     "evbmf",
+    "fuse_epilogues",
     "fuse_sequential_chains",
     "load",
     "macs_for_ranks",
@@ -54,6 +58,7 @@ __all__ = [
     "thesis_ranks",
     "to_sequential_model",
     "tucker_conv2d",
+    "tucker_conv2d_relu_pool",
     "tucker_linear",
     "use_reference",
 ]

@@ -256,11 +256,15 @@ class TuckerConv2d(_TuckerBase):
         if self._explicit_pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._explicit_pad, mode=mode)
-        out = _ops.tucker_conv2d(
+        out = self._run_op(x)
+        return out.squeeze(0) if unbatched else out
+
+    def _run_op(self, x: Tensor) -> Tensor:
+        # The op call on the padded batch; subclasses with an epilogue override it.
+        return _ops.tucker_conv2d(
             x, self.first, self.core, self.last, self.bias,
             self.stride, self._op_padding, self.dilation, backend=self.backend,
         )  # fmt: skip
-        return out.squeeze(0) if unbatched else out
 
     # -- cost model ---------------------------------------------------------------
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .compress import compress, to_sequential_model
+from .epilogues import fuse_epilogues
 from .latency import dataset_latency
 from .mnist import MnistSplit
 from .models import ThesisNet, thesis_ranks
@@ -216,7 +217,7 @@ def run(
     timed = {"dense": dense}
     for key, model in compressed.items():
         timed[f"{key}/sequential"] = to_sequential_model(model).eval()
-        timed[f"{key}/fused"] = model.eval()
+        timed[f"{key}/fused"] = fuse_epilogues(model).eval()  # fused ops, conv -> ReLU -> pool too
     lat = dataset_latency(timed, x_test, baseline="dense", batch_size=recipe.latency_batch, repeats=recipe.latency_repeats, progress=progress)
     results["latency"] = lat.to_dict()
     stage(results)
@@ -291,7 +292,7 @@ def _sweep(
         torch.manual_seed(seed + 20)
         hist = fine_tune(model, x_train, y_train, recipe.sweep_fine_tune, eval_data=test, desc=f"fine-tune {budget:g}", progress=progress)
         lat = dataset_latency(
-            {"dense": dense, "sequential": to_sequential_model(model).eval(), "fused": model.eval()},
+            {"dense": dense, "sequential": to_sequential_model(model).eval(), "fused": fuse_epilogues(model).eval()},
             test[0],
             baseline="dense",
             batch_size=recipe.latency_batch,

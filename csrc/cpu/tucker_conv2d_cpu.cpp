@@ -91,11 +91,12 @@ int64_t chain_macs(const Conv2dSizes& s) {
 
 // One tile's output rows [oh0, oh1) by the implicit im2col (conv_tiles.h,
 // PhasePlanes): core over blocks of whole extended rows, then the valid columns
-// are expanded by last (or copied) into the output, on top of the bias.
+// are expanded by last (or copied) into the output, on top of the bias. yn is
+// the tile's first output row, ldy the destination's channel stride.
 template <typename T>
 void forward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, const Projection& pr, const T* p,
-                          int64_t oh0, int64_t oh1, int64_t block, const T* bias, T* yn) {
-  const int64_t HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
+                          int64_t oh0, int64_t oh1, int64_t block, const T* bias, T* yn, int64_t ldy) {
+  const int64_t HWo = ldy, K = s.R_in * s.kh * s.kw;
   T* planes = scratch<T>(1, phase_planes_elems(s, oh1 - oh0));
   int64_t* offsets = scratch<int64_t>(0, K + s.kh + s.kw);
   const PhasePlanes t = fill_phase_planes<T>(s, p, pr.cs, pr.ps, pr.ih_lo, pr.ih_hi, oh0, oh1, planes, offsets);
@@ -130,10 +131,44 @@ void forward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, const
   }
 }
 
+// The ReLU + average-pool epilogue of tucker_conv2d_relu_pool for one tile:
+// tile (C_out, rows, W_out), rows a multiple of pool, into the pooled output
+// rows of image n starting at pooled row ph0 (pooled channel stride HWp).
 template <typename T>
-void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias, T* out) {
-  const TilePlan plan = plan_tiles(s, at::get_num_threads(), sizeof(T), false);
+void relu_pool_tile(const Conv2dSizes& s, int64_t pool, const T* tile, int64_t rows, T* pooled, int64_t HWp) {
+  const int64_t Wp = s.W_out / pool, tile_px = rows * s.W_out;
+  const T scale = T(1) / static_cast<T>(pool * pool);
+  for (int64_t c = 0; c < s.C_out; ++c) {
+    for (int64_t pr = 0; pr < rows / pool; ++pr) {
+      T* dst = pooled + c * HWp + pr * Wp;
+      for (int64_t pw = 0; pw < Wp; ++pw) {
+        T sum = T(0);
+        for (int64_t i = 0; i < pool; ++i) {
+          const T* src = tile + c * tile_px + (pr * pool + i) * s.W_out + pw * pool;
+          for (int64_t j = 0; j < pool; ++j) sum += std::max(src[j], T(0));
+        }
+        dst[pw] = sum * scale;
+      }
+    }
+  }
+}
+
+// The forward. pool == 0 writes the conv output to out (N, C_out, H_out,
+// W_out); pool >= 1 computes each tile into thread scratch and writes
+// avg_pool(relu(tile)) to out (N, C_out, H_out / pool, W_out / pool), with
+// tiles a whole number of pooling windows high and rows the floor mode drops
+// never computed.
+template <typename T>
+void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias, T* out, int64_t pool = 0) {
+  TilePlan plan = plan_tiles(s, at::get_num_threads(), sizeof(T), false);
+  int64_t rows_used = s.H_out;
+  if (pool > 0) {
+    rows_used = s.H_out / pool * pool;
+    plan.rows = std::min((plan.rows + pool - 1) / pool * pool, rows_used);
+    plan.tiles_per_image = (rows_used + plan.rows - 1) / plan.rows;
+  }
   const int64_t HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
+  const int64_t HWp = pool > 0 ? (s.H_out / pool) * (s.W_out / pool) : 0;
   const int64_t tasks = s.N * plan.tiles_per_image;
   const int64_t chunks = chunks_for_work(tasks, chain_macs(s));
   for_each_chunk_raw(chunks, [&](int64_t chunk) {
@@ -141,33 +176,56 @@ void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / plan.tiles_per_image;
       const int64_t oh0 = (task % plan.tiles_per_image) * plan.rows;
-      const int64_t oh1 = std::min(s.H_out, oh0 + plan.rows);
+      const int64_t oh1 = std::min(rows_used, oh0 + plan.rows);
       const auto [ih_lo, ih_hi] = input_rows(s, oh0, oh1);
       const T* p = nullptr;
       const Projection pr = project_rows<T>(s, op, n, ih_lo, ih_hi, scratch<T>(0, s.R_in * (ih_hi - ih_lo) * s.W), &p);
       const bool direct = reads_projection_directly(s, pr.ps);
       const int64_t npx = (oh1 - oh0) * s.W_out;
-      T* yn = out + n * s.C_out * HWo + oh0 * s.W_out;
+      // Destination of the conv output: the output itself, or the tile buffer
+      // the epilogue reads while it is still in cache.
+      T* yn = pool > 0 ? scratch<T>(4, s.C_out * npx) : out + n * s.C_out * HWo + oh0 * s.W_out;
+      const int64_t ldy = pool > 0 ? npx : HWo;
       if (!direct) {
-        forward_tile_windows<T>(s, op, pr, p, oh0, oh1, plan.block, bias, yn);
-        continue;
-      }
-      // Pointwise core on a channel-major projection: the core reads it in place.
-      T* q = op.last ? scratch<T>(2, s.R_out * plan.block) : nullptr;
-      for (int64_t q0 = 0; q0 < npx; q0 += plan.block) {
-        const int64_t nb = std::min(plan.block, npx - q0);
-        const T* col = p + (oh0 * s.W_out + q0 - pr.ih_lo * s.W);  // same pixel index in and out
-        T* y = yn + q0;
-        if (bias)
-          for (int64_t c = 0; c < s.C_out; ++c) std::fill(y + c * HWo, y + c * HWo + nb, bias[c]);
-        if (op.last) {
-          gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, q, nb, false);
-          gemm_nn<T>(s.C_out, nb, s.R_out, op.last, s.R_out, 1, q, nb, y, HWo, bias != nullptr);
-        } else {
-          gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, y, HWo, bias != nullptr);
+        forward_tile_windows<T>(s, op, pr, p, oh0, oh1, plan.block, bias, yn, ldy);
+      } else {
+        // Pointwise core on a channel-major projection: the core reads it in place.
+        T* q = op.last ? scratch<T>(2, s.R_out * plan.block) : nullptr;
+        for (int64_t q0 = 0; q0 < npx; q0 += plan.block) {
+          const int64_t nb = std::min(plan.block, npx - q0);
+          const T* col = p + (oh0 * s.W_out + q0 - pr.ih_lo * s.W);  // same pixel index in and out
+          T* y = yn + q0;
+          if (bias)
+            for (int64_t c = 0; c < s.C_out; ++c) std::fill(y + c * ldy, y + c * ldy + nb, bias[c]);
+          if (op.last) {
+            gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, q, nb, false);
+            gemm_nn<T>(s.C_out, nb, s.R_out, op.last, s.R_out, 1, q, nb, y, ldy, bias != nullptr);
+          } else {
+            gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, y, ldy, bias != nullptr);
+          }
         }
       }
+      if (pool > 0) {
+        relu_pool_tile<T>(s, pool, yn, oh1 - oh0, out + n * s.C_out * HWp + (oh0 / pool) * (s.W_out / pool), HWp);
+      }
     }
+  });
+}
+
+// Runs conv_forward on the call's operands into out (pool as conv_forward's).
+void run_forward(const Conv2dSizes& s, const Tensor& input, const std::optional<Tensor>& first, const Tensor& core,
+                 const std::optional<Tensor>& last, const std::optional<Tensor>& bias, Tensor& out, int64_t pool) {
+  const auto [x, nhwc] = input_layout(input);
+  const Tensor A = s.has_first ? first->contiguous() : Tensor();
+  const Tensor G = core.contiguous();
+  const Tensor B = s.has_last ? last->contiguous() : Tensor();
+  const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_conv2d_cpu", [&] {
+    const ConvOperands<scalar_t> op{
+        x.const_data_ptr<scalar_t>(), nhwc, s.has_first ? A.const_data_ptr<scalar_t>() : nullptr,
+        G.const_data_ptr<scalar_t>(), s.has_last ? B.const_data_ptr<scalar_t>() : nullptr};
+    conv_forward<scalar_t>(s, op, s.has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
+                           out.mutable_data_ptr<scalar_t>(), pool);
   });
 }
 
@@ -182,18 +240,24 @@ Tensor tucker_conv2d_cpu(
     c10::IntArrayRef dilation) {
   const Conv2dSizes s = check_tucker_conv2d_args(input, first, core, last, bias, stride, padding, dilation, kCpuDtypes);
   Tensor out = at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options());
-  if (s.N == 0) return out;
-  const auto [x, nhwc] = input_layout(input);
-  const Tensor A = s.has_first ? first->contiguous() : Tensor();
-  const Tensor G = core.contiguous();
-  const Tensor B = s.has_last ? last->contiguous() : Tensor();
-  const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_conv2d_cpu", [&] {
-    const ConvOperands<scalar_t> op{
-        x.const_data_ptr<scalar_t>(), nhwc, s.has_first ? A.const_data_ptr<scalar_t>() : nullptr,
-        G.const_data_ptr<scalar_t>(), s.has_last ? B.const_data_ptr<scalar_t>() : nullptr};
-    conv_forward<scalar_t>(s, op, s.has_bias ? b.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
-  });
+  if (s.N > 0) run_forward(s, input, first, core, last, bias, out, 0);
+  return out;
+}
+
+Tensor tucker_conv2d_relu_pool_cpu(
+    const Tensor& input,
+    const std::optional<Tensor>& first,
+    const Tensor& core,
+    const std::optional<Tensor>& last,
+    const std::optional<Tensor>& bias,
+    c10::IntArrayRef stride,
+    c10::IntArrayRef padding,
+    c10::IntArrayRef dilation,
+    int64_t pool) {
+  const Conv2dSizes s = check_tucker_conv2d_relu_pool_args(input, first, core, last, bias, stride, padding, dilation,
+                                                           pool, kCpuDtypes);
+  Tensor out = at::empty({s.N, s.C_out, s.H_out / pool, s.W_out / pool}, input.options());
+  if (out.numel() > 0) run_forward(s, input, first, core, last, bias, out, pool);
   return out;
 }
 
@@ -494,6 +558,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
 }  // namespace tucker_ops::cpu
 
 TORCH_LIBRARY_IMPL(tucker_ops, CPU, m) {
+  m.impl("tucker_conv2d_relu_pool", &tucker_ops::cpu::tucker_conv2d_relu_pool_cpu);
   m.impl("tucker_conv2d", &tucker_ops::cpu::tucker_conv2d_cpu);
   m.impl("tucker_conv2d_backward", &tucker_ops::cpu::tucker_conv2d_backward_cpu);
 }
