@@ -134,20 +134,31 @@ void forward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, const
 // The ReLU + average-pool epilogue of tucker_conv2d_relu_pool for one tile:
 // tile (C_out, rows, W_out), rows a multiple of pool, into the pooled output
 // rows of image n starting at pooled row ph0 (pooled channel stride HWp).
+// Rows are summed first, over whole contiguous rows (vectorised), then pairs
+// of columns: the epilogue must cost less than the eager ReLU and AvgPool2d
+// it replaces even where those run in cache. max(x, 0) keeps NaN, as relu.
 template <typename T>
 void relu_pool_tile(const Conv2dSizes& s, int64_t pool, const T* tile, int64_t rows, T* pooled, int64_t HWp) {
-  const int64_t Wp = s.W_out / pool, tile_px = rows * s.W_out;
+  const int64_t Wp = s.W_out / pool, width = Wp * pool, tile_px = rows * s.W_out;
   const T scale = T(1) / static_cast<T>(pool * pool);
+  T* sums = scratch<T>(5, width);
   for (int64_t c = 0; c < s.C_out; ++c) {
     for (int64_t pr = 0; pr < rows / pool; ++pr) {
+      const T* src = tile + c * tile_px + pr * pool * s.W_out;
+      for (int64_t ow = 0; ow < width; ++ow) sums[ow] = std::max(src[ow], T(0));
+      for (int64_t i = 1; i < pool; ++i) {
+        const T* row = src + i * s.W_out;
+        for (int64_t ow = 0; ow < width; ++ow) sums[ow] += std::max(row[ow], T(0));
+      }
       T* dst = pooled + c * HWp + pr * Wp;
-      for (int64_t pw = 0; pw < Wp; ++pw) {
-        T sum = T(0);
-        for (int64_t i = 0; i < pool; ++i) {
-          const T* src = tile + c * tile_px + (pr * pool + i) * s.W_out + pw * pool;
-          for (int64_t j = 0; j < pool; ++j) sum += std::max(src[j], T(0));
+      if (pool == 2) {
+        for (int64_t pw = 0; pw < Wp; ++pw) dst[pw] = (sums[2 * pw] + sums[2 * pw + 1]) * scale;
+      } else {
+        for (int64_t pw = 0; pw < Wp; ++pw) {
+          T sum = sums[pw * pool];
+          for (int64_t j = 1; j < pool; ++j) sum += sums[pw * pool + j];
+          dst[pw] = sum * scale;
         }
-        dst[pw] = sum * scale;
       }
     }
   }
