@@ -168,3 +168,26 @@ def test_onnx_export_through_to_sequential(tmp_path) -> None:
             x = torch.randn(n, 3, 13, 11)
             (got,) = session.run(None, {"x": x.numpy()})
             torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_compile_fused_epilogue_model_fullgraph_forward_backward() -> None:
+    # fuse_epilogues' GraphModule: the relu_pool op traces through its fake kernel and
+    # its registered autograd, in one graph for every batch size.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        TuckerConv2d(3, 6, 3, (2, 4), padding=1), nn.ReLU(), nn.AvgPool2d(2),
+        TuckerConv2d(6, 4, 3, (3, None)), nn.ReLU(), nn.Flatten(), TuckerLinear(4 * 4 * 3, 5, (7, 3)),
+    ).double()  # fmt: skip
+    fused = tucker_ops.fuse_epilogues(net)
+    assert sum(isinstance(m, tucker_ops.TuckerConv2dReLUPool) for m in fused.modules()) == 2
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fused, backend=counter, fullgraph=True, dynamic=True)
+    for n in (2, 3):
+        x = torch.randn(n, 3, 12, 10, dtype=torch.float64)
+        out, grads = _grads(fused, x, compiled)
+        want_out, want_grads = _grads(net, x, net)
+        torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+        for got, want in zip(grads, want_grads):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert counter.frame_count == 1
