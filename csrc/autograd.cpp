@@ -21,6 +21,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "checks.h"
+
 namespace tucker_ops {
 namespace {
 
@@ -65,10 +67,6 @@ const c10::TypedOperatorHandle<LinearFn>& linear_op() {
 const c10::TypedOperatorHandle<LinearBackwardFn>& linear_backward_op() {
   static const auto op = find_op<LinearBackwardFn>("tucker_ops::tucker_linear_backward");
   return op;
-}
-
-inline bool present(const OptTensor& t) {
-  return t.has_value() && t->defined();
 }
 
 // Function::apply makes an optional tensor argument a graph input only when it

@@ -132,8 +132,8 @@ void forward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, const
 }
 
 // The ReLU + average-pool epilogue of tucker_conv2d_relu_pool for one tile:
-// tile (C_out, rows, W_out), rows a multiple of pool, into the pooled output
-// rows of image n starting at pooled row ph0 (pooled channel stride HWp).
+// tile (C_out, rows, W_out), rows a multiple of pool, into pooled: the tile's
+// first pooled row of its image (pooled channel stride HWp).
 // Rows are summed first, over whole contiguous rows (vectorised), then pairs
 // of columns: the epilogue must cost less than the eager ReLU and AvgPool2d
 // it replaces even where those run in cache. max(x, 0) keeps NaN, as relu.

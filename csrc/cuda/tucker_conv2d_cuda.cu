@@ -329,13 +329,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cuda(
     }
   }
 
-  return backward_result(
-      opts,
-      need.input ? grad_input : Tensor(),
-      need.first ? grad_first : Tensor(),
-      need.core ? grad_core : Tensor(),
-      need.last ? grad_last : Tensor(),
-      need.bias ? grad_bias : Tensor());
+  // Each gradient tensor is allocated only when requested: undefined otherwise.
+  return backward_result(opts, grad_input, grad_first, grad_core, grad_last, grad_bias);
 }
 
 }  // namespace
