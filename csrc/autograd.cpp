@@ -4,7 +4,10 @@
 // Each is a torch::autograd::Function: forward calls the op again below
 // autograd, so the backend kernel (which runs the checks in checks.cpp) does
 // the work; backward calls the matching *_backward op for the gradients the
-// graph needs. A plain backward calls it below autograd too, so no Python runs
+// graph needs. On the CPU, where cpu/intermediates.h says so, forward calls
+// the op's *_with_intermediates variant instead and saves the projection and
+// core output it returns, and backward hands them to the *_backward op in
+// place of its recomputation. A plain backward calls it below autograd too, so no Python runs
 // in a training step. With create_graph=True it goes through the dispatcher as
 // usual, so the double-backward formula registered for the *_backward ops in
 // tucker_ops/_ops.py records the graph.
@@ -22,6 +25,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/intermediates.h"
 
 namespace tucker_ops {
 namespace {
@@ -36,11 +40,18 @@ using Mask = std::array<bool, 5>;  // (input, first, core, last, bias), the back
 using Conv2dFn = Tensor(
     const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const OptTensor&, c10::IntArrayRef,
     c10::IntArrayRef, c10::IntArrayRef);
+using Kept = std::tuple<Tensor, Tensor, Tensor>;  // output, projection, core_output
+using Conv2dKeptFn = Kept(
+    const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const OptTensor&, c10::IntArrayRef,
+    c10::IntArrayRef, c10::IntArrayRef);
 using Conv2dBackwardFn = Grads(
     const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, c10::IntArrayRef,
-    c10::IntArrayRef, c10::IntArrayRef, Mask);
+    c10::IntArrayRef, c10::IntArrayRef, Mask, const OptTensor&, const OptTensor&);
 using LinearFn = Tensor(const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const OptTensor&);
-using LinearBackwardFn = Grads(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, Mask);
+using LinearKeptFn = Kept(const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const OptTensor&);
+using LinearBackwardFn = Grads(
+    const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, Mask, const OptTensor&,
+    const OptTensor&);
 
 template <class Fn>
 c10::TypedOperatorHandle<Fn> find_op(const char* name) {
@@ -51,6 +62,16 @@ c10::TypedOperatorHandle<Fn> find_op(const char* name) {
 // ops.cpp, in this same library.
 const c10::TypedOperatorHandle<Conv2dFn>& conv2d_op() {
   static const auto op = find_op<Conv2dFn>("tucker_ops::tucker_conv2d");
+  return op;
+}
+
+const c10::TypedOperatorHandle<Conv2dKeptFn>& conv2d_kept_op() {
+  static const auto op = find_op<Conv2dKeptFn>("tucker_ops::tucker_conv2d_with_intermediates");
+  return op;
+}
+
+const c10::TypedOperatorHandle<LinearKeptFn>& linear_kept_op() {
+  static const auto op = find_op<LinearKeptFn>("tucker_ops::tucker_linear_with_intermediates");
   return op;
 }
 
@@ -90,6 +111,23 @@ Mask grad_mask(const AutogradContext* ctx, bool has_first, bool has_last, bool h
     if (has[i]) mask[i] = ctx->needs_input_grad(edge++);
   }
   return mask;
+}
+
+// Whether a forward may keep the intermediates (the caller checks there are
+// any: first or last), and under which mode: only a CPU call that records a graph, with concrete sizes (a symbolic trace
+// keeps the recomputing path rather than guard on sizes). The caller applies
+// its op's rule in auto mode.
+std::optional<cpu::KeepIntermediates> keep_mode(std::initializer_list<OptTensor> tensors) {
+  if (!c10::GradMode::is_enabled()) return std::nullopt;
+  bool needs_grad = false;
+  for (const OptTensor& t : tensors) {
+    if (!present(t)) continue;
+    if (!t->device().is_cpu() || t->unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return std::nullopt;
+    needs_grad = needs_grad || t->requires_grad();
+  }
+  const cpu::KeepIntermediates mode = cpu::keep_intermediates_from_env();
+  if (!needs_grad || mode == cpu::KeepIntermediates::kNever) return std::nullopt;
+  return mode;
 }
 
 bool any(const Mask& mask) {
@@ -139,15 +177,23 @@ class TuckerConv2dFunction : public torch::autograd::Function<TuckerConv2dFuncti
       const OptTensor& bias,
       c10::IntArrayRef stride,
       c10::IntArrayRef padding,
-      c10::IntArrayRef dilation) {
-    Tensor output;
+      c10::IntArrayRef dilation,
+      bool keep) {
+    Tensor output, projection, core_output;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      output = conv2d_op().call(input, first, core, last, bias, stride, padding, dilation);
+      if (keep) {
+        std::tie(output, projection, core_output) =
+            conv2d_kept_op().call(input, first, core, last, bias, stride, padding, dilation);
+      } else {
+        output = conv2d_op().call(input, first, core, last, bias, stride, padding, dilation);
+      }
     }
-    // A missing first/last is saved as an undefined tensor and unpacks as one: backward
+    // A missing first/last, or intermediate (not kept, or (0,) without its
+    // factor), is saved as an undefined tensor and unpacks as one: backward
     // reads their presence from the saved tensors.
-    ctx->save_for_backward({input, present(first) ? *first : Tensor(), core, present(last) ? *last : Tensor()});
+    ctx->save_for_backward({input, present(first) ? *first : Tensor(), core, present(last) ? *last : Tensor(),
+                            present(first) ? projection : Tensor(), present(last) ? core_output : Tensor()});
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["dilation"] = dilation.vec();
@@ -156,7 +202,7 @@ class TuckerConv2dFunction : public torch::autograd::Function<TuckerConv2dFuncti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    constexpr size_t kNumArgs = 8;  // input, first, core, last, bias, stride, padding, dilation
+    constexpr size_t kNumArgs = 9;  // input, first, core, last, bias, stride, padding, dilation, keep
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &first = saved[1], &core = saved[2], &last = saved[3];
     const Mask mask = grad_mask(ctx, first.defined(), last.defined(), ctx->saved_data["has_bias"].toBool());
@@ -167,7 +213,7 @@ class TuckerConv2dFunction : public torch::autograd::Function<TuckerConv2dFuncti
     return to_result(
         call_backward(
             conv2d_backward_op(), grad_outputs[0], input, as_optional(first), core, as_optional(last), stride,
-            padding, dilation, mask),
+            padding, dilation, mask, as_optional(saved[4]), as_optional(saved[5])),
         mask, kNumArgs);
   }
 };
@@ -180,25 +226,33 @@ class TuckerLinearFunction : public torch::autograd::Function<TuckerLinearFuncti
       const OptTensor& first,
       const Tensor& core,
       const OptTensor& last,
-      const OptTensor& bias) {
-    Tensor output;
+      const OptTensor& bias,
+      bool keep) {
+    Tensor output, projection, core_output;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      output = linear_op().call(input, first, core, last, bias);
+      if (keep) {
+        std::tie(output, projection, core_output) = linear_kept_op().call(input, first, core, last, bias);
+      } else {
+        output = linear_op().call(input, first, core, last, bias);
+      }
     }
-    ctx->save_for_backward({input, present(first) ? *first : Tensor(), core, present(last) ? *last : Tensor()});
+    ctx->save_for_backward({input, present(first) ? *first : Tensor(), core, present(last) ? *last : Tensor(),
+                            present(first) ? projection : Tensor(), present(last) ? core_output : Tensor()});
     ctx->saved_data["has_bias"] = present(bias);
     return output;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    constexpr size_t kNumArgs = 5;  // input, first, core, last, bias
+    constexpr size_t kNumArgs = 6;  // input, first, core, last, bias, keep
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &first = saved[1], &core = saved[2], &last = saved[3];
     const Mask mask = grad_mask(ctx, first.defined(), last.defined(), ctx->saved_data["has_bias"].toBool());
     if (!any(mask)) return variable_list(kNumArgs);
     return to_result(
-        call_backward(linear_backward_op(), grad_outputs[0], input, as_optional(first), core, as_optional(last), mask),
+        call_backward(
+            linear_backward_op(), grad_outputs[0], input, as_optional(first), core, as_optional(last), mask,
+            as_optional(saved[4]), as_optional(saved[5])),
         mask, kNumArgs);
   }
 };
@@ -214,13 +268,28 @@ Tensor tucker_conv2d_autograd(
     c10::IntArrayRef stride,
     c10::IntArrayRef padding,
     c10::IntArrayRef dilation) {
+  // Decided here, not in forward: Function::apply runs forward with grad mode off.
+  bool keep = false;
+  const auto mode = present(first) || present(last) ? keep_mode({input, first, core, last, bias}) : std::nullopt;
+  if (mode) {
+    // The kernel's own check: the same sizes, and the same error for a bad call.
+    keep = *mode == cpu::KeepIntermediates::kAlways ||
+        cpu::conv2d_keeps_intermediates(
+               check_tucker_conv2d_args(input, first, core, last, bias, stride, padding, dilation, kCpuDtypes));
+  }
   return TuckerConv2dFunction::apply(
-      input, as_optional(first), core, as_optional(last), as_optional(bias), stride, padding, dilation);
+      input, as_optional(first), core, as_optional(last), as_optional(bias), stride, padding, dilation, keep);
 }
 
 Tensor tucker_linear_autograd(
     const Tensor& input, const OptTensor& first, const Tensor& core, const OptTensor& last, const OptTensor& bias) {
-  return TuckerLinearFunction::apply(input, as_optional(first), core, as_optional(last), as_optional(bias));
+  bool keep = false;
+  const auto mode = present(first) || present(last) ? keep_mode({input, first, core, last, bias}) : std::nullopt;
+  if (mode) {
+    keep = *mode == cpu::KeepIntermediates::kAlways ||
+        cpu::linear_keeps_intermediates(check_tucker_linear_args(input, first, core, last, bias, kCpuDtypes));
+  }
+  return TuckerLinearFunction::apply(input, as_optional(first), core, as_optional(last), as_optional(bias), keep);
 }
 
 }  // namespace

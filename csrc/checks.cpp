@@ -183,6 +183,21 @@ void check_grad_output(
       ", but got grad_output of shape ", grad_output.sizes());
 }
 
+// A saved intermediate (ops.cpp): only with its factor, like input in dtype
+// and device, of the shape the with_intermediates op returns.
+void check_intermediate(
+    const char* op, const at::Tensor& input, const std::optional<at::Tensor>& t, const char* name,
+    bool has_factor, const char* factor, c10::IntArrayRef expected) {
+  if (!present(t)) return;
+  TORCH_CHECK_VALUE(
+      has_factor, op, ": expected ", name, " to be None when ", factor, " is None (there is no ", name,
+      " to save then), but got a tensor of shape ", t->sizes());
+  check_like_input(op, input, *t, name);
+  TORCH_CHECK_VALUE(
+      t->sizes() == expected, op, ": expected ", name, " to have the shape ", expected,
+      " that the forward's with_intermediates call returns, but got ", name, " of shape ", t->sizes());
+}
+
 Conv2dSizes conv2d_args(
     const char* op,
     const at::Tensor& input,
@@ -336,11 +351,17 @@ Conv2dSizes check_tucker_conv2d_backward_args(
     c10::IntArrayRef stride,
     c10::IntArrayRef padding,
     c10::IntArrayRef dilation,
-    DtypeList supported) {
+    DtypeList supported,
+    const std::optional<at::Tensor>& projection,
+    const std::optional<at::Tensor>& core_output) {
   constexpr const char* op = "tucker_conv2d_backward";
   Conv2dSizes s = conv2d_args(op, input, first, core, last, std::nullopt, stride, padding, dilation, supported);
   std::array<int64_t, 4> expected = {s.N, s.C_out, s.H_out, s.W_out};
   check_grad_output(op, grad_output, input, expected);
+  const std::array<int64_t, 4> projection_shape = {s.N, s.R_in, s.H, s.W};
+  const std::array<int64_t, 4> core_output_shape = {s.N, s.R_out, s.H_out, s.W_out};
+  check_intermediate(op, input, projection, "projection", s.has_first, "first", projection_shape);
+  check_intermediate(op, input, core_output, "core_output", s.has_last, "last", core_output_shape);
   return s;
 }
 
@@ -360,12 +381,18 @@ LinearSizes check_tucker_linear_backward_args(
     const std::optional<at::Tensor>& first,
     const at::Tensor& core,
     const std::optional<at::Tensor>& last,
-    DtypeList supported) {
+    DtypeList supported,
+    const std::optional<at::Tensor>& projection,
+    const std::optional<at::Tensor>& core_output) {
   constexpr const char* op = "tucker_linear_backward";
   LinearSizes s = linear_args(op, input, first, core, last, std::nullopt, supported);
   std::vector<int64_t> expected(input.sizes().begin(), input.sizes().end());
   expected.back() = s.out;
   check_grad_output(op, grad_output, input, expected);
+  expected.back() = s.R_in;
+  check_intermediate(op, input, projection, "projection", s.has_first, "first", expected);
+  expected.back() = s.R_out;
+  check_intermediate(op, input, core_output, "core_output", s.has_last, "last", expected);
   return s;
 }
 

@@ -94,8 +94,11 @@ Conv2dSizes check_tucker_conv2d_args(
     c10::IntArrayRef dilation,
     DtypeList supported_dtypes);
 
-// Checks the forward arguments (without bias) and that grad_output has the
-// forward output's shape, dtype and device.
+// Checks the forward arguments (without bias), that grad_output has the
+// forward output's shape, dtype and device, and that the saved intermediates
+// (ops.cpp), where given, have the shapes tucker_conv2d_with_intermediates
+// returns them in and are given only with their factor (projection with
+// first, core_output with last).
 Conv2dSizes check_tucker_conv2d_backward_args(
     const at::Tensor& grad_output,
     const at::Tensor& input,
@@ -105,7 +108,9 @@ Conv2dSizes check_tucker_conv2d_backward_args(
     c10::IntArrayRef stride,
     c10::IntArrayRef padding,
     c10::IntArrayRef dilation,
-    DtypeList supported_dtypes);
+    DtypeList supported_dtypes,
+    const std::optional<at::Tensor>& projection = std::nullopt,
+    const std::optional<at::Tensor>& core_output = std::nullopt);
 
 LinearSizes check_tucker_linear_args(
     const at::Tensor& input,
@@ -115,12 +120,16 @@ LinearSizes check_tucker_linear_args(
     const std::optional<at::Tensor>& bias,
     DtypeList supported_dtypes);
 
+// As check_tucker_conv2d_backward_args: projection (..., R_in) with first,
+// core_output (..., R_out) with last, the input's leading dimensions.
 LinearSizes check_tucker_linear_backward_args(
     const at::Tensor& grad_output,
     const at::Tensor& input,
     const std::optional<at::Tensor>& first,
     const at::Tensor& core,
     const std::optional<at::Tensor>& last,
-    DtypeList supported_dtypes);
+    DtypeList supported_dtypes,
+    const std::optional<at::Tensor>& projection = std::nullopt,
+    const std::optional<at::Tensor>& core_output = std::nullopt);
 
 }  // namespace tucker_ops

@@ -3,7 +3,8 @@
 The independent check is the reference chain (reference.py), which FlopCounterMode
 counts through aten's own convolution / mm formulas: the fused forward must count
 exactly the same, and the fused backward the same plus the forward recomputation
-its schema forces (see tucker_ops/flops.py).
+it does when the forward did not keep the intermediates (see tucker_ops/flops.py;
+TUCKER_OPS_KEEP_INTERMEDIATES forces either way).
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ def _conv_args(first: bool, last: bool, bias: bool, requires: tuple[bool, ...]):
 CONV_OPTS = ((2, 1), (1, 2), (2, 1))  # stride, padding, dilation
 
 
-def _recompute_macs(first_macs: int, core_macs: int, has_first: bool, has_last: bool, requires) -> int:
-    """Forward work the fused backward redoes (the reference saved it instead)."""
+def _recompute_macs(first_macs: int, core_macs: int, has_first: bool, has_last: bool, requires, keep: str) -> int:
+    """Forward work the fused backward redoes (the reference saved it instead): none when kept."""
+    if keep == "1":
+        return 0
     need_core, need_last = requires[2], requires[3] and has_last
     macs = 0
     if (need_core or need_last) and has_first:
@@ -58,16 +61,19 @@ def _recompute_macs(first_macs: int, core_macs: int, has_first: bool, has_last: 
 @pytest.mark.parametrize(
     "requires", [(True,) * 5, (False, True, True, True, True), (True, False, False, False, False), (False, False, True, False, False)]
 )
-def test_conv2d_forward_and_backward_count_like_the_reference(first, last, bias, requires) -> None:
+@pytest.mark.parametrize("keep", ["0", "1"])
+def test_conv2d_forward_and_backward_count_like_the_reference(first, last, bias, requires, keep, monkeypatch) -> None:
     if not any(r for r, present in zip(requires, (True, first, True, last, bias)) if present):
         pytest.skip(reason="no gradient requested")
+    monkeypatch.setenv("TUCKER_OPS_KEEP_INTERMEDIATES", keep)
     args = _conv_args(first, last, bias, requires)
     fused_out = tucker_ops.tucker_conv2d(*args, *CONV_OPTS, backend="fused")
     ref_out = reference.tucker_conv2d(*args, *CONV_OPTS)
     fwd, per_op = _count(lambda: tucker_ops.tucker_conv2d(*args, *CONV_OPTS, backend="fused"))
     ref_fwd, _ = _count(lambda: reference.tucker_conv2d(*args, *CONV_OPTS))
     assert fwd == ref_fwd > 0
-    assert set(per_op) == {OPS.tucker_conv2d}
+    kept = keep == "1" and (first or last)
+    assert set(per_op) == {OPS.tucker_conv2d_with_intermediates if kept else OPS.tucker_conv2d}
 
     grad = torch.randn_like(fused_out)
     bwd, per_op = _count(lambda: fused_out.backward(grad))
@@ -78,12 +84,14 @@ def test_conv2d_forward_and_backward_count_like_the_reference(first, last, bias,
     first_macs = n * h * w * x.shape[1] * a.shape[0] if first else 0
     core_macs = n * ho * wo * g.numel()
     assert set(per_op) == {OPS.tucker_conv2d_backward}
-    assert bwd == ref_bwd + 2 * _recompute_macs(first_macs, core_macs, first, last, requires)
+    assert bwd == ref_bwd + 2 * _recompute_macs(first_macs, core_macs, first, last, requires, keep)
 
 
 @pytest.mark.parametrize("first,last,bias", list(itertools.product((True, False), repeat=3)))
 @pytest.mark.parametrize("requires", [(True,) * 5, (False, True, True, True, True), (True, False, False, False, False)])
-def test_linear_forward_and_backward_count_like_the_reference(first, last, bias, requires) -> None:
+@pytest.mark.parametrize("keep", ["0", "1"])
+def test_linear_forward_and_backward_count_like_the_reference(first, last, bias, requires, keep, monkeypatch) -> None:
+    monkeypatch.setenv("TUCKER_OPS_KEEP_INTERMEDIATES", keep)
     gen = torch.Generator().manual_seed(1)
 
     def t(*shape, grad=False):
@@ -110,7 +118,7 @@ def test_linear_forward_and_backward_count_like_the_reference(first, last, bias,
     first_macs = rows * 10 * 4 if first else 0
     core_macs = rows * g.numel()
     assert set(per_op) == {OPS.tucker_linear_backward}
-    assert bwd == ref_bwd + 2 * _recompute_macs(first_macs, core_macs, first, last, requires)
+    assert bwd == ref_bwd + 2 * _recompute_macs(first_macs, core_macs, first, last, requires, keep)
 
 
 def test_module_flops_are_twice_its_macs() -> None:

@@ -4,8 +4,10 @@ Configurations are chosen to reach every path of csrc/cpu: whole-image and
 banded tiles (batch 1 splits images into bands with halos), pixel blocks with
 and without a vector-width tail, the direct 1x1 path, NCHW / channels_last /
 strided input, Tucker-1 on either side, the few-rows, row-block and whole-batch
-linear paths and every fold of the linear chain. The hand GEMM kernels of each instruction
-set (and the BLAS path) run in subprocesses with TUCKER_OPS_GEMM / TUCKER_OPS_ISA.
+linear paths and every fold of the linear chain, each backward with the forward's
+intermediates kept and recomputed (TUCKER_OPS_KEEP_INTERMEDIATES). The hand GEMM kernels
+of each instruction set (and the BLAS path) run in subprocesses with TUCKER_OPS_GEMM /
+TUCKER_OPS_ISA.
 """
 
 from __future__ import annotations
@@ -59,13 +61,23 @@ CONV_CASES = [
     (1, 2, 30, 30, 2, 2, 3, (5, 5), (1, 1), (2, 2), (1, 1), False, True),  # thesis conv1-like, banded
     (1, 4, 40, 6, 2, 3, 2, (3, 1), (1, 1), (1, 0), (3, 1), True, True),  # tall image, dilation halo
     (4, 3, 7, 7, 3, 5, 4, (7, 7), (1, 1), (3, 3), (1, 1), False, False),  # neither side
+    # strides beyond the kernel's reach: input rows no output reads (zeros in a kept projection)
+    (2, 4, 10, 9, 3, 3, 3, (1, 1), (3, 3), (1, 1), (1, 1), True, True),
+    (1, 3, 21, 12, 2, 3, 4, (3, 2), (5, 3), (1, 0), (1, 1), True, True),
 ]
+
+
+@pytest.fixture(params=["1", "0"], ids=["kept", "recomputed"])
+def keep(request, monkeypatch):
+    """The backward with the forward's intermediates kept, and with them recomputed."""
+    monkeypatch.setenv("TUCKER_OPS_KEEP_INTERMEDIATES", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv_paths(case, dtype, layout):
+def test_conv_paths(case, dtype, layout, keep):
     n, c_in, h, w, ri, ro, c_out, k, stride, padding, dilation, has_first, has_last = case
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     x = torch.randn(n, c_in, h, w, dtype=dtype, generator=gen)
@@ -126,7 +138,7 @@ LINEAR_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", LINEAR_CASES)
-def test_linear_paths(case, dtype):
+def test_linear_paths(case, dtype, keep):
     m, i, ri, ro, o, has_first, has_last = case
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     x = torch.randn(m, i, dtype=dtype, generator=gen)

@@ -339,19 +339,79 @@ def _tucker_linear_fake(input, first, core, last, bias):
     return input.new_empty(_linear_output_shape("tucker_linear", input, first, core, last, bias))
 
 
+def _projection_memory_format(input: Tensor) -> torch.memory_format:
+    # The CPU kernel projects in the input's layout: NCHW unless it is channels_last only.
+    if input.is_contiguous() or not input.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+@torch.library.register_fake("tucker_ops::tucker_conv2d_with_intermediates")
+def _tucker_conv2d_with_intermediates_fake(input, first, core, last, bias, stride, padding, dilation):
+    n, c_out, h_out, w_out = _conv2d_output_shape(
+        "tucker_conv2d", input, first, core, last, bias, stride, padding, dilation
+    )
+    projection = input.new_empty((0,))  # each output its own tensor: outputs must not alias
+    if first is not None:
+        projection = input.new_empty((n, first.shape[0], *input.shape[2:]))
+        projection = projection.contiguous(memory_format=_projection_memory_format(input))
+    core_output = input.new_empty((n, core.shape[0], h_out, w_out)) if last is not None else input.new_empty((0,))
+    return input.new_empty((n, c_out, h_out, w_out)), projection, core_output
+
+
+@torch.library.register_fake("tucker_ops::tucker_linear_with_intermediates")
+def _tucker_linear_with_intermediates_fake(input, first, core, last, bias):
+    shape = _linear_output_shape("tucker_linear", input, first, core, last, bias)
+    rows = tuple(input.shape[:-1])
+    projection = input.new_empty((*rows, first.shape[0])) if first is not None else input.new_empty((0,))
+    core_output = input.new_empty((*rows, core.shape[0])) if last is not None else input.new_empty((0,))
+    return input.new_empty(shape), projection, core_output
+
+
+def _check_intermediate(
+    op: str, input: Tensor, t: Tensor | None, name: str, factor: Tensor | None, factor_name: str, expected
+) -> None:
+    """Like checks.cpp's check_intermediate: only with its factor, like input, the kept shape."""
+    if t is None:
+        return
+    torch._check_value(
+        factor is not None,
+        lambda: f"{op}: expected {name} to be None when {factor_name} is None (there is no {name} to save "
+        f"then), but got a tensor of shape {list(t.shape)}",
+    )
+    _check_tensors(op, input, ((name, t),))
+    torch._check_value(
+        t.dim() == len(expected) and all(got == want for got, want in zip(t.shape, expected)),
+        lambda: f"{op}: expected {name} to have the shape {list(expected)} that the forward's "
+        f"with_intermediates call returns, but got {name} of shape {list(t.shape)}",
+    )
+
+
 @torch.library.register_fake("tucker_ops::tucker_conv2d_backward")
-def _tucker_conv2d_backward_fake(grad_output, input, first, core, last, stride, padding, dilation, output_mask):
+def _tucker_conv2d_backward_fake(
+    grad_output, input, first, core, last, stride, padding, dilation, output_mask, projection=None, core_output=None
+):
     op = "tucker_conv2d_backward"
     shape = _conv2d_output_shape(op, input, first, core, last, None, stride, padding, dilation)
     _check_grad_output(op, grad_output, input, shape)
+    n, _, h_out, w_out = shape
+    r_in = first.shape[0] if first is not None else None
+    _check_intermediate(op, input, projection, "projection", first, "first", (n, r_in, *input.shape[2:]))
+    _check_intermediate(op, input, core_output, "core_output", last, "last", (n, core.shape[0], h_out, w_out))
     return _backward_outputs(op, output_mask, input, first, core, last, shape[1])
 
 
 @torch.library.register_fake("tucker_ops::tucker_linear_backward")
-def _tucker_linear_backward_fake(grad_output, input, first, core, last, output_mask):
+def _tucker_linear_backward_fake(
+    grad_output, input, first, core, last, output_mask, projection=None, core_output=None
+):
     op = "tucker_linear_backward"
     shape = _linear_output_shape(op, input, first, core, last, None)
     _check_grad_output(op, grad_output, input, shape)
+    rows = tuple(input.shape[:-1])
+    r_in = first.shape[0] if first is not None else None
+    _check_intermediate(op, input, projection, "projection", first, "first", (*rows, r_in))
+    _check_intermediate(op, input, core_output, "core_output", last, "last", (*rows, core.shape[0]))
     return _backward_outputs(op, output_mask, input, first, core, last, shape[-1])
 
 
@@ -395,8 +455,13 @@ def _double_backward(
     return result
 
 
+# The saved intermediates (the last two inputs of each backward op) are
+# functions of input and the factors: the formulas differentiate through those,
+# and the intermediates get no gradient of their own.
+
+
 def _conv2d_backward_setup_context(ctx, inputs, output) -> None:
-    grad_output, input, first, core, last, stride, padding, dilation, output_mask = inputs
+    grad_output, input, first, core, last, stride, padding, dilation, output_mask = inputs[:9]
     ctx.save_for_backward(grad_output, input, first, core, last)
     ctx.conv_args = (stride, padding, dilation)
     ctx.output_mask = tuple(output_mask)
@@ -407,18 +472,18 @@ def _conv2d_double_backward(ctx, *grads_of_grads: Tensor):
         return reference.tucker_conv2d(input, first, core, last, bias, *ctx.conv_args)
 
     out_features = ctx.saved_tensors[0].shape[1]
-    return (*_double_backward(ctx, chain, grads_of_grads, out_features), None, None, None, None)
+    return (*_double_backward(ctx, chain, grads_of_grads, out_features), None, None, None, None, None, None)
 
 
 def _linear_backward_setup_context(ctx, inputs, output) -> None:
-    grad_output, input, first, core, last, output_mask = inputs
+    grad_output, input, first, core, last, output_mask = inputs[:6]
     ctx.save_for_backward(grad_output, input, first, core, last)
     ctx.output_mask = tuple(output_mask)
 
 
 def _linear_double_backward(ctx, *grads_of_grads: Tensor):
     out_features = ctx.saved_tensors[0].shape[-1]
-    return (*_double_backward(ctx, reference.tucker_linear, grads_of_grads, out_features), None)
+    return (*_double_backward(ctx, reference.tucker_linear, grads_of_grads, out_features), None, None, None)
 
 
 torch.library.register_autograd(

@@ -1,8 +1,8 @@
 """FLOP formulas for the ``tucker_ops`` ops, registered with ``torch.utils.flop_counter``.
 
 Importing this module (``import tucker_ops`` does) makes
-``torch.utils.flop_counter.FlopCounterMode`` count the four ops, forward and
-backward. The convention is the one PyTorch uses for ``aten.convolution`` and
+``torch.utils.flop_counter.FlopCounterMode`` count the ops, forward (the
+``*_with_intermediates`` variants as their forward) and backward. The convention is the one PyTorch uses for ``aten.convolution`` and
 ``aten.mm``: 2 FLOPs per multiply-accumulate, bias additions and reductions not
 counted. The forward counts the chain as the contract writes it, evaluated
 right to left, so it equals ``2 * TuckerConv2d.macs`` / ``2 * TuckerLinear.macs``
@@ -13,18 +13,20 @@ and the MACs of ``compress``'s report:
             last   N·H_out·W_out·R_out·C_out
     linear: first  M·in·R_in,  core M·R_in·R_out,  last M·R_out·out   (M = rows)
 
-The backward ops receive no saved intermediates (their schema has only
-``grad_output``, ``input`` and the factors), so besides the gradients they must
-recompute the forward projections they need; that work is counted too, as
-FlopCounterMode counts recomputation under activation checkpointing. Per
-requested gradient, in MACs (``first``/``core``/``last`` are the forward terms):
+Without saved intermediates (``projection``, ``core_output``: see
+csrc/ops.cpp) a backward op recomputes the forward stages it needs; that work
+is counted too, as FlopCounterMode counts recomputation under activation
+checkpointing. Per requested gradient, in MACs (``first``/``core``/``last`` are
+the forward terms):
 
     grad through last (needed for core, first, input; only with last)   last
-    grad_last                                       last, and recompute first + core
-    grad_core                                       core, and recompute first
+    grad_last                                       last, and recompute core unless core_output is given
+    grad_core                                       core
     grad through core (needed for first, input)     core
     grad_first                                      first
     grad_input (only with first; else it is the grad through core)   first
+    the projection, once, where grad_core or a recomputed core output needs it
+    and it is not given                             first
 """
 
 from __future__ import annotations
@@ -69,17 +71,26 @@ def _linear_terms(
     return first, rows * r_out * r_in, last
 
 
-def _backward_macs(terms: tuple[int, int, int], has_first: bool, has_last: bool, mask: Sequence[bool]) -> int:
+def _backward_macs(
+    terms: tuple[int, int, int],
+    has_first: bool,
+    has_last: bool,
+    mask: Sequence[bool],
+    kept_projection: bool = False,
+    kept_core_output: bool = False,
+) -> int:
     first, core, last = terms
     need_input, need_first, need_core, need_last = mask[0], mask[1] and has_first, mask[2], mask[3] and has_last
     through_core = need_input or need_first  # gradient w.r.t. the projection P = first · input
-    macs = 0
+    recompute_core_output = need_last and not kept_core_output
+    recompute_projection = has_first and not kept_projection and (need_core or recompute_core_output)
+    macs = first if recompute_projection else 0
     if has_last and (need_core or through_core):
         macs += last  # gradient w.r.t. the core's output: lastᵀ · grad_output
     if need_last:
-        macs += last + first + core  # grad_last needs the recomputed core output
+        macs += last + (core if recompute_core_output else 0)
     if need_core:
-        macs += core + (first if not need_last else 0)  # needs the recomputed projection
+        macs += core
     if through_core:
         macs += core
     if need_first:
@@ -103,10 +114,17 @@ def conv2d_backward_flops(
     core_shape: Shape,
     last_shape: Shape | None,
     output_mask: Sequence[bool],
+    kept_projection: bool = False,
+    kept_core_output: bool = False,
 ) -> int:
-    """FLOPs of one ``tucker_conv2d_backward`` for the gradients in ``output_mask``."""
+    """FLOPs of one ``tucker_conv2d_backward`` for the gradients in ``output_mask``.
+
+    ``kept_*``: the call was given that saved intermediate (no recomputation).
+    """
     terms = _conv_terms(input_shape, first_shape, core_shape, last_shape, grad_output_shape[2:])
-    return 2 * _backward_macs(terms, first_shape is not None, last_shape is not None, output_mask)
+    return 2 * _backward_macs(
+        terms, first_shape is not None, last_shape is not None, output_mask, kept_projection, kept_core_output
+    )
 
 
 def linear_flops(input_shape: Shape, first_shape: Shape | None, core_shape: Shape, last_shape: Shape | None) -> int:
@@ -120,10 +138,14 @@ def linear_backward_flops(
     core_shape: Shape,
     last_shape: Shape | None,
     output_mask: Sequence[bool],
+    kept_projection: bool = False,
+    kept_core_output: bool = False,
 ) -> int:
-    """FLOPs of one ``tucker_linear_backward`` for the gradients in ``output_mask``."""
+    """FLOPs of one ``tucker_linear_backward`` for the gradients in ``output_mask`` (``kept_*`` as for conv)."""
     terms = _linear_terms(input_shape, first_shape, core_shape, last_shape)
-    return 2 * _backward_macs(terms, first_shape is not None, last_shape is not None, output_mask)
+    return 2 * _backward_macs(
+        terms, first_shape is not None, last_shape is not None, output_mask, kept_projection, kept_core_output
+    )
 
 
 # The registered formulas get shapes (tensors replaced by their .shape, None kept)
@@ -136,11 +158,31 @@ def _conv2d_formula(input, first, core, last, bias, stride, padding, dilation, *
     return conv2d_flops(input, first, core, last, out_shape)
 
 
+@register_flop_formula(_OPS.tucker_conv2d_with_intermediates)
+def _conv2d_kept_formula(input, first, core, last, bias, stride, padding, dilation, *, out_shape, **kwargs) -> int:
+    return conv2d_flops(input, first, core, last, out_shape[0])
+
+
 @register_flop_formula(_OPS.tucker_conv2d_backward)
 def _conv2d_backward_formula(
-    grad_output, input, first, core, last, stride, padding, dilation, output_mask, *, out_shape, **kwargs
+    grad_output,
+    input,
+    first,
+    core,
+    last,
+    stride,
+    padding,
+    dilation,
+    output_mask,
+    projection=None,
+    core_output=None,
+    *,
+    out_shape,
+    **kwargs,
 ) -> int:
-    return conv2d_backward_flops(grad_output, input, first, core, last, output_mask)
+    return conv2d_backward_flops(
+        grad_output, input, first, core, last, output_mask, projection is not None, core_output is not None
+    )
 
 
 @register_flop_formula(_OPS.tucker_linear)
@@ -148,6 +190,15 @@ def _linear_formula(input, first, core, last, bias, *, out_shape, **kwargs) -> i
     return linear_flops(input, first, core, last)
 
 
+@register_flop_formula(_OPS.tucker_linear_with_intermediates)
+def _linear_kept_formula(input, first, core, last, bias, *, out_shape, **kwargs) -> int:
+    return linear_flops(input, first, core, last)
+
+
 @register_flop_formula(_OPS.tucker_linear_backward)
-def _linear_backward_formula(grad_output, input, first, core, last, output_mask, *, out_shape, **kwargs) -> int:
-    return linear_backward_flops(input, first, core, last, output_mask)
+def _linear_backward_formula(
+    grad_output, input, first, core, last, output_mask, projection=None, core_output=None, *, out_shape, **kwargs
+) -> int:
+    return linear_backward_flops(
+        input, first, core, last, output_mask, projection is not None, core_output is not None
+    )

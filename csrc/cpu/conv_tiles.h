@@ -61,6 +61,26 @@ inline TilePlan plan_tiles(const Conv2dSizes& s, int64_t threads, int64_t elem_s
   return {rows, (s.H_out + rows - 1) / rows, block};
 }
 
+// Whether some output row reads input row ih (through some tap): with a
+// stride beyond the kernel's reach, or bottom rows past the last window, not
+// every row is.
+inline bool input_row_is_read(const Conv2dSizes& s, int64_t ih) {
+  for (int64_t i = 0; i < s.kh; ++i) {
+    const int64_t t = ih + s.pad_h - i * s.dil_h;  // = oh * stride_h
+    if (t >= 0 && t % s.stride_h == 0 && t / s.stride_h < s.H_out) return true;
+  }
+  return false;
+}
+
+// The block size that splits a tile's npx pixels into equal blocks of at most
+// `block`: 196 pixels as 98 + 98 rather than 160 + 36 (a thin last block runs
+// its GEMMs, and the weight gradients' per-block updates, at a fraction of
+// the speed).
+inline int64_t balanced_block(int64_t npx, int64_t block) {
+  const int64_t blocks = std::max<int64_t>(1, (npx + block - 1) / block);
+  return (npx + blocks - 1) / blocks;
+}
+
 // True when the core reads the projection exactly as stored (1x1, stride 1,
 // no padding) and the projection is channel-major: the im2col is skipped.
 inline bool reads_projection_directly(const Conv2dSizes& s, int64_t ps) {
@@ -267,6 +287,22 @@ void add_phase_planes(const Conv2dSizes& s, const PhasePlanes& t, const T* plane
       }
     }
   }
+}
+
+// Sum of n contiguous values. Sixteen independent partial sums: a single
+// running sum is one long chain of dependent adds (the compiler may not
+// reorder floating-point sums), this vectorises. Deterministic for a given n.
+template <typename T>
+T sum_contiguous(const T* x, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  T part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) part[j] += x[i + j];
+  T sum = T(0);
+  for (; i < n; ++i) sum += x[i];
+  for (int64_t j = 0; j < kLanes; ++j) sum += part[j];
+  return sum;
 }
 
 // x - x is 0 for every finite x and NaN for +-Inf and NaN; the loop vectorises.

@@ -10,9 +10,11 @@
 // projection reads the projection itself. Tiles run in parallel
 // (at::parallel_for over batch x tiles).
 //
-// Backward, per tile: recompute the projection (cheaper than storing it: it
-// is rank-sized and cache-resident), then the gradients of last, bias, core and
-// the projection: through the phase planes for cores the hand kernels run,
+// Backward, per tile: recompute the projection and the core's output, or read
+// them from the forward's saved intermediates when the caller kept them
+// (tucker_conv2d_with_intermediates, which writes them from the forward's
+// tiles: the chain's own intermediates, as a Sequential keeps them), then the
+// gradients of last, bias, core and the projection: through the phase planes for cores the hand kernels run,
 // through an explicit im2col and the BLAS for large ones. The projection
 // gradient of a tile overlaps its neighbours' by the halo, so even tiles run
 // first and odd tiles second; a second pass maps it to the input and first
@@ -27,6 +29,7 @@
 #include "checks.h"
 #include "cpu/conv_tiles.h"
 #include "cpu/gemm.h"
+#include "cpu/intermediates.h"
 #include "cpu/parallel_chunks.h"
 
 namespace tucker_ops::cpu {
@@ -42,6 +45,20 @@ struct ConvOperands {
   const T* first;  // (R_in, C_in) or null
   const T* core;   // (R_out, R_in*kh*kw)
   const T* last;   // (C_out, R_out) or null
+  // Backward only: the forward's saved projection (N, R_in, H, W), NCHW or
+  // NHWC as saved_p_nhwc says, and core output (N, R_out, H_out, W_out) NCHW;
+  // null to recompute them.
+  const T* saved_p = nullptr;
+  bool saved_p_nhwc = false;
+  const T* saved_q = nullptr;
+};
+
+// Where the forward writes the intermediates it is asked to keep (null: not
+// kept): the projection in the input's layout, the core output NCHW.
+template <typename T>
+struct SavedIntermediates {
+  T* p = nullptr;
+  T* q = nullptr;
 };
 
 // The input as NCHW or NHWC contiguous memory, whichever it already is.
@@ -70,6 +87,14 @@ Projection project_rows(const Conv2dSizes& s, const ConvOperands<T>& op, int64_t
     *p = xn + ih_lo * s.W;
     return {ih_lo, ih_hi, HW, 1};
   }
+  if (op.saved_p) {
+    if (op.saved_p_nhwc) {
+      *p = op.saved_p + (n * HW + ih_lo * s.W) * s.R_in;
+      return {ih_lo, ih_hi, 1, s.R_in};
+    }
+    *p = op.saved_p + n * s.R_in * HW + ih_lo * s.W;
+    return {ih_lo, ih_hi, HW, 1};
+  }
   *p = buf;
   if (px == 0) return {ih_lo, ih_hi, px, 1};
   if (op.nhwc) {
@@ -80,6 +105,38 @@ Projection project_rows(const Conv2dSizes& s, const ConvOperands<T>& op, int64_t
   // P (R_in x px) = first (R_in x C_in) * X (C_in x px, row stride HW)
   gemm_nn<T>(s.R_in, px, s.C_in, op.first, s.C_in, 1, xn + ih_lo * s.W, HW, buf, px, false);
   return {ih_lo, ih_hi, px, 1};
+}
+
+// Copies the rows [ih_lo, own_hi) a forward tile owns from its projection
+// into image n of the saved projection: the tile owns its input rows up to
+// the next tile's first, so every row is written once. Rows no output reads
+// are zeros (whatever the tiling, so the result does not depend on the
+// thread count); the backward never reads them.
+template <typename T>
+void save_projection_rows(const Conv2dSizes& s, bool nhwc, const T* p, const Projection& pr, int64_t n,
+                          int64_t own_hi, T* saved) {
+  const int64_t HW = s.H * s.W;
+  for (int64_t ih = pr.ih_lo; ih < own_hi; ++ih) {
+    const bool keep = ih < pr.ih_hi && input_row_is_read(s, ih);
+    const int64_t row = ih - pr.ih_lo;
+    if (nhwc) {  // the scratch is pixel-major too: one block per row
+      T* dst = saved + (n * HW + ih * s.W) * s.R_in;
+      if (keep) {
+        std::copy(p + row * s.W * s.R_in, p + (row + 1) * s.W * s.R_in, dst);
+      } else {
+        std::fill(dst, dst + s.W * s.R_in, T(0));
+      }
+      continue;
+    }
+    for (int64_t c = 0; c < s.R_in; ++c) {
+      T* dst = saved + (n * s.R_in + c) * HW + ih * s.W;
+      if (keep) {
+        std::copy(p + c * pr.cs + row * s.W, p + c * pr.cs + (row + 1) * s.W, dst);
+      } else {
+        std::fill(dst, dst + s.W, T(0));
+      }
+    }
+  }
 }
 
 // Multiply-adds of the whole chain for this call (for the threading decision).
@@ -93,25 +150,28 @@ int64_t chain_macs(const Conv2dSizes& s) {
 // PhasePlanes): core over blocks of whole extended rows, then the valid columns
 // are expanded by last (or copied) into the output, on top of the bias. yn is
 // the tile's first output row, ldy the destination's channel stride.
+// qn: where the core output of the tile's first row is kept ((R_out, rows,
+// W_out), channel stride ldy), or null.
 template <typename T>
 void forward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, const Projection& pr, const T* p,
-                          int64_t oh0, int64_t oh1, int64_t block, const T* bias, T* yn, int64_t ldy) {
+                          int64_t oh0, int64_t oh1, int64_t block, const T* bias, T* yn, int64_t ldy, T* qn) {
   const int64_t HWo = ldy, K = s.R_in * s.kh * s.kw;
   T* planes = scratch<T>(1, phase_planes_elems(s, oh1 - oh0));
   int64_t* offsets = scratch<int64_t>(0, K + s.kh + s.kw);
   const PhasePlanes t = fill_phase_planes<T>(s, p, pr.cs, pr.ps, pr.ih_lo, pr.ih_hi, oh0, oh1, planes, offsets);
   const int64_t rows_per_block = std::max<int64_t>(1, block / t.wq);
   T* q_ext = scratch<T>(3, s.R_out * rows_per_block * t.wq);
-  T* q = op.last ? scratch<T>(2, s.R_out * rows_per_block * s.W_out) : nullptr;
+  T* q = op.last && !qn ? scratch<T>(2, s.R_out * rows_per_block * s.W_out) : nullptr;
   for (int64_t r0 = 0; r0 < oh1 - oh0; r0 += rows_per_block) {
     const int64_t nr = std::min(rows_per_block, oh1 - oh0 - r0);
     const int64_t ne = nr * t.wq, npx = nr * s.W_out;
     gemm_nn_offsets<T>(s.R_out, ne, K, op.core, K, planes + r0 * t.wq, offsets, q_ext, ne, false);
     T* y = yn + r0 * s.W_out;
-    // The valid W_out columns of each extended row: into q (then expanded), or
-    // straight into the output when there is no last factor.
-    T* dst = op.last ? q : y;
-    const int64_t ld = op.last ? npx : HWo;
+    // The valid W_out columns of each extended row: into q or the kept core
+    // output (then expanded), or straight into the output when there is no
+    // last factor.
+    T* dst = !op.last ? y : qn ? qn + r0 * s.W_out : q;
+    const int64_t ld = op.last && !qn ? npx : HWo;
     const bool add_bias = !op.last && bias;
     for (int64_t r = 0; r < s.R_out; ++r) {
       for (int64_t row = 0; row < nr; ++row) {
@@ -127,7 +187,7 @@ void forward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, const
     if (!op.last) continue;
     if (bias)
       for (int64_t c = 0; c < s.C_out; ++c) std::fill(y + c * HWo, y + c * HWo + npx, bias[c]);
-    gemm_nn<T>(s.C_out, npx, s.R_out, op.last, s.R_out, 1, q, npx, y, HWo, bias != nullptr);
+    gemm_nn<T>(s.C_out, npx, s.R_out, op.last, s.R_out, 1, dst, ld, y, HWo, bias != nullptr);
   }
 }
 
@@ -169,8 +229,10 @@ void relu_pool_tile(const Conv2dSizes& s, int64_t pool, const T* tile, int64_t r
 // avg_pool(relu(tile)) to out (N, C_out, H_out / pool, W_out / pool), with
 // tiles a whole number of pooling windows high and rows the floor mode drops
 // never computed.
+// keep (pool == 0 only) receives the intermediates when asked for.
 template <typename T>
-void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias, T* out, int64_t pool = 0) {
+void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias, T* out, int64_t pool = 0,
+                  SavedIntermediates<T> keep = {}) {
   TilePlan plan = plan_tiles(s, at::get_num_threads(), sizeof(T), false);
   int64_t rows_used = s.H_out;
   if (pool > 0) {
@@ -193,24 +255,33 @@ void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias
       const Projection pr = project_rows<T>(s, op, n, ih_lo, ih_hi, scratch<T>(0, s.R_in * (ih_hi - ih_lo) * s.W), &p);
       const bool direct = reads_projection_directly(s, pr.ps);
       const int64_t npx = (oh1 - oh0) * s.W_out;
+      if (keep.p) {
+        // Up to the next tile's first input row (output row oh1's first tap).
+        const int64_t own_hi = oh1 >= rows_used ? s.H : std::clamp<int64_t>(oh1 * s.stride_h - s.pad_h, 0, s.H);
+        save_projection_rows<T>(s, op.nhwc, p, pr, n, own_hi, keep.p);
+      }
+      T* qn = keep.q ? keep.q + n * s.R_out * HWo + oh0 * s.W_out : nullptr;
       // Destination of the conv output: the output itself, or the tile buffer
       // the epilogue reads while it is still in cache.
       T* yn = pool > 0 ? scratch<T>(4, s.C_out * npx) : out + n * s.C_out * HWo + oh0 * s.W_out;
       const int64_t ldy = pool > 0 ? npx : HWo;
       if (!direct) {
-        forward_tile_windows<T>(s, op, pr, p, oh0, oh1, plan.block, bias, yn, ldy);
+        forward_tile_windows<T>(s, op, pr, p, oh0, oh1, plan.block, bias, yn, ldy, qn);
       } else {
         // Pointwise core on a channel-major projection: the core reads it in place.
-        T* q = op.last ? scratch<T>(2, s.R_out * plan.block) : nullptr;
-        for (int64_t q0 = 0; q0 < npx; q0 += plan.block) {
-          const int64_t nb = std::min(plan.block, npx - q0);
+        T* q = op.last && !qn ? scratch<T>(2, s.R_out * plan.block) : nullptr;
+        const int64_t block = balanced_block(npx, plan.block);
+        for (int64_t q0 = 0; q0 < npx; q0 += block) {
+          const int64_t nb = std::min(block, npx - q0);
           const T* col = p + (oh0 * s.W_out + q0 - pr.ih_lo * s.W);  // same pixel index in and out
           T* y = yn + q0;
           if (bias)
             for (int64_t c = 0; c < s.C_out; ++c) std::fill(y + c * ldy, y + c * ldy + nb, bias[c]);
           if (op.last) {
-            gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, q, nb, false);
-            gemm_nn<T>(s.C_out, nb, s.R_out, op.last, s.R_out, 1, q, nb, y, ldy, bias != nullptr);
+            T* qb = qn ? qn + q0 : q;
+            const int64_t ldq = qn ? HWo : nb;
+            gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, qb, ldq, false);
+            gemm_nn<T>(s.C_out, nb, s.R_out, op.last, s.R_out, 1, qb, ldq, y, ldy, bias != nullptr);
           } else {
             gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, y, ldy, bias != nullptr);
           }
@@ -223,10 +294,26 @@ void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias
   });
 }
 
-// Runs conv_forward on the call's operands into out (pool as conv_forward's).
+// The intermediates tucker_conv2d_with_intermediates returns (ops.cpp).
+struct KeptTensors {
+  Tensor projection, core_output;
+};
+
+// Runs conv_forward on the call's operands into out (pool as conv_forward's);
+// with keep (pool == 0), also allocates and fills the intermediates: the
+// projection in the input's memory format (the layout the tiles project in).
 void run_forward(const Conv2dSizes& s, const Tensor& input, const std::optional<Tensor>& first, const Tensor& core,
-                 const std::optional<Tensor>& last, const std::optional<Tensor>& bias, Tensor& out, int64_t pool) {
+                 const std::optional<Tensor>& last, const std::optional<Tensor>& bias, Tensor& out, int64_t pool,
+                 KeptTensors* keep = nullptr) {
   const auto [x, nhwc] = input_layout(input);
+  if (keep) {
+    const auto opts = input.options();
+    keep->projection = s.has_first ? at::empty({s.N, s.R_in, s.H, s.W}, opts.memory_format(
+                                                   nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous))
+                                   : at::empty({0}, opts);
+    keep->core_output = s.has_last ? at::empty({s.N, s.R_out, s.H_out, s.W_out}, opts) : at::empty({0}, opts);
+  }
+  if (s.N == 0) return;
   const Tensor A = s.has_first ? first->contiguous() : Tensor();
   const Tensor G = core.contiguous();
   const Tensor B = s.has_last ? last->contiguous() : Tensor();
@@ -235,8 +322,11 @@ void run_forward(const Conv2dSizes& s, const Tensor& input, const std::optional<
     const ConvOperands<scalar_t> op{
         x.const_data_ptr<scalar_t>(), nhwc, s.has_first ? A.const_data_ptr<scalar_t>() : nullptr,
         G.const_data_ptr<scalar_t>(), s.has_last ? B.const_data_ptr<scalar_t>() : nullptr};
+    SavedIntermediates<scalar_t> kept;
+    if (keep && s.has_first) kept.p = keep->projection.mutable_data_ptr<scalar_t>();
+    if (keep && s.has_last) kept.q = keep->core_output.mutable_data_ptr<scalar_t>();
     conv_forward<scalar_t>(s, op, s.has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
-                           out.mutable_data_ptr<scalar_t>(), pool);
+                           out.mutable_data_ptr<scalar_t>(), pool, kept);
   });
 }
 
@@ -253,6 +343,25 @@ Tensor tucker_conv2d_cpu(
   Tensor out = at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options());
   if (s.N > 0) run_forward(s, input, first, core, last, bias, out, 0);
   return out;
+}
+
+// The same forward, also writing the projection and the core output from its
+// tiles (checked, and named in errors, as tucker_conv2d: the autograd kernel
+// calls it for tucker_conv2d when it keeps them for the backward).
+std::tuple<Tensor, Tensor, Tensor> tucker_conv2d_with_intermediates_cpu(
+    const Tensor& input,
+    const std::optional<Tensor>& first,
+    const Tensor& core,
+    const std::optional<Tensor>& last,
+    const std::optional<Tensor>& bias,
+    c10::IntArrayRef stride,
+    c10::IntArrayRef padding,
+    c10::IntArrayRef dilation) {
+  const Conv2dSizes s = check_tucker_conv2d_args(input, first, core, last, bias, stride, padding, dilation, kCpuDtypes);
+  Tensor out = at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options());
+  KeptTensors keep;
+  run_forward(s, input, first, core, last, bias, out, 0, &keep);
+  return {out, keep.projection, keep.core_output};
 }
 
 Tensor tucker_conv2d_relu_pool_cpu(
@@ -303,8 +412,9 @@ bool backward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, cons
   if (need_back) std::fill(gplanes, gplanes + planes_elems, T(0));
   const int64_t rows_per_block = std::max<int64_t>(1, block / t.wq);
   const int64_t max_ne = rows_per_block * t.wq, max_npx = rows_per_block * s.W_out;
-  T* q_ext = g.last ? scratch<T>(2, s.R_out * max_ne) : nullptr;
-  T* q = g.last ? scratch<T>(5, s.R_out * max_npx) : nullptr;
+  const bool q_recomputed = g.last && !op.saved_q;
+  T* q_ext = q_recomputed ? scratch<T>(2, s.R_out * max_ne) : nullptr;
+  T* q = q_recomputed ? scratch<T>(5, s.R_out * max_npx) : nullptr;
   T* gq_buf = op.last ? scratch<T>(3, s.R_out * max_npx) : nullptr;
   T* gq_ext = scratch<T>(7, s.R_out * max_ne);
   T* gcols = need_back ? scratch<T>(4, K * max_ne) : nullptr;
@@ -315,7 +425,10 @@ bool backward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, cons
     const int64_t ne = nr * t.wq, npx = nr * s.W_out;
     const T* window0 = planes + r0 * t.wq;
     const T* gyb = gyn + r0 * s.W_out;  // (C_out x npx), row stride HWo
-    if (g.last) {
+    if (g.last && op.saved_q) {
+      const T* qs = op.saved_q + n * s.R_out * HWo + (oh0 + r0) * s.W_out;
+      gemm_nt<T>(s.C_out, s.R_out, npx, gyb, HWo, qs, HWo, g.acc_last + chunk * s.C_out * s.R_out, s.R_out, true);
+    } else if (g.last) {
       gemm_nn_offsets<T>(s.R_out, ne, K, op.core, K, window0, offsets, q_ext, ne, false);
       for (int64_t r = 0; r < s.R_out; ++r)
         for (int64_t row = 0; row < nr; ++row)
@@ -358,7 +471,9 @@ template <typename T>
 void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePlan& plan, const T* gy,
                    const ConvGrads<T>& g, int64_t chunk, int64_t task, bool windows) {
   const int64_t HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
-  const bool need_cols = g.core || g.last;
+  // The projection's im2col: for the core's gradient, and to recompute the
+  // core output for last's unless it was kept.
+  const bool need_cols = g.core || (g.last && !op.saved_q);
   const bool need_back = g.input || g.first;
   const bool need_gq = g.core || need_back;
   const int64_t n = task / plan.tiles_per_image;
@@ -369,14 +484,9 @@ void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePl
 
   if (g.bias) {
     T* acc = g.acc_bias + chunk * s.C_out;
-    for (int64_t c = 0; c < s.C_out; ++c) {
-      const T* row = gyn + c * HWo;
-      T sum = T(0);
-      for (int64_t i = 0; i < npx; ++i) sum += row[i];
-      acc[c] += sum;
-    }
+    for (int64_t c = 0; c < s.C_out; ++c) acc[c] += sum_contiguous(gyn + c * HWo, npx);
   }
-  if (!need_cols && !need_gq) return;
+  if (!need_cols && !need_gq && !g.last) return;
 
   const T* p = nullptr;
   Projection pr{};
@@ -389,13 +499,14 @@ void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePl
   // Only the input side wanted: no projection to window, the explicit path below.
   if (windows && need_cols && !direct && backward_tile_windows<T>(s, op, pr, p, gy, g, chunk, n, oh0, oh1, plan.block)) return;
   T* cols = need_cols && !direct ? scratch<T>(1, K * plan.block) : nullptr;
-  T* q = g.last ? scratch<T>(2, s.R_out * plan.block) : nullptr;
+  T* q = g.last && !op.saved_q ? scratch<T>(2, s.R_out * plan.block) : nullptr;
   T* gq_buf = op.last && need_gq ? scratch<T>(3, s.R_out * plan.block) : nullptr;
   T* gcols = need_back ? scratch<T>(4, K * plan.block) : nullptr;
   T* gpn = need_back ? g.gp + n * s.R_in * s.H * s.W : nullptr;
 
-  for (int64_t q0 = 0; q0 < npx; q0 += plan.block) {
-    const int64_t nb = std::min(plan.block, npx - q0);
+  const int64_t block = balanced_block(npx, plan.block);
+  for (int64_t q0 = 0; q0 < npx; q0 += block) {
+    const int64_t nb = std::min(block, npx - q0);
     const T* gyb = gyn + q0;  // (C_out x nb), row stride HWo
     const T* col = nullptr;
     int64_t ldcol = nb;
@@ -409,8 +520,15 @@ void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePl
       }
     }
     if (g.last) {
-      gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, ldcol, q, nb, false);
-      gemm_nt<T>(s.C_out, s.R_out, nb, gyb, HWo, q, nb, g.acc_last + chunk * s.C_out * s.R_out, s.R_out, true);
+      const T* qb = q;
+      int64_t ldq = nb;
+      if (op.saved_q) {
+        qb = op.saved_q + n * s.R_out * HWo + oh0 * s.W_out + q0;
+        ldq = HWo;
+      } else {
+        gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, ldcol, q, nb, false);
+      }
+      gemm_nt<T>(s.C_out, s.R_out, nb, gyb, HWo, qb, ldq, g.acc_last + chunk * s.C_out * s.R_out, s.R_out, true);
     }
     if (!need_gq) continue;
     const T* gq = gyb;
@@ -504,9 +622,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
     c10::IntArrayRef stride,
     c10::IntArrayRef padding,
     c10::IntArrayRef dilation,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask,
+    const std::optional<Tensor>& projection,
+    const std::optional<Tensor>& core_output) {
   const Conv2dSizes s = check_tucker_conv2d_backward_args(
-      grad_output, input, first, core, last, stride, padding, dilation, kCpuDtypes);
+      grad_output, input, first, core, last, stride, padding, dilation, kCpuDtypes, projection, core_output);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const auto opts = input.options();
@@ -539,11 +659,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
     const Tensor A = s.has_first ? first->contiguous() : Tensor();
     const Tensor G = core.contiguous();
     const Tensor B = s.has_last ? last->contiguous() : Tensor();
+    const auto [P, p_nhwc] = present(projection) ? input_layout(*projection) : std::pair<Tensor, bool>{};
+    const Tensor Q = present(core_output) ? core_output->contiguous() : Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_conv2d_backward_cpu", [&] {
       using T = scalar_t;
       const ConvOperands<T> op{
           x.const_data_ptr<T>(), nhwc, s.has_first ? A.const_data_ptr<T>() : nullptr, G.const_data_ptr<T>(),
-          s.has_last ? B.const_data_ptr<T>() : nullptr};
+          s.has_last ? B.const_data_ptr<T>() : nullptr, P.defined() ? P.const_data_ptr<T>() : nullptr, p_nhwc,
+          Q.defined() ? Q.const_data_ptr<T>() : nullptr};
       const ConvGrads<T> g{
           need.input, need.first, need.core, need.last, need.bias,
           need_back ? gp.mutable_data_ptr<T>() : nullptr,
@@ -566,10 +689,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
 }
 
 }  // namespace
+
+// Keeping measured as fast or faster on every benchmark conv, batch 1 and 32
+// (benchmarks/notes.md): the forward writes each intermediate once from its
+// tiles, while the backward's recomputation is a full GEMM (two for last's
+// gradient).
+bool conv2d_keeps_intermediates(const Conv2dSizes& /*s*/) {
+  return true;
+}
+
 }  // namespace tucker_ops::cpu
 
 TORCH_LIBRARY_IMPL(tucker_ops, CPU, m) {
   m.impl("tucker_conv2d_relu_pool", &tucker_ops::cpu::tucker_conv2d_relu_pool_cpu);
   m.impl("tucker_conv2d", &tucker_ops::cpu::tucker_conv2d_cpu);
+  m.impl("tucker_conv2d_with_intermediates", &tucker_ops::cpu::tucker_conv2d_with_intermediates_cpu);
   m.impl("tucker_conv2d_backward", &tucker_ops::cpu::tucker_conv2d_backward_cpu);
 }

@@ -10,7 +10,8 @@
 // stay in cache. Few rows (batch 1) run each stage split over output features
 // instead, in one parallel region per stage only when the weights are large.
 //
-// Backward: per row block, recompute the projection, then every requested
+// Backward: per row block, recompute the projection (or read the one the
+// forward kept: tucker_linear_with_intermediates), then every requested
 // gradient; weight gradients are summed per chunk and then over chunks in
 // order (deterministic at a fixed thread count).
 #include <ATen/Dispatch.h>
@@ -22,6 +23,7 @@
 #include "checks.h"
 #include "cpu/conv_tiles.h"
 #include "cpu/gemm.h"
+#include "cpu/intermediates.h"
 #include "cpu/parallel_chunks.h"
 
 namespace tucker_ops::cpu {
@@ -275,10 +277,40 @@ Tensor tucker_linear_cpu(
   return out;
 }
 
+// The chain through whole-batch GEMMs, keeping both intermediates (ops.cpp):
+// the association Sequential runs, and the one the forward runs anyway where
+// the weights dominate (weights_dominate), the only calls the autograd kernel
+// keeps them for. Checked, and named in errors, as tucker_linear.
+std::tuple<Tensor, Tensor, Tensor> tucker_linear_with_intermediates_cpu(
+    const Tensor& input,
+    const std::optional<Tensor>& first,
+    const Tensor& core,
+    const std::optional<Tensor>& last,
+    const std::optional<Tensor>& bias) {
+  const LinearSizes s = check_tucker_linear_args(input, first, core, last, bias, kCpuDtypes);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Tensor x = input.reshape({s.M, s.in});
+  const Tensor p = s.has_first ? at::mm(x, first->t()) : Tensor();  // (M x R_in)
+  const Tensor& core_in = s.has_first ? p : x;
+  Tensor q, y;  // (M x R_out), (M x out)
+  if (s.has_last) {
+    q = at::mm(core_in, core.t());
+    y = s.has_bias ? at::addmm(*bias, q, last->t()) : at::mm(q, last->t());
+  } else {
+    y = s.has_bias ? at::addmm(*bias, core_in, core.t()) : at::mm(core_in, core.t());
+  }
+  auto shaped = [&](const Tensor& t, int64_t features) {
+    return t.defined() ? t.view(output_shape(input, features)) : at::empty({0}, input.options());
+  };
+  return {shaped(y, s.out), shaped(p, s.R_in), shaped(q, s.R_out)};
+}
+
 template <typename T>
 struct LinearGrads {
   bool input, first, core, last, bias;
   T *gx, *acc_first, *acc_core, *acc_last, *acc_bias;
+  const T* saved_p;  // the forward's projection (M x R_in), or null to recompute it
+  const T* saved_q;  // the forward's core output (M x R_out), or null
 };
 
 // All requested gradients for rows [r, r + m) into chunk c's accumulators.
@@ -286,7 +318,7 @@ template <typename T>
 void linear_backward_rows(const LinearSizes& s, const T* x, const T* gy, const T* A, const T* G, const T* B,
                           const LinearGrads<T>& g, int64_t c, int64_t r, int64_t m) {
   const int64_t in = s.in, ri = s.R_in, ro = s.R_out, out = s.out;
-  const bool need_p = g.core || g.last;
+  const bool need_p = g.core || (g.last && !g.saved_q);
   const bool need_back = g.input || g.first;
   const bool need_gq = g.core || need_back;
   const T* xb = x + r * in;
@@ -297,14 +329,20 @@ void linear_backward_rows(const LinearSizes& s, const T* x, const T* gy, const T
       for (int64_t o = 0; o < out; ++o) acc[o] += gyb[i * out + o];
   }
   const T* p = xb;  // (m x ri), the core's input
-  if (need_p && A) {
+  if (A && g.saved_p) {
+    p = g.saved_p + r * ri;
+  } else if (need_p && A) {
     T* buf = scratch<T>(0, m * ri);
     gemm_nt<T>(m, ri, in, xb, in, A, in, buf, ri, false);
     p = buf;
   }
   if (g.last) {
-    T* q = scratch<T>(1, m * ro);
-    gemm_nt<T>(m, ro, ri, p, ri, G, ri, q, ro, false);
+    const T* q = g.saved_q ? g.saved_q + r * ro : nullptr;
+    if (!q) {
+      T* buf = scratch<T>(1, m * ro);
+      gemm_nt<T>(m, ro, ri, p, ri, G, ri, buf, ro, false);
+      q = buf;
+    }
     gemm_nn<T>(out, ro, m, gyb, 1, out, q, ro, g.acc_last + c * out * ro, ro, true);  // += gy^T q
   }
   if (!need_gq) return;
@@ -329,15 +367,19 @@ void linear_backward_rows(const LinearSizes& s, const T* x, const T* gy, const T
 // per-thread accumulators to zero and sum.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward_whole_batch(
     const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& first, const Tensor& core,
-    const std::optional<Tensor>& last, const GradRequest& need, const LinearSizes& s) {
+    const std::optional<Tensor>& last, const GradRequest& need, const LinearSizes& s, const Tensor& saved_p,
+    const Tensor& saved_q) {
   const auto opts = input.options();
   const Tensor x = input.reshape({s.M, s.in});
   const Tensor gy = grad_output.reshape({s.M, s.out});
-  const bool need_p = need.core || need.last;
+  const bool need_p = need.core || (need.last && !saved_q.defined());
   const bool need_back = need.input || need.first;
-  const Tensor p = need_p ? (s.has_first ? at::mm(x, first->t()) : x) : Tensor();  // (M x R_in)
+  Tensor p;  // (M x R_in)
+  if (need_p) p = !s.has_first ? x : saved_p.defined() ? saved_p.reshape({s.M, s.R_in}) : at::mm(x, first->t());
   Tensor grad_last, grad_core, grad_first, grad_input;
-  if (need.last) grad_last = at::mm(gy.t(), at::mm(p, core.t()));  // (out x R_out)
+  if (need.last) {
+    grad_last = at::mm(gy.t(), saved_q.defined() ? saved_q.reshape({s.M, s.R_out}) : at::mm(p, core.t()));
+  }
   const Tensor gq = (need.core || need_back) ? (s.has_last ? at::mm(gy, *last) : gy) : Tensor();  // (M x R_out)
   if (need.core) grad_core = at::mm(gq.t(), p);
   if (need_back) {
@@ -355,16 +397,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
     const std::optional<Tensor>& first,
     const Tensor& core,
     const std::optional<Tensor>& last,
-    std::array<bool, 5> output_mask) {
-  const LinearSizes s = check_tucker_linear_backward_args(grad_output, input, first, core, last, kCpuDtypes);
+    std::array<bool, 5> output_mask,
+    const std::optional<Tensor>& projection,
+    const std::optional<Tensor>& core_output) {
+  const LinearSizes s = check_tucker_linear_backward_args(grad_output, input, first, core, last, kCpuDtypes,
+                                                          projection, core_output);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Tensor P = present(projection) ? projection->contiguous() : Tensor();
+  const Tensor Q = present(core_output) ? core_output->contiguous() : Tensor();
 
   const auto opts = input.options();
   const GradRequest need = grad_request(output_mask, s.has_first, s.has_last);
 
   const int64_t weights = (s.has_first ? s.in * s.R_in : 0) + s.R_in * s.R_out + (s.has_last ? s.R_out * s.out : 0);
   if (s.M > 0 && weights_dominate(weights, s.M, s.in, s.out)) {
-    return linear_backward_whole_batch(grad_output, input, first, core, last, need, s);
+    return linear_backward_whole_batch(grad_output, input, first, core, last, need, s, P, Q);
   }
 
   const int64_t backward_macs = 2 * s.M * ((s.has_first ? s.in * s.R_in : 0) + s.R_in * s.R_out +
@@ -390,7 +437,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
                              need.first ? acc_first.mutable_data_ptr<T>() : nullptr,
                              need.core ? acc_core.mutable_data_ptr<T>() : nullptr,
                              need.last ? acc_last.mutable_data_ptr<T>() : nullptr,
-                             need.bias ? acc_bias.mutable_data_ptr<T>() : nullptr};
+                             need.bias ? acc_bias.mutable_data_ptr<T>() : nullptr,
+                             P.defined() ? P.const_data_ptr<T>() : nullptr,
+                             Q.defined() ? Q.const_data_ptr<T>() : nullptr};
       const T* xp = x.const_data_ptr<T>();
       const T* gyp = gy.const_data_ptr<T>();
       const T* Ap = s.has_first ? A.const_data_ptr<T>() : nullptr;
@@ -414,9 +463,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
 }
 
 }  // namespace
+
+// From kMinRowsPerChunk rows: the kept forward is the chain as whole-batch
+// GEMMs, which below that loses to the few-rows path by more than the
+// backward's recomputation costs (measured: benchmarks/notes.md).
+bool linear_keeps_intermediates(const LinearSizes& s) {
+  return s.M >= kMinRowsPerChunk;
+}
+
 }  // namespace tucker_ops::cpu
 
 TORCH_LIBRARY_IMPL(tucker_ops, CPU, m) {
   m.impl("tucker_linear", &tucker_ops::cpu::tucker_linear_cpu);
+  m.impl("tucker_linear_with_intermediates", &tucker_ops::cpu::tucker_linear_with_intermediates_cpu);
   m.impl("tucker_linear_backward", &tucker_ops::cpu::tucker_linear_backward_cpu);
 }

@@ -248,9 +248,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cuda(
     c10::IntArrayRef stride,
     c10::IntArrayRef padding,
     c10::IntArrayRef dilation,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask,
+    const std::optional<Tensor>& projection,
+    const std::optional<Tensor>& core_output) {
+  // Saved intermediates are checked like on the CPU but not used: the CUDA
+  // backward recomputes them (the autograd kernel keeps them on the CPU only).
   const Conv2dSizes s = check_tucker_conv2d_backward_args(
-      grad_output, input, first, core, last, stride, padding, dilation, kCudaDtypes);
+      grad_output, input, first, core, last, stride, padding, dilation, kCudaDtypes, projection, core_output);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto opts = input.options();
   const GradRequest need = grad_request(output_mask, s.has_first, s.has_last);

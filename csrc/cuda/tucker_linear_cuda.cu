@@ -94,8 +94,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cuda(
     const std::optional<Tensor>& first,
     const Tensor& core,
     const std::optional<Tensor>& last,
-    std::array<bool, 5> output_mask) {
-  const LinearSizes s = check_tucker_linear_backward_args(grad_output, input, first, core, last, kCudaDtypes);
+    std::array<bool, 5> output_mask,
+    const std::optional<Tensor>& projection,
+    const std::optional<Tensor>& core_output) {
+  // Saved intermediates: checked, not used (see tucker_conv2d_backward_cuda).
+  const LinearSizes s = check_tucker_linear_backward_args(grad_output, input, first, core, last, kCudaDtypes,
+                                                          projection, core_output);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto opts = input.options();
   const GradRequest need = grad_request(output_mask, s.has_first, s.has_last);
