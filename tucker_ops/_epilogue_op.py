@@ -8,12 +8,14 @@ backend) the same result comes from the composite.
 
 The schema lives in csrc/ops.cpp with the others; this module registers its fake
 kernel, the CUDA composite and the autograd formula, and holds the Python entry
-point. The backward recomputes the conv output (the forward never stored it),
-masks the pooled gradient by ReLU and hands the rest to ``tucker_conv2d_backward``.
+point. The backward recomputes the conv output (the forward never stored it; on
+the CPU with its intermediates, in the same pass), masks the pooled gradient by ReLU
+and hands the rest to ``tucker_conv2d_backward``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -100,10 +102,26 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.pool = pool
 
 
+def _recompute_conv(input, first, core, last, bias, conv_args) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The conv output, plus its intermediates for the conv backward where the CPU kernel
+    can write them in the same pass (not while a double-backward graph is recorded: that
+    op has no autograd; not with TUCKER_OPS_KEEP_INTERMEDIATES=0, as for the plain op)."""
+    keep = (
+        input.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and (first is not None or last is not None)
+        and os.environ.get("TUCKER_OPS_KEEP_INTERMEDIATES") != "0"
+    )
+    if not keep:
+        return _OPS.tucker_conv2d(input, first, core, last, bias, *conv_args), None, None
+    y, projection, core_output = _OPS.tucker_conv2d_with_intermediates(input, first, core, last, bias, *conv_args)
+    return y, projection if first is not None else None, core_output if last is not None else None
+
+
 def _backward(ctx, grad: Tensor):
     input, first, core, last, bias = ctx.saved_tensors
     pool = ctx.pool
-    y = _OPS.tucker_conv2d(input, first, core, last, bias, *ctx.conv_args)
+    y, projection, core_output = _recompute_conv(input, first, core, last, bias, ctx.conv_args)
     # d avg_pool: each pooled gradient spread evenly over its window; rows and
     # columns the floor mode dropped get none. Then the ReLU mask.
     grad_y = torch.zeros_like(y)
@@ -116,7 +134,7 @@ def _backward(ctx, grad: Tensor):
     grad_y = grad_y * (y > 0)
     present = (True, first is not None, True, last is not None, bias is not None)
     mask = [bool(ctx.needs_input_grad[i]) and present[i] for i in range(5)]
-    grads = _OPS.tucker_conv2d_backward(grad_y, input, first, core, last, *ctx.conv_args, mask)
+    grads = _OPS.tucker_conv2d_backward(grad_y, input, first, core, last, *ctx.conv_args, mask, projection, core_output)
     return (*[g if mask[i] else None for i, g in enumerate(grads)], None, None, None, None)
 
 
