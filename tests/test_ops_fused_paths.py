@@ -118,6 +118,30 @@ def test_conv_large_blocks_and_many_threads_agree():
     assert torch.equal(two, again)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(
+    "n,has_first,k,stride",
+    [(1, True, 3, 1), (1, False, 3, 1), (3, True, 5, 2), (2, False, 1, 1), (1, True, 3, 3)],
+)
+def test_conv_backward_small_batch_per_chunk_projection_gradients(n, has_first, k, stride, threads, keep):
+    """Fewer images than two per thread: banded tiles with overlapping halos scatter into one
+    projection gradient per chunk, summed in pass 2 (into the input gradient without first)."""
+    gen = torch.Generator().manual_seed(n * 100 + k)
+    x = torch.randn(n, 24, 33, 29, dtype=torch.float64, generator=gen)
+    params = _factors(24, 12, 16, 20, (k, k), has_first, True, True, torch.float64, gen)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        _check(
+            lambda *t: ops.tucker_conv2d(*t, (stride, stride), (k // 2, k // 2), (1, 1)),
+            lambda *t: reference.tucker_conv2d(*t, (stride, stride), (k // 2, k // 2), (1, 1)),
+            (x, *params),
+            torch.float64,
+        )
+    finally:
+        torch.set_num_threads(previous)
+
+
 LINEAR_CASES = [
     # (rows, in, R_in, R_out, out, first, last) - rows < 16 take the few-rows path
     (1, 30, 4, 5, 20, True, True),

@@ -386,6 +386,10 @@ template <typename T>
 struct ConvGrads {
   bool input, first, core, last, bias;
   T* gp;         // (N, R_in, H, W) projection gradient; the input gradient itself without first
+  // 0: gp is one buffer, which tiles of an image sharing input rows must not
+  // scatter into concurrently. Otherwise every chunk scatters into its own
+  // copy, gp + chunk * gp_chunk_stride, summed in pass 2 (small batches).
+  int64_t gp_chunk_stride;
   T* acc_first;  // (chunks, R_in, C_in)
   T* acc_core;   // (chunks, R_out, K)
   T* acc_last;   // (chunks, C_out, R_out)
@@ -462,7 +466,7 @@ bool backward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, cons
       for (int64_t e = 0; e < ne; ++e) dst[e] += src[e];
     }
   }
-  if (need_back) add_phase_planes<T>(s, t, gplanes, pr.ih_lo, pr.ih_hi, oh0, g.gp + n * s.R_in * s.H * s.W);
+  if (need_back) add_phase_planes<T>(s, t, gplanes, pr.ih_lo, pr.ih_hi, oh0, g.gp + chunk * g.gp_chunk_stride + n * s.R_in * s.H * s.W);
   return true;
 }
 
@@ -502,7 +506,7 @@ void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePl
   T* q = g.last && !op.saved_q ? scratch<T>(2, s.R_out * plan.block) : nullptr;
   T* gq_buf = op.last && need_gq ? scratch<T>(3, s.R_out * plan.block) : nullptr;
   T* gcols = need_back ? scratch<T>(4, K * plan.block) : nullptr;
-  T* gpn = need_back ? g.gp + n * s.R_in * s.H * s.W : nullptr;
+  T* gpn = need_back ? g.gp + chunk * g.gp_chunk_stride + n * s.R_in * s.H * s.W : nullptr;
 
   const int64_t block = balanced_block(npx, plan.block);
   for (int64_t q0 = 0; q0 < npx; q0 += block) {
@@ -547,12 +551,30 @@ void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePl
   }
 }
 
+// Pass 2, first step with per-chunk projection gradients: their sum for
+// pixels [p0, p1) of image n, into dst (channel stride H*W), in chunk order.
+template <typename T>
+void sum_private_gp(const Conv2dSizes& s, const ConvGrads<T>& g, int64_t chunks, int64_t n, int64_t p0, int64_t p1,
+                    T* dst) {
+  const int64_t HW = s.H * s.W;
+  for (int64_t c = 0; c < s.R_in; ++c) {
+    const T* src0 = g.gp + (n * s.R_in + c) * HW;
+    T* d = dst + c * HW;
+    if (d != src0) std::copy(src0 + p0, src0 + p1, d + p0);
+    for (int64_t k = 1; k < chunks; ++k) {
+      const T* src = src0 + k * g.gp_chunk_stride;
+      for (int64_t p = p0; p < p1; ++p) d[p] += src[p];
+    }
+  }
+}
+
 // Pass 2 for pixels [p0, p1) of image n: input and first gradients from the
-// projection gradient.
+// projection gradient (summed over chunks first when each has its own).
 template <typename T>
 void backward_pixels(const Conv2dSizes& s, const ConvOperands<T>& op, const ConvGrads<T>& g, T* grad_input,
-                     int64_t chunk, int64_t n, int64_t p0, int64_t p1) {
+                     int64_t chunk, int64_t chunks, int64_t n, int64_t p0, int64_t p1) {
   const int64_t HW = s.H * s.W, np = p1 - p0;
+  if (g.gp_chunk_stride) sum_private_gp<T>(s, g, chunks, n, p0, p1, g.gp + n * s.R_in * HW);
   const T* gp = g.gp + n * s.R_in * HW + p0;
   if (g.input) {
     // gX (C_in x np) = first^T (C_in x R_in) * gP (R_in x np)
@@ -573,10 +595,12 @@ template <typename T>
 void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy, const ConvGrads<T>& g,
                    T* grad_input, int64_t chunks) {
   const bool need_back = g.input || g.first;
-  const TilePlan plan = plan_tiles(s, at::get_num_threads(), sizeof(T), need_back);
-  // Tiles of an image that share input rows must not scatter concurrently:
-  // two passes (even tiles, odd tiles) when there is more than one per image.
-  const int64_t passes = need_back && plan.tiles_per_image > 1 ? 2 : 1;
+  const bool shared_gp = need_back && g.gp_chunk_stride == 0;
+  const TilePlan plan = plan_tiles(s, at::get_num_threads(), sizeof(T), shared_gp);
+  // Tiles of an image that share input rows must not scatter concurrently
+  // into one projection gradient: two passes (even tiles, odd tiles) when
+  // there is more than one per image.
+  const int64_t passes = shared_gp && plan.tiles_per_image > 1 ? 2 : 1;
   // The implicit im2col's weight gradient runs on the hand kernels; where the
   // BLAS would take the core's products (large ranks) the explicit im2col and
   // the BLAS measured faster. It also multiplies discarded grid columns by the
@@ -598,17 +622,26 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
       }
     });
   }
-  if (!op.first || !need_back) return;
-  // Pass 2 over (image, pixel range) pieces of about 4096 pixels.
+  if (!need_back || (!op.first && shared_gp)) return;
+  // Pass 2 over (image, pixel range) pieces of about 4096 pixels, at least
+  // one per chunk (a single image must not leave threads idle), at most two
+  // per chunk.
   const int64_t HW = s.H * s.W;
-  const int64_t pieces_per_image = std::max<int64_t>(1, std::min<int64_t>((HW + 4095) / 4096, 2 * chunks));
+  const int64_t pieces_per_image = std::clamp<int64_t>(
+      std::max((HW + 4095) / 4096, (chunks + s.N - 1) / s.N), 1, std::max<int64_t>(1, std::min(2 * chunks, HW / 32)));
   const int64_t piece = (HW + pieces_per_image - 1) / pieces_per_image;
   const int64_t tasks = s.N * pieces_per_image;
   for_each_chunk_raw(chunks, [&](int64_t c) {
     const auto [begin, end] = chunk_range(c, chunks, tasks);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / pieces_per_image, p0 = (t % pieces_per_image) * piece;
-      if (p0 < HW) backward_pixels<T>(s, op, g, grad_input, c, n, p0, std::min(HW, p0 + piece));
+      if (p0 >= HW) continue;
+      const int64_t p1 = std::min(HW, p0 + piece);
+      if (op.first) {
+        backward_pixels<T>(s, op, g, grad_input, c, chunks, n, p0, p1);
+      } else {
+        sum_private_gp<T>(s, g, chunks, n, p0, p1, grad_input + n * s.C_in * HW);  // it is the input gradient
+      }
     }
   });
 }
@@ -642,15 +675,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
   Tensor acc_core = need.core ? at::zeros({chunks, s.R_out, K}, opts) : Tensor();
   Tensor acc_last = need.last ? at::zeros({chunks, s.C_out, s.R_out}, opts) : Tensor();
   Tensor acc_bias = need.bias ? at::zeros({chunks, s.C_out}, opts) : Tensor();
-  // Projection gradient; without first it is the input gradient itself.
+  // Projection gradient; without first it is the input gradient itself. For
+  // fewer images than two per thread, tiles split images into bands whose
+  // halos overlap: each chunk then gets its own copy (at most 2 * threads
+  // images each), summed per pixel in pass 2, rather than the tiles
+  // scattering in two passes with a barrier between (threads idle at batch 1).
+  const bool private_gp = need_back && chunks > 1 && s.N < 2 * at::get_num_threads();
   Tensor gp;
-  if (need_back) {
-    if (s.has_first) {
-      gp = at::zeros({s.N, s.R_in, s.H, s.W}, opts);
-    } else {
-      grad_input.zero_();
-      gp = grad_input;
-    }
+  if (private_gp) {
+    gp = at::zeros({chunks, s.N, s.R_in, s.H, s.W}, opts);
+  } else if (need_back && s.has_first) {
+    gp = at::zeros({s.N, s.R_in, s.H, s.W}, opts);
+  } else if (need_back) {
+    grad_input.zero_();
+    gp = grad_input;
   }
 
   if (s.N > 0) {
@@ -670,6 +708,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
       const ConvGrads<T> g{
           need.input, need.first, need.core, need.last, need.bias,
           need_back ? gp.mutable_data_ptr<T>() : nullptr,
+          private_gp ? s.N * s.R_in * s.H * s.W : 0,
           need.first ? acc_first.mutable_data_ptr<T>() : nullptr,
           need.core ? acc_core.mutable_data_ptr<T>() : nullptr,
           need.last ? acc_last.mutable_data_ptr<T>() : nullptr,
