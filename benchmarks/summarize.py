@@ -1,11 +1,12 @@
-"""Turns a pytest-benchmark JSON into ratio tables (markdown), a summary JSON and a bar chart.
+"""Turns pytest-benchmark JSON into ratio tables (markdown), a summary JSON and a bar chart.
 
-    python benchmarks/summarize.py RAW_JSON [--out-dir benchmarks] [--command "make bench"]
+    python benchmarks/summarize.py RAW_JSON [RAW_JSON ...] [--out-dir benchmarks] [--command "make bench"]
 
 Writes RESULTS.md, results_summary.json and results.png into --out-dir. Every
-ratio is ``time(other) / time(fused)`` within one group of one run (> 1: fused
-is faster), from each benchmark's minimum time (the least disturbed round on a
-shared machine).
+ratio is ``time(other) / time(fused)`` within one group (> 1: fused is faster),
+from each benchmark's minimum time (the least disturbed round on a shared
+machine) over all the JSON files given: passes of the same suite on the same
+machine and code.
 """
 
 from __future__ import annotations
@@ -38,10 +39,13 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds:.3f} s"
 
 
-def summarize(raw: dict) -> dict:
+def summarize(raws: list[dict]) -> dict:
     groups: dict[str, dict[str, float]] = defaultdict(dict)
-    for bench in raw["benchmarks"]:
-        groups[bench["group"]][_impl(bench)] = bench["stats"]["min"]
+    for raw in raws:
+        for bench in raw["benchmarks"]:
+            times = groups[bench["group"]]
+            impl = _impl(bench)
+            times[impl] = min(times.get(impl, math.inf), bench["stats"]["min"])
     ratios: dict[str, dict[str, float]] = {}
     for group, times in groups.items():
         base = times.get("fused")
@@ -50,7 +54,8 @@ def summarize(raw: dict) -> dict:
         if base:
             ratios[group] = {impl: t / base for impl, t in times.items()}
     return {
-        "machine": raw.get("machine_info", {}),
+        "machine": raws[0].get("machine_info", {}),
+        "passes": len(raws),
         "times_s": dict(groups),
         "ratios_vs_fused": ratios,
         "large_conv_efficiency": _large_conv_efficiency(groups),
@@ -123,8 +128,8 @@ def write_markdown(summary: dict, command: str) -> str:
         f"torch {m.get('torch', '?')} with {m.get('torch_threads', '?')} threads; "
         f"ONNX Runtime {m.get('onnxruntime') or 'not installed'} with the same thread count.",
         "",
-        "Ratios are time(column) / time(fused) within one group of one run (> 1: fused is faster), "
-        "from each benchmark's minimum time.",
+        "Ratios are time(column) / time(fused) within one group (> 1: fused is faster), "
+        f"from each benchmark's minimum time over {summary.get('passes', 1)} pass(es) of the suite in one run.",
         "",
         "## Targets",
         "",
@@ -178,11 +183,11 @@ def write_chart(summary: dict, path: pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("raw_json", type=pathlib.Path)
+    parser.add_argument("raw_json", type=pathlib.Path, nargs="+")
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent)
     parser.add_argument("--command", default="make bench")
     args = parser.parse_args(argv)
-    summary = summarize(json.loads(args.raw_json.read_text()))
+    summary = summarize([json.loads(p.read_text()) for p in args.raw_json])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results_summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
     markdown = write_markdown(summary, args.command)
