@@ -452,44 +452,40 @@ def test_linear_with_intermediates_returns_the_chain(seed: int) -> None:
 # -- the backward ops given the intermediates -------------------------------------------
 
 
-def _check_conv_backward_masks(case: ConvCase, masks, given_options, seed: int) -> None:
+def _check_backward_masks(kind: str, case, masks, given_options, seed: int) -> None:
+    """Every mask: the backward op without intermediates against the reference, and with
+    each combination of them against both."""
     x, first, core, last, _ = case.tensors
-    output, projection, core_output = OPS.tucker_conv2d_with_intermediates(*case.tensors, *case.opts)
+    if kind == "conv":
+        with_op, backward_op, extra = OPS.tucker_conv2d_with_intermediates, OPS.tucker_conv2d_backward, case.opts
+        reference_grads_of = _reference_conv_grads
+    else:
+        with_op, backward_op, extra = OPS.tucker_linear_with_intermediates, OPS.tucker_linear_backward, ()
+        reference_grads_of = _reference_linear_grads
+    output, projection, core_output = with_op(*case.tensors, *extra)
     grad_output = torch.randn(output.shape, dtype=F64, generator=torch.Generator().manual_seed(seed)).to(case.dtype)
-    reference_grads = _reference_conv_grads(case, grad_output)
-    args = (grad_output, x, first, core, last, *case.opts)
+    reference_grads = reference_grads_of(case, grad_output)
+    args = (grad_output, x, first, core, last, *extra)
     for mask in masks:
         mask = [bool(m) for m in mask]
-        recomputed = OPS.tucker_conv2d_backward(*args, mask)
+        recomputed = backward_op(*args, mask)
         _same_grads(recomputed, _expected_backward(reference_grads, mask, case.dtype), case.dtype,
                     f"{case!r} mask {mask} without intermediates")  # fmt: skip
         for give_p, give_q in given_options:
             p = projection if give_p and first is not None else None
             q = core_output if give_q and last is not None else None
-            kept = OPS.tucker_conv2d_backward(*args, mask, p, q)
+            kept = backward_op(*args, mask, p, q)
             what = f"{case!r} mask {mask} projection={p is not None} core_output={q is not None}"
             _same_grads(kept, recomputed, case.dtype, what + " vs without")
             _same_grads(kept, _expected_backward(reference_grads, mask, case.dtype), case.dtype, what + " vs reference")
+
+
+def _check_conv_backward_masks(case: ConvCase, masks, given_options, seed: int) -> None:
+    _check_backward_masks("conv", case, masks, given_options, seed)
 
 
 def _check_linear_backward_masks(case: LinearCase, masks, given_options, seed: int) -> None:
-    x, first, core, last, _ = case.tensors
-    output, projection, core_output = OPS.tucker_linear_with_intermediates(*case.tensors)
-    grad_output = torch.randn(output.shape, dtype=F64, generator=torch.Generator().manual_seed(seed)).to(case.dtype)
-    reference_grads = _reference_linear_grads(case, grad_output)
-    args = (grad_output, x, first, core, last)
-    for mask in masks:
-        mask = [bool(m) for m in mask]
-        recomputed = OPS.tucker_linear_backward(*args, mask)
-        _same_grads(recomputed, _expected_backward(reference_grads, mask, case.dtype), case.dtype,
-                    f"{case!r} mask {mask} without intermediates")  # fmt: skip
-        for give_p, give_q in given_options:
-            p = projection if give_p and first is not None else None
-            q = core_output if give_q and last is not None else None
-            kept = OPS.tucker_linear_backward(*args, mask, p, q)
-            what = f"{case!r} mask {mask} projection={p is not None} core_output={q is not None}"
-            _same_grads(kept, recomputed, case.dtype, what + " vs without")
-            _same_grads(kept, _expected_backward(reference_grads, mask, case.dtype), case.dtype, what + " vs reference")
+    _check_backward_masks("linear", case, masks, given_options, seed)
 
 
 ALL_GIVEN = [(True, True), (True, False), (False, True)]

@@ -277,10 +277,11 @@ Tensor tucker_linear_cpu(
   return out;
 }
 
-// The chain through whole-batch GEMMs, keeping both intermediates (ops.cpp):
-// the association Sequential runs, and the one the forward runs anyway where
-// the weights dominate (weights_dominate), the only calls the autograd kernel
-// keeps them for. Checked, and named in errors, as tucker_linear.
+// The chain through whole-batch GEMMs (threaded BLAS), keeping both
+// intermediates (ops.cpp): the association Sequential runs, and the one the
+// forward runs anyway where the weights dominate (weights_dominate). The
+// autograd kernel keeps them from kMinRowsPerChunk rows
+// (linear_keeps_intermediates). Checked, and named in errors, as tucker_linear.
 std::tuple<Tensor, Tensor, Tensor> tucker_linear_with_intermediates_cpu(
     const Tensor& input,
     const std::optional<Tensor>& first,
