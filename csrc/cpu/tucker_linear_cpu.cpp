@@ -137,9 +137,11 @@ int64_t chain_macs(const Chain<T>& chain, int64_t M) {
 }
 
 // Rows [r0, r0 + m) through every stage; the last stage writes y (on top of
-// the bias when there is one), the others thread-local scratch.
+// the bias when there is one), the others thread-local scratch, or the rows'
+// place in kept[i] (row stride: the stage's outputs) where that is given.
 template <typename T>
-void run_rows(const Chain<T>& chain, const T* x, int64_t ldx, const T* bias, T* y, int64_t ldy, int64_t m) {
+void run_rows(const Chain<T>& chain, const T* x, int64_t ldx, const T* bias, T* y, int64_t ldy, int64_t m,
+              T* const* kept = nullptr) {
   const T* cur = x;
   int64_t ld = ldx;
   const size_t last = chain.stages.size() - 1;
@@ -150,7 +152,7 @@ void run_rows(const Chain<T>& chain, const T* x, int64_t ldx, const T* bias, T* 
         for (int64_t r = 0; r < m; ++r) std::copy(bias, bias + st.out, y + r * ldy);
       gemm_nt<T>(m, st.out, st.in, cur, ld, st.w, st.in, y, ldy, bias != nullptr);
     } else {
-      T* buf = scratch<T>(static_cast<int>(i), m * st.out);
+      T* buf = kept && kept[i] ? kept[i] : scratch<T>(static_cast<int>(i), m * st.out);
       gemm_nt<T>(m, st.out, st.in, cur, ld, st.w, st.in, buf, st.out, false);
       cur = buf;
       ld = st.out;
@@ -277,11 +279,12 @@ Tensor tucker_linear_cpu(
   return out;
 }
 
-// The chain through whole-batch GEMMs (threaded BLAS), keeping both
-// intermediates (ops.cpp): the association Sequential runs, and the one the
-// forward runs anyway where the weights dominate (weights_dominate). The
-// autograd kernel keeps them from kMinRowsPerChunk rows
-// (linear_keeps_intermediates). Checked, and named in errors, as tucker_linear.
+// The unfolded chain (the association Sequential runs), keeping both
+// intermediates (ops.cpp): where the weights dominate (weights_dominate) as
+// whole-batch GEMMs through the threaded BLAS, as the plain forward does, and
+// otherwise in the plain forward's row blocks. The autograd kernel keeps them
+// from kMinRowsPerChunk rows (linear_keeps_intermediates). Checked, and named
+// in errors, as tucker_linear.
 std::tuple<Tensor, Tensor, Tensor> tucker_linear_with_intermediates_cpu(
     const Tensor& input,
     const std::optional<Tensor>& first,
@@ -290,18 +293,56 @@ std::tuple<Tensor, Tensor, Tensor> tucker_linear_with_intermediates_cpu(
     const std::optional<Tensor>& bias) {
   const LinearSizes s = check_tucker_linear_args(input, first, core, last, bias, kCpuDtypes);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Tensor x = input.reshape({s.M, s.in});
-  const Tensor p = s.has_first ? at::mm(x, first->t()) : Tensor();  // (M x R_in)
-  const Tensor& core_in = s.has_first ? p : x;
-  Tensor q, y;  // (M x R_out), (M x out)
-  if (s.has_last) {
-    q = at::mm(core_in, core.t());
-    y = s.has_bias ? at::addmm(*bias, q, last->t()) : at::mm(q, last->t());
+  const auto opts = input.options();
+  const Tensor x = input.reshape({s.M, s.in}).contiguous();
+  const int64_t weights = (s.has_first ? s.in * s.R_in : 0) + s.R_in * s.R_out + (s.has_last ? s.R_out * s.out : 0);
+  Tensor p, q, y;  // (M x R_in), (M x R_out), (M x out)
+  if (s.M > 0 && weights_dominate(weights, s.M, s.in, s.out)) {
+    p = s.has_first ? at::mm(x, first->t()) : Tensor();
+    const Tensor& core_in = s.has_first ? p : x;
+    if (s.has_last) {
+      q = at::mm(core_in, core.t());
+      y = s.has_bias ? at::addmm(*bias, q, last->t()) : at::mm(q, last->t());
+    } else {
+      y = s.has_bias ? at::addmm(*bias, core_in, core.t()) : at::mm(core_in, core.t());
+    }
   } else {
-    y = s.has_bias ? at::addmm(*bias, core_in, core.t()) : at::mm(core_in, core.t());
+    // Row blocks as the plain forward (the unfolded chain), each stage's rows
+    // written to the kept tensors instead of scratch: no BLAS threading on small
+    // products (a parallel region stalls whenever another process holds a core).
+    p = s.has_first ? at::empty({s.M, s.R_in}, opts) : Tensor();
+    q = s.has_last ? at::empty({s.M, s.R_out}, opts) : Tensor();
+    y = at::empty({s.M, s.out}, opts);
+    const Tensor A = s.has_first ? first->contiguous() : Tensor();
+    const Tensor G = core.contiguous();
+    const Tensor B = s.has_last ? last->contiguous() : Tensor();
+    const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_linear_with_intermediates_cpu", [&] {
+      using T = scalar_t;
+      const Chain<T> chain = plan_chain<T>(s, s.M, s.has_first ? A.const_data_ptr<T>() : nullptr,
+                                           G.const_data_ptr<T>(), s.has_last ? B.const_data_ptr<T>() : nullptr, opts,
+                                           /*allow_fold=*/false);
+      // Stage order: [first], core, [last]; kept outputs: first's (P), core's when last follows (Q).
+      T* pp = s.has_first ? p.mutable_data_ptr<T>() : nullptr;
+      T* qp = s.has_last ? q.mutable_data_ptr<T>() : nullptr;
+      const T* xp = x.const_data_ptr<T>();
+      const T* bp = s.has_bias ? b.const_data_ptr<T>() : nullptr;
+      T* yp = y.mutable_data_ptr<T>();
+      const int64_t chunks = chunks_for_work(s.M, chain_macs(chain, s.M));
+      for_each_chunk_raw(chunks, [&](int64_t c) {
+        const auto [begin, end] = chunk_range(c, chunks, s.M);
+        for (int64_t r = begin; r < end; r += kRowBlock) {
+          T* kept[2] = {nullptr, nullptr};
+          int k = 0;
+          if (pp) kept[k++] = pp + r * s.R_in;
+          if (qp) kept[k] = qp + r * s.R_out;
+          run_rows<T>(chain, xp + r * s.in, s.in, bp, yp + r * s.out, s.out, std::min(kRowBlock, end - r), kept);
+        }
+      });
+    });
   }
   auto shaped = [&](const Tensor& t, int64_t features) {
-    return t.defined() ? t.view(output_shape(input, features)) : at::empty({0}, input.options());
+    return t.defined() ? t.view(output_shape(input, features)) : at::empty({0}, opts);
   };
   return {shaped(y, s.out), shaped(p, s.R_in), shaped(q, s.R_out)};
 }

@@ -1,0 +1,59 @@
+"""Per-call overhead of the fused ops: layers too small for their arithmetic to register.
+
+A 1x1 conv of 2 -> 2 -> 2 -> 2 channels on a 2x2 image, and a linear layer of 4 -> 2 -> 2
+-> 4 features, at batch 1: a few dozen multiply-adds, nanoseconds of arithmetic, so the
+call's time is its overhead (dispatch, argument checks, output allocation, the kernel's
+setup). Timed as an inference call and as a forward that records the autograd graph, with
+``nn.Sequential``'s three layers alongside for scale.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tucker_ops import _ops
+
+OPS = ("fused", "fused_grad", "sequential")
+
+
+def _conv():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 2, 2, generator=g)
+    first, core, last = torch.randn(2, 2, generator=g), torch.randn(2, 2, 1, 1, generator=g), torch.randn(2, 2, generator=g)
+    bias = torch.randn(2, generator=g)
+    seq = nn.Sequential(nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 1))
+
+    def fused(x, first=first, core=core, last=last, bias=bias):
+        return _ops.tucker_conv2d(x, first, core, last, bias, 1, 0, 1, backend="fused")
+
+    return x, (first, core, last, bias), fused, seq
+
+
+def _linear():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, generator=g)
+    first, core, last = torch.randn(2, 4, generator=g), torch.randn(2, 2, generator=g), torch.randn(4, 2, generator=g)
+    bias = torch.randn(4, generator=g)
+    seq = nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(2, 2, bias=False), nn.Linear(2, 4))
+
+    def fused(x, first=first, core=core, last=last, bias=bias):
+        return _ops.tucker_linear(x, first, core, last, bias, backend="fused")
+
+    return x, (first, core, last, bias), fused, seq
+
+
+@pytest.mark.parametrize("impl", OPS)
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_overhead(benchmark, kind: str, impl: str) -> None:
+    benchmark.group = f"overhead: tiny {kind} / batch 1 / forward"
+    x, params, fused, seq = _conv() if kind == "conv" else _linear()
+    if impl == "fused_grad":
+        for p in params:
+            p.requires_grad_()
+        benchmark(fused, x)
+        return
+    fn = seq if impl == "sequential" else fused
+    with torch.inference_mode():
+        benchmark(fn, x)
