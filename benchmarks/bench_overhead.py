@@ -21,7 +21,8 @@ OPS = ("fused", "fused_grad", "sequential")
 def _conv():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 2, 2, 2, generator=g)
-    first, core, last = torch.randn(2, 2, generator=g), torch.randn(2, 2, 1, 1, generator=g), torch.randn(2, 2, generator=g)
+    first, core = torch.randn(2, 2, generator=g), torch.randn(2, 2, 1, 1, generator=g)
+    last = torch.randn(2, 2, generator=g)
     bias = torch.randn(2, generator=g)
     seq = nn.Sequential(nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 1))
 

@@ -81,7 +81,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     peak = _gemm_peak(args.threads)
     print(f"threads {args.threads}; torch.mm 2048^3: {peak:.0f} GFLOP/s\n")
-    print("| case | implementation | forward | backward | step | forward GFLOP/s | backward GFLOP/s | of mm peak (fwd / bwd) |")
+    print(
+        "| case | implementation | forward | backward | step | forward GFLOP/s | backward GFLOP/s "
+        "| of mm peak (fwd / bwd) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for spec in args.cases:
         name, batch = spec.split(":")

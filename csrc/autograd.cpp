@@ -7,8 +7,8 @@
 // graph needs. On the CPU, where cpu/intermediates.h says so, forward calls
 // the op's *_with_intermediates variant instead and saves the projection and
 // core output it returns, and backward hands them to the *_backward op in
-// place of its recomputation. A plain backward calls it below autograd too, so no Python runs
-// in a training step. With create_graph=True it goes through the dispatcher as
+// place of its recomputation. A plain backward calls it below autograd too,
+// so no Python runs in a training step. With create_graph=True it goes through the dispatcher as
 // usual, so the double-backward formula registered for the *_backward ops in
 // tucker_ops/_ops.py records the graph.
 #include <array>
@@ -114,9 +114,9 @@ Mask grad_mask(const AutogradContext* ctx, bool has_first, bool has_last, bool h
 }
 
 // Whether a forward may keep the intermediates (the caller checks there are
-// any: first or last), and under which mode: only a CPU call that records a graph, with concrete sizes (a symbolic trace
-// keeps the recomputing path rather than guard on sizes). The caller applies
-// its op's rule in auto mode.
+// any: first or last), and under which mode: only a CPU call that records a
+// graph, with concrete sizes (a symbolic trace keeps the recomputing path
+// rather than guard on sizes). The caller applies its op's rule in auto mode.
 std::optional<cpu::KeepIntermediates> keep_mode(std::initializer_list<OptTensor> tensors) {
   if (!c10::GradMode::is_enabled()) return std::nullopt;
   bool needs_grad = false;

@@ -2,8 +2,9 @@
 
 Importing this module (``import tucker_ops`` does) makes
 ``torch.utils.flop_counter.FlopCounterMode`` count the ops, forward (the
-``*_with_intermediates`` variants as their forward) and backward. The convention is the one PyTorch uses for ``aten.convolution`` and
-``aten.mm``: 2 FLOPs per multiply-accumulate, bias additions and reductions not
+``*_with_intermediates`` variants as their forward) and backward. The
+convention is the one PyTorch uses for ``aten.convolution`` and ``aten.mm``:
+2 FLOPs per multiply-accumulate, bias additions and reductions not
 counted. The forward counts the chain as the contract writes it, evaluated
 right to left, so it equals ``2 * TuckerConv2d.macs`` / ``2 * TuckerLinear.macs``
 and the MACs of ``compress``'s report:

@@ -308,9 +308,9 @@ void run_forward(const Conv2dSizes& s, const Tensor& input, const std::optional<
   const auto [x, nhwc] = input_layout(input);
   if (keep) {
     const auto opts = input.options();
-    keep->projection = s.has_first ? at::empty({s.N, s.R_in, s.H, s.W}, opts.memory_format(
-                                                   nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous))
-                                   : at::empty({0}, opts);
+    const auto layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    keep->projection =
+        s.has_first ? at::empty({s.N, s.R_in, s.H, s.W}, opts.memory_format(layout)) : at::empty({0}, opts);
     keep->core_output = s.has_last ? at::empty({s.N, s.R_out, s.H_out, s.W_out}, opts) : at::empty({0}, opts);
   }
   if (s.N == 0) return;
@@ -466,7 +466,10 @@ bool backward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, cons
       for (int64_t e = 0; e < ne; ++e) dst[e] += src[e];
     }
   }
-  if (need_back) add_phase_planes<T>(s, t, gplanes, pr.ih_lo, pr.ih_hi, oh0, g.gp + chunk * g.gp_chunk_stride + n * s.R_in * s.H * s.W);
+  if (need_back) {
+    T* gpn = g.gp + chunk * g.gp_chunk_stride + n * s.R_in * s.H * s.W;
+    add_phase_planes<T>(s, t, gplanes, pr.ih_lo, pr.ih_hi, oh0, gpn);
+  }
   return true;
 }
 
