@@ -125,7 +125,7 @@ std::optional<cpu::KeepIntermediates> keep_mode(std::initializer_list<OptTensor>
     if (!t->device().is_cpu() || t->unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return std::nullopt;
     needs_grad = needs_grad || t->requires_grad();
   }
-  const cpu::KeepIntermediates mode = cpu::keep_intermediates_from_env();
+  const cpu::KeepIntermediates mode = cpu::keep_intermediates_mode();
   if (!needs_grad || mode == cpu::KeepIntermediates::kNever) return std::nullopt;
   return mode;
 }

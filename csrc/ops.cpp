@@ -55,4 +55,9 @@ TORCH_LIBRARY(tucker_ops, m) {
       "bool[5] output_mask, Tensor? projection=None, Tensor? core_output=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       tags);
+  // The keep/recompute setting behind tucker_ops.keep_intermediates (csrc/cpu/
+  // intermediates.cpp): set returns the previous value; -1 automatic, 0
+  // recompute, 1 keep. Utilities, not part of any model's graph.
+  m.def("_set_keep_intermediates(int mode) -> int");
+  m.def("_keep_intermediates_mode() -> int");
 }

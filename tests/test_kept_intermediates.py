@@ -84,7 +84,8 @@ def _same_grads(got, want, dtype: torch.dtype, what: str) -> None:
 
 
 class _OpLog(TorchDispatchMode):
-    """Records every tucker_ops op that reaches the backends (below autograd)."""
+    """Records every tucker_ops op that reaches the backends (below autograd), but the
+    keep/recompute setting's utility ops (``_``-prefixed)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -92,7 +93,7 @@ class _OpLog(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == "tucker_ops":
+        if func.namespace == "tucker_ops" and not func._opname.startswith("_"):
             self.calls.append((func._opname, args, kwargs))
         return func(*args, **kwargs)
 
@@ -899,6 +900,80 @@ def test_setting_is_read_on_every_call(monkeypatch: pytest.MonkeyPatch, kind: st
     assert seen == [f"{op}_with_intermediates", op, auto, f"{op}_with_intermediates"]
     for g in grads[1:]:
         assert_close(g, grads[0], rtol=1e-12, atol=1e-12)
+
+
+def _forward_op_run(kind: str) -> str:
+    """The tucker_ops forward op a graph-recording call reaches (conv: auto keeps; linear: 20 rows, auto keeps)."""
+    gen = torch.Generator().manual_seed(9)
+    x = _randn(gen, F64, 2, 3, 5, 5) if kind == "conv" else _randn(gen, F64, 20, 3)
+    first = _randn(gen, F64, 2, 3).requires_grad_()
+    core = _randn(gen, F64, 4, 2, 3, 3) if kind == "conv" else _randn(gen, F64, 4, 2)
+    last = _randn(gen, F64, 5, 4)
+    with _OpLog() as log:
+        if kind == "conv":
+            OPS.tucker_conv2d(x, first, core, last, None, [1, 1], [0, 0], [1, 1])
+        else:
+            OPS.tucker_linear(x, first, core, last, None)
+    return log.names()[0]
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_keep_intermediates_context_manager(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    op = f"tucker_{'conv2d' if kind == 'conv' else 'linear'}"
+    kept = f"{op}_with_intermediates"
+    _set_keep(monkeypatch, None)
+    assert _forward_op_run(kind) == kept  # automatic
+    with tucker_ops.keep_intermediates(False):
+        assert _forward_op_run(kind) == op
+        with tucker_ops.keep_intermediates(True):
+            assert _forward_op_run(kind) == kept
+            with tucker_ops.keep_intermediates(None):  # back to automatic inside
+                assert _forward_op_run(kind) == kept
+            assert _forward_op_run(kind) == kept
+        assert _forward_op_run(kind) == op  # nested settings restored on exit
+    assert _forward_op_run(kind) == kept
+    # The Python setting overrides the environment variable, and None defers to it again.
+    _set_keep(monkeypatch, "0")
+    assert _forward_op_run(kind) == op
+    with tucker_ops.keep_intermediates(True):
+        assert _forward_op_run(kind) == kept
+        with tucker_ops.keep_intermediates(None):
+            assert _forward_op_run(kind) == op
+    _set_keep(monkeypatch, "1")
+    with tucker_ops.keep_intermediates(False):
+        assert _forward_op_run(kind) == op
+
+
+def test_keep_intermediates_restored_after_an_exception() -> None:
+    with pytest.raises(RuntimeError, match="inside"):
+        with tucker_ops.keep_intermediates(False):
+            raise RuntimeError("inside")
+    assert OPS._keep_intermediates_mode() in (-1, 0, 1)
+    assert OPS._set_keep_intermediates(-1) == -1  # nothing left set
+
+
+def test_set_keep_intermediates_rejects_a_bad_mode() -> None:
+    with pytest.raises(ValueError, match="expected mode to be -1 .automatic., 0 .recompute. or 1 .keep., but got 2"):
+        OPS._set_keep_intermediates(2)
+    assert OPS._set_keep_intermediates(-1) == -1
+
+
+def test_relu_pool_backward_follows_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    _set_keep(monkeypatch, None)
+    gen = torch.Generator().manual_seed(10)
+    x = _randn(gen, F64, 2, 3, 8, 8).requires_grad_()
+    first, core, last = _randn(gen, F64, 2, 3), _randn(gen, F64, 4, 2, 3, 3), _randn(gen, F64, 5, 4)
+    grads = []
+    for enabled, recomputed_with in ((True, "tucker_conv2d_with_intermediates"), (False, "tucker_conv2d")):
+        with tucker_ops.keep_intermediates(enabled):
+            y = tucker_ops.tucker_conv2d_relu_pool(x, first, core, last, None, 1, 1, 1, 2)
+            with _OpLog() as log:
+                (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        assert log.names()[0] == recomputed_with
+        given = log.backward_intermediates("tucker_conv2d_backward")
+        assert given == [(enabled, enabled)]
+        grads.append(g)
+    assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])

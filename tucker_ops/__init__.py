@@ -11,7 +11,7 @@ and modules work without it.
 """
 
 from . import flops  # noqa: F401  (registers the ops' FlopCounterMode formulas)
-from ._ops import tucker_conv2d, tucker_linear, use_reference
+from ._ops import keep_intermediates, tucker_conv2d, tucker_linear, use_reference
 from ._epilogue_op import tucker_conv2d_relu_pool
 from .epilogues import TuckerConv2dReLUPool, fuse_epilogues
 from .compress import CompressionReport, LayerReport, compress, fuse_sequential_chains, to_sequential_model
@@ -48,6 +48,7 @@ __all__ = [
     "evbmf",
     "fuse_epilogues",
     "fuse_sequential_chains",
+    "keep_intermediates",
     "load",
     "macs_for_ranks",
     "params_for_ranks",

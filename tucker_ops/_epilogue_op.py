@@ -15,7 +15,6 @@ and hands the rest to ``tucker_conv2d_backward``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -105,12 +104,13 @@ def _setup_context(ctx, inputs, output) -> None:
 def _recompute_conv(input, first, core, last, bias, conv_args) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The conv output, plus its intermediates for the conv backward where the CPU kernel
     can write them in the same pass (not while a double-backward graph is recorded: that
-    op has no autograd; not with TUCKER_OPS_KEEP_INTERMEDIATES=0, as for the plain op)."""
+    op has no autograd; not when keep_intermediates(False) or
+    TUCKER_OPS_KEEP_INTERMEDIATES=0 asks to recompute, as for the plain op)."""
     keep = (
         input.device.type == "cpu"
         and not torch.is_grad_enabled()
         and (first is not None or last is not None)
-        and os.environ.get("TUCKER_OPS_KEEP_INTERMEDIATES") != "0"
+        and _OPS._keep_intermediates_mode() != 0
     )
     if not keep:
         return _OPS.tucker_conv2d(input, first, core, last, bias, *conv_args), None, None

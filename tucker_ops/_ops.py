@@ -517,6 +517,37 @@ def use_reference(enabled: bool = True) -> Iterator[None]:
         _use_reference_flag = previous
 
 
+@contextlib.contextmanager
+def keep_intermediates(enabled: bool | None = True) -> Iterator[None]:
+    """While active, CPU training steps keep (``True``) or recompute (``False``) the chain's intermediates.
+
+    In a forward that records the autograd graph on the CPU, the ops normally keep
+    the projection and the core output (conv ``(N, R_in, H, W)`` and ``(N, R_out,
+    H_out, W_out)``; linear ``(..., R_in)`` and ``(..., R_out)``, what an
+    ``nn.Sequential`` chain keeps) so the backward need not recompute them. Keeping
+    is faster; ``keep_intermediates(False)`` trades that speed for the activation
+    memory, the way activation checkpointing does. ``None`` restores the automatic
+    choice (``TUCKER_OPS_KEEP_INTERMEDIATES=1`` / ``0`` when set, else per-layer
+    rules). The choice is made in the forward, so wrap the forward pass. The
+    setting is process-wide (not per thread), overrides the environment variable,
+    and nests: the previous setting is restored on exit. Use it outside compiled
+    regions (``torch.compile`` bakes the choice in when it traces). The CUDA backward
+    always recomputes.
+
+    Example::
+
+        with tucker_ops.keep_intermediates(False):
+            loss = criterion(model(x), y)
+        loss.backward()
+    """
+    mode = -1 if enabled is None else int(bool(enabled))
+    previous = _OPS._set_keep_intermediates(mode)
+    try:
+        yield
+    finally:
+        _OPS._set_keep_intermediates(previous)
+
+
 def _runs_reference(backend: str | None) -> bool:
     if backend is None:
         return _use_reference_flag
