@@ -27,6 +27,36 @@ Case = tuple[Callable[[str], Any], type, tuple[str, ...], tuple[str, ...]]
 Outcomes = tuple[dict, int, str]
 
 
+def T(device: str, *shape: int, dtype: Any = None) -> Any:
+    """A tensor of this shape on ``device``: random for floating and complex dtypes
+    (float32 by default), zeros otherwise."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def conv_backward_call(device: str, **overrides: Any) -> Any:
+    """tucker_conv2d_backward on a small valid Tucker-2 call, with arguments replaced by ``overrides``."""
+    import torch
+
+    args = {
+        "grad_output": T(device, 2, 7, 7, 6),
+        "input": T(device, 2, 5, 9, 8),
+        "first": T(device, 4, 5),
+        "core": T(device, 6, 4, 3, 3),
+        "last": T(device, 7, 6),
+        "stride": [1, 1],
+        "padding": [0, 0],
+        "dilation": [1, 1],
+        "output_mask": [True] * 5,
+    }
+    args.update(overrides)
+    return torch.ops.tucker_ops.tucker_conv2d_backward(**args)
+
+
 def run_cases(cases: Mapping[str, Case]) -> None:
     """Child process: run every case on each of its devices, one JSON line per outcome."""
     import tucker_ops  # noqa: F401  (registers the fake kernels and autograd)

@@ -34,7 +34,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from _bad_input_harness import Outcomes, assert_child_exited_cleanly, assert_clear_error, case_ids, collect_outcomes, run_cases
+from _bad_input_harness import (
+    T,
+    Outcomes,
+    assert_child_exited_cleanly,
+    assert_clear_error,
+    case_ids,
+    collect_outcomes,
+    conv_backward_call,
+    run_cases,
+)
 from torch.library import opcheck
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -557,26 +566,7 @@ def test_projection_in_another_layout_is_read_by_its_strides() -> None:
 DEVICES = ("cpu", "meta")
 
 
-def T(device: str, *shape: int, dtype: torch.dtype = F32) -> torch.Tensor:
-    if dtype.is_floating_point:
-        return torch.randn(shape, dtype=dtype, device=device)
-    return torch.zeros(shape, dtype=dtype, device=device)
-
-
-def _conv_backward(device: str, **overrides):
-    args = {
-        "grad_output": T(device, 2, 7, 7, 6),
-        "input": T(device, 2, 5, 9, 8),
-        "first": T(device, 4, 5),
-        "core": T(device, 6, 4, 3, 3),
-        "last": T(device, 7, 6),
-        "stride": [1, 1],
-        "padding": [0, 0],
-        "dilation": [1, 1],
-        "output_mask": [True] * 5,
-    }
-    args.update(overrides)
-    return OPS.tucker_conv2d_backward(**args)
+_conv_backward = conv_backward_call
 
 
 def _linear_backward(device: str, **overrides):

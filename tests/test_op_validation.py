@@ -15,16 +15,21 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from _bad_input_harness import Outcomes, assert_child_exited_cleanly, assert_clear_error, case_ids, collect_outcomes, run_cases
+from _bad_input_harness import (
+    T,
+    Outcomes,
+    assert_child_exited_cleanly,
+    assert_clear_error,
+    case_ids,
+    collect_outcomes,
+    conv_backward_call,
+    run_cases,
+)
 
 DEVICES = ("cpu", "meta")
 F32, F64 = torch.float32, torch.float64
 
 
-def T(device: str, *shape: int, dtype: torch.dtype = F32) -> torch.Tensor:
-    if dtype.is_floating_point or dtype.is_complex:
-        return torch.randn(shape, dtype=dtype, device=device)
-    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def conv(device: str, op: str = "tucker_conv2d", **overrides):
@@ -43,19 +48,7 @@ def conv(device: str, op: str = "tucker_conv2d", **overrides):
 
 
 def _conv_backward(device: str, overrides: dict):
-    args = {
-        "grad_output": T(device, 2, 7, 7, 6),
-        "input": T(device, 2, 5, 9, 8),
-        "first": T(device, 4, 5),
-        "core": T(device, 6, 4, 3, 3),
-        "last": T(device, 7, 6),
-        "stride": [1, 1],
-        "padding": [0, 0],
-        "dilation": [1, 1],
-        "output_mask": [True] * 5,
-    }
-    args.update(overrides)
-    return torch.ops.tucker_ops.tucker_conv2d_backward(**args)
+    return conv_backward_call(device, **overrides)
 
 
 def linear(device: str, **overrides):
