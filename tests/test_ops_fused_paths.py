@@ -61,6 +61,10 @@ CONV_CASES = [
     (1, 2, 30, 30, 2, 2, 3, (5, 5), (1, 1), (2, 2), (1, 1), False, True),  # thesis conv1-like, banded
     (1, 4, 40, 6, 2, 3, 2, (3, 1), (1, 1), (1, 0), (3, 1), True, True),  # tall image, dilation halo
     (4, 3, 7, 7, 3, 5, 4, (7, 7), (1, 1), (3, 3), (1, 1), False, False),  # neither side
+    # whole-image tiles (batch >= 2 per thread) with first: each image's projection gradient
+    # in thread scratch, its input and first gradients right after its tile
+    (5, 5, 9, 8, 3, 4, 6, (3, 3), (1, 1), (1, 1), (1, 1), True, True),
+    (6, 4, 11, 7, 2, 3, 5, (3, 2), (2, 1), (1, 0), (1, 2), True, False),
     # strides beyond the kernel's reach: input rows no output reads (zeros in a kept projection)
     (2, 4, 10, 9, 3, 3, 3, (1, 1), (3, 3), (1, 1), (1, 1), True, True),
     (1, 3, 21, 12, 2, 3, 4, (3, 2), (5, 3), (1, 0), (1, 1), True, True),

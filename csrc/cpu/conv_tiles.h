@@ -352,7 +352,7 @@ void col2im_block_add(const Conv2dSizes& s, const T* gcols, int64_t oh0, int64_t
 // allocation per call would cost more than a small layer's arithmetic).
 template <typename T>
 T* scratch(int slot, int64_t elems) {
-  thread_local std::vector<T> bufs[8];
+  thread_local std::vector<T> bufs[9];
   std::vector<T>& b = bufs[slot];
   if (static_cast<int64_t>(b.size()) < elems) b.resize(static_cast<size_t>(elems));
   return b.data();

@@ -14,12 +14,15 @@
 // them from the forward's saved intermediates when the caller kept them
 // (tucker_conv2d_with_intermediates, which writes them from the forward's
 // tiles: the chain's own intermediates, as a Sequential keeps them), then the
-// gradients of last, bias, core and the projection: through the phase planes for cores the hand kernels run,
-// through an explicit im2col and the BLAS for large ones. The projection
-// gradient of a tile overlaps its neighbours' by the halo, so even tiles run
-// first and odd tiles second; a second pass maps it to the input and first
-// gradients per pixel. Weight gradients are summed per thread chunk, then over
-// chunks in order: results depend on the thread count only, never on scheduling.
+// gradients of last, bias, core and the projection: through the phase planes
+// for cores the hand kernels run, through an explicit im2col and the BLAS for
+// large ones. The projection gradient maps to the input and first gradients
+// per pixel: right after its tile for whole-image tiles (it stays in thread
+// scratch); for bands, whose projection gradients overlap their neighbours' by
+// the halo, in a second pass over per-chunk copies (small batches) or over
+// one buffer the even and then the odd tiles scattered into. Weight gradients
+// are summed per thread chunk, then over chunks in order: results depend on
+// the thread count only, never on scheduling.
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -390,6 +393,13 @@ struct ConvGrads {
   // scatter into concurrently. Otherwise every chunk scatters into its own
   // copy, gp + chunk * gp_chunk_stride, summed in pass 2 (small batches).
   int64_t gp_chunk_stride;
+  // Whole-image tiles with first: no gp tensor (gp null); each image's
+  // projection gradient lives in thread scratch while its tile and its input
+  // and first gradients run back to back (see conv_backward).
+  bool gp_per_image;
+  int64_t gp_image_stride;  // R_in*H*W; 0 while gp points at one image's scratch
+
+  T* gp_of(int64_t chunk, int64_t n) const { return gp + chunk * gp_chunk_stride + n * gp_image_stride; }
   T* acc_first;  // (chunks, R_in, C_in)
   T* acc_core;   // (chunks, R_out, K)
   T* acc_last;   // (chunks, C_out, R_out)
@@ -467,7 +477,7 @@ bool backward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, cons
     }
   }
   if (need_back) {
-    T* gpn = g.gp + chunk * g.gp_chunk_stride + n * s.R_in * s.H * s.W;
+    T* gpn = g.gp_of(chunk, n);
     add_phase_planes<T>(s, t, gplanes, pr.ih_lo, pr.ih_hi, oh0, gpn);
   }
   return true;
@@ -509,7 +519,7 @@ void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePl
   T* q = g.last && !op.saved_q ? scratch<T>(2, s.R_out * plan.block) : nullptr;
   T* gq_buf = op.last && need_gq ? scratch<T>(3, s.R_out * plan.block) : nullptr;
   T* gcols = need_back ? scratch<T>(4, K * plan.block) : nullptr;
-  T* gpn = need_back ? g.gp + chunk * g.gp_chunk_stride + n * s.R_in * s.H * s.W : nullptr;
+  T* gpn = need_back ? g.gp_of(chunk, n) : nullptr;
 
   const int64_t block = balanced_block(npx, plan.block);
   for (int64_t q0 = 0; q0 < npx; q0 += block) {
@@ -561,7 +571,7 @@ void sum_private_gp(const Conv2dSizes& s, const ConvGrads<T>& g, int64_t chunks,
                     T* dst) {
   const int64_t HW = s.H * s.W;
   for (int64_t c = 0; c < s.R_in; ++c) {
-    const T* src0 = g.gp + (n * s.R_in + c) * HW;
+    const T* src0 = g.gp_of(0, n) + c * HW;
     T* d = dst + c * HW;
     if (d != src0) std::copy(src0 + p0, src0 + p1, d + p0);
     for (int64_t k = 1; k < chunks; ++k) {
@@ -577,8 +587,8 @@ template <typename T>
 void backward_pixels(const Conv2dSizes& s, const ConvOperands<T>& op, const ConvGrads<T>& g, T* grad_input,
                      int64_t chunk, int64_t chunks, int64_t n, int64_t p0, int64_t p1) {
   const int64_t HW = s.H * s.W, np = p1 - p0;
-  if (g.gp_chunk_stride) sum_private_gp<T>(s, g, chunks, n, p0, p1, g.gp + n * s.R_in * HW);
-  const T* gp = g.gp + n * s.R_in * HW + p0;
+  if (g.gp_chunk_stride) sum_private_gp<T>(s, g, chunks, n, p0, p1, g.gp_of(0, n));
+  const T* gp = g.gp_of(0, n) + p0;
   if (g.input) {
     // gX (C_in x np) = first^T (C_in x R_in) * gP (R_in x np)
     gemm_nn<T>(s.C_in, np, s.R_in, op.first, 1, s.C_in, gp, HW, grad_input + n * s.C_in * HW + p0, HW, false);
@@ -621,11 +631,22 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
         const int64_t n = t / tiles_per_pass;
         const int64_t tile = (t % tiles_per_pass) * passes + pass;
         if (tile >= plan.tiles_per_image) continue;
-        backward_tile<T>(s, op, plan, gy, g, c, n * plan.tiles_per_image + tile, windows);
+        if (!g.gp_per_image) {
+          backward_tile<T>(s, op, plan, gy, g, c, n * plan.tiles_per_image + tile, windows);
+          continue;
+        }
+        // The image's tile, then its input and first gradients, while its
+        // projection gradient is still in cache.
+        ConvGrads<T> gi = g;
+        gi.gp = scratch<T>(8, s.R_in * s.H * s.W);
+        gi.gp_image_stride = 0;
+        std::fill(gi.gp, gi.gp + s.R_in * s.H * s.W, T(0));
+        backward_tile<T>(s, op, plan, gy, gi, c, n, windows);
+        backward_pixels<T>(s, op, gi, grad_input, c, chunks, n, 0, s.H * s.W);
       }
     });
   }
-  if (!need_back || (!op.first && shared_gp)) return;
+  if (!need_back || (!op.first && shared_gp) || g.gp_per_image) return;
   // Pass 2 over (image, pixel range) pieces of about 4096 pixels, at least
   // one per chunk (a single image must not leave threads idle), at most two
   // per chunk.
@@ -684,11 +705,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
   // images each), summed per pixel in pass 2, rather than the tiles
   // scattering in two passes with a barrier between (threads idle at batch 1).
   const bool private_gp = need_back && chunks > 1 && s.N < 2 * at::get_num_threads();
+  // Whole-image tiles (conv_backward's plan): pass 2 runs per image right
+  // after its tile, on a projection gradient in thread scratch.
+  const bool gp_per_image = need_back && s.has_first && !private_gp &&
+      plan_tiles(s, at::get_num_threads(), input.element_size(), true).tiles_per_image == 1;
   Tensor gp;
   if (private_gp) {
     gp = at::zeros({chunks, s.N, s.R_in, s.H, s.W}, opts);
   } else if (need_back && s.has_first) {
-    gp = at::zeros({s.N, s.R_in, s.H, s.W}, opts);
+    if (!gp_per_image) gp = at::zeros({s.N, s.R_in, s.H, s.W}, opts);
   } else if (need_back) {
     grad_input.zero_();
     gp = grad_input;
@@ -710,8 +735,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
           Q.defined() ? Q.const_data_ptr<T>() : nullptr};
       const ConvGrads<T> g{
           need.input, need.first, need.core, need.last, need.bias,
-          need_back ? gp.mutable_data_ptr<T>() : nullptr,
+          need_back && !gp_per_image ? gp.mutable_data_ptr<T>() : nullptr,
           private_gp ? s.N * s.R_in * s.H * s.W : 0,
+          gp_per_image,
+          s.R_in * s.H * s.W,
           need.first ? acc_first.mutable_data_ptr<T>() : nullptr,
           need.core ? acc_core.mutable_data_ptr<T>() : nullptr,
           need.last ? acc_last.mutable_data_ptr<T>() : nullptr,
