@@ -268,15 +268,12 @@ Tensor tucker_conv2d_autograd(
     c10::IntArrayRef stride,
     c10::IntArrayRef padding,
     c10::IntArrayRef dilation) {
-  // Decided here, not in forward: Function::apply runs forward with grad mode off.
-  bool keep = false;
-  const auto mode = present(first) || present(last) ? keep_mode({input, first, core, last, bias}) : std::nullopt;
-  if (mode) {
-    // The kernel's own check: the same sizes, and the same error for a bad call.
-    keep = *mode == cpu::KeepIntermediates::kAlways ||
-        cpu::conv2d_keeps_intermediates(
-               check_tucker_conv2d_args(input, first, core, last, bias, stride, padding, dilation, kCpuDtypes));
-  }
+  // Decided here, not in forward: Function::apply runs forward with grad mode
+  // off. Convs keep whenever they may (measured faster at every benchmark
+  // shape: benchmarks/notes.md). No validation here: the kernel called next
+  // checks, under the plain op's name either way.
+  const bool keep =
+      (present(first) || present(last)) && keep_mode({input, first, core, last, bias}).has_value();
   return TuckerConv2dFunction::apply(
       input, as_optional(first), core, as_optional(last), as_optional(bias), stride, padding, dilation, keep);
 }
@@ -286,8 +283,10 @@ Tensor tucker_linear_autograd(
   bool keep = false;
   const auto mode = present(first) || present(last) ? keep_mode({input, first, core, last, bias}) : std::nullopt;
   if (mode) {
-    keep = *mode == cpu::KeepIntermediates::kAlways ||
-        cpu::linear_keeps_intermediates(check_tucker_linear_args(input, first, core, last, bias, kCpuDtypes));
+    // Rows from the input's shape alone (the kernel validates); a shape too
+    // malformed to count them keeps nothing, and the plain op raises.
+    const int64_t rows = input.dim() >= 1 && input.size(-1) > 0 ? input.numel() / input.size(-1) : 0;
+    keep = *mode == cpu::KeepIntermediates::kAlways || cpu::linear_keeps_intermediates(rows);
   }
   return TuckerLinearFunction::apply(input, as_optional(first), core, as_optional(last), as_optional(bias), keep);
 }

@@ -12,10 +12,9 @@
 // the rules below decide per call.
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
-
-#include "checks.h"
 
 namespace tucker_ops::cpu {
 
@@ -33,9 +32,8 @@ inline KeepIntermediates keep_intermediates_from_env() {
 // The Python setting if one is active (intermediates.cpp), else the environment's.
 KeepIntermediates keep_intermediates_mode();
 
-// The automatic choice for one call with first or last (defined next to each
-// op's kernels).
-bool conv2d_keeps_intermediates(const Conv2dSizes& s);
-bool linear_keeps_intermediates(const LinearSizes& s);
+// The automatic choice for a linear call with first or last on `rows` rows
+// (defined next to its kernels). Convs keep whenever they may.
+bool linear_keeps_intermediates(int64_t rows);
 
 }  // namespace tucker_ops::cpu

@@ -32,7 +32,6 @@
 #include "checks.h"
 #include "cpu/conv_tiles.h"
 #include "cpu/gemm.h"
-#include "cpu/intermediates.h"
 #include "cpu/parallel_chunks.h"
 
 namespace tucker_ops::cpu {
@@ -758,14 +757,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
 }
 
 }  // namespace
-
-// Keeping measured as fast or faster on every benchmark conv, batch 1 and 32
-// (benchmarks/notes.md): the forward writes each intermediate once from its
-// tiles, while the backward's recomputation is a full GEMM (two for last's
-// gradient).
-bool conv2d_keeps_intermediates(const Conv2dSizes& /*s*/) {
-  return true;
-}
 
 }  // namespace tucker_ops::cpu
 

@@ -509,8 +509,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
 // From kMinRowsPerChunk rows: the kept forward is the chain as whole-batch
 // GEMMs, which below that loses to the few-rows path by more than the
 // backward's recomputation costs (measured: benchmarks/notes.md).
-bool linear_keeps_intermediates(const LinearSizes& s) {
-  return s.M >= kMinRowsPerChunk;
+bool linear_keeps_intermediates(int64_t rows) {
+  return rows >= kMinRowsPerChunk;
 }
 
 }  // namespace tucker_ops::cpu
