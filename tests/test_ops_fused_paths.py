@@ -178,6 +178,43 @@ def test_linear_paths(case, dtype, keep):
     _check(ops.tucker_linear, reference.tucker_linear, (x, *params), dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "case",
+    [
+        # (rows, in, R_in, R_out, out, first, last): weights of 2^18 elements or more outweigh
+        # the rows, so every stage is one GEMM split over the threads; column counts that are
+        # no multiple of the 16-element split unit, and stages split by rows or by columns.
+        (33, 1201, 170, 70, 1003, True, True),
+        (20, 300, 1100, 90, 1500, True, True),
+        (17, 2000, 150, 140, 9, True, True),
+        (24, 1300, 230, 250, 20, True, False),
+        (24, 500, 600, 570, 1000, False, True),
+    ],
+)
+def test_linear_whole_batch_split_over_threads(case, threads, keep):
+    """The whole-batch stages, forward and backward (kept and recomputed), split over 1-3
+    threads, against the float64 reference; and the result does not depend on the split."""
+    m, i, ri, ro, o, has_first, has_last = case
+    gen = torch.Generator().manual_seed(sum(case))
+    x = torch.randn(m, i, dtype=torch.float64, generator=gen)
+    params = _factors(i, ri, ro, o, (), has_first, has_last, True, torch.float64, gen)
+    params = (params[0], params[1].reshape(params[1].shape[:2]), params[2], params[3])
+    params = tuple(p / p.shape[-1] ** 0.5 if p is not None and p.dim() == 2 else p for p in params)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        _check(ops.tucker_linear, reference.tucker_linear, (x, *params), torch.float64)
+        split = ops.tucker_linear(x.float(), *[p.float() if p is not None else None for p in params])
+        torch.set_num_threads(1)
+        single = ops.tucker_linear(x.float(), *[p.float() if p is not None else None for p in params])
+    finally:
+        torch.set_num_threads(previous)
+    # Each output element is one single-threaded GEMM's in both runs; only the BLAS's
+    # blocking of a narrower slice may reorder its sums.
+    torch.testing.assert_close(split, single, rtol=1e-5, atol=1e-5)
+
+
 _SUBPROCESS_CHECK = r"""
 import torch
 from tucker_ops import reference

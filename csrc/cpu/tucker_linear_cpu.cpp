@@ -23,6 +23,7 @@
 #include "checks.h"
 #include "cpu/conv_tiles.h"
 #include "cpu/gemm.h"
+#include "cpu/gemm_threads.h"
 #include "cpu/intermediates.h"
 #include "cpu/parallel_chunks.h"
 
@@ -203,33 +204,37 @@ int64_t chain_weights(const Chain<T>& chain) {
 // True when the weights, not the rows, are the traffic: every row-block of
 // the fused path would stream all of them (once per thread), while a
 // whole-batch GEMM per stage reads them once and splits them over threads.
-// Then there is nothing left to fuse, and the torch BLAS (threaded, with its
-// own blocking) runs each stage over all rows at once.
+// Then there is nothing left to fuse: each stage runs over all rows at once.
 bool weights_dominate(int64_t weights, int64_t M, int64_t in, int64_t out) {
   constexpr int64_t kCacheResidentWeights = int64_t(1) << 18;  // 1 MiB of float: about one L2
   return weights >= kCacheResidentWeights && weights > M * (in + out);
 }
 
-// Every stage as one GEMM over all M rows through the torch BLAS (at::mm /
-// at::addmm on views of the weights; no copies).
+// Every stage as one GEMM over all M rows, each split over the threads
+// (gemm_threads.h): the last writes y (on top of the bias), the others
+// kept[i] where given, else a whole-batch buffer.
 template <typename T>
-void run_whole_batch(const Chain<T>& chain, const Tensor& x, const Tensor& bias, Tensor& out, int64_t M, int64_t in,
-                     int64_t out_features) {
-  const auto opts = x.options();
-  Tensor cur = x.view({M, in});
-  Tensor y = out.view({M, out_features});
+void run_whole_batch(const Chain<T>& chain, const T* x, int64_t in, const T* bias, T* y, int64_t out, int64_t M,
+                     const at::TensorOptions& opts, T* const* kept = nullptr) {
+  const T* cur = x;
+  int64_t ld = in;
+  Tensor buffers[2];
   const size_t last = chain.stages.size() - 1;
   for (size_t i = 0; i < chain.stages.size(); ++i) {
     const Stage<T>& st = chain.stages[i];
-    // from_blob over a const weight: read only, never written through.
-    const Tensor w_t = at::from_blob(const_cast<T*>(st.w), {st.out, st.in}, opts).t();
+    T* dst = y;
     if (i != last) {
-      cur = at::mm(cur, w_t);
-    } else if (bias.defined()) {
-      at::addmm_out(y, bias, cur, w_t);
-    } else {
-      at::mm_out(y, cur, w_t);
+      dst = kept && kept[i] ? kept[i] : nullptr;
+      if (!dst) {
+        buffers[i % 2] = at::empty({M, st.out}, opts);
+        dst = buffers[i % 2].template mutable_data_ptr<T>();
+      }
+    } else if (bias) {
+      for (int64_t r = 0; r < M; ++r) std::copy(bias, bias + out, y + r * out);
     }
+    gemm_nt_threads<T>(M, st.out, st.in, cur, ld, st.w, st.in, dst, st.out, i == last && bias);
+    cur = dst;
+    ld = st.out;
   }
 }
 
@@ -240,7 +245,6 @@ Tensor tucker_linear_cpu(
     const std::optional<Tensor>& last,
     const std::optional<Tensor>& bias) {
   const LinearSizes s = check_tucker_linear_args(input, first, core, last, bias, kCpuDtypes);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the whole-batch path calls at:: ops
   const auto opts = input.options();
   Tensor out = at::empty(output_shape(input, s.out), opts);
   if (s.M == 0) return out;
@@ -265,7 +269,7 @@ Tensor tucker_linear_cpu(
       return;
     }
     if (weights_dominate(chain_weights(chain), s.M, s.in, s.out)) {
-      run_whole_batch<T>(chain, x, bp ? b : Tensor(), out, s.M, s.in, s.out);
+      run_whole_batch<T>(chain, xp, s.in, bp, yp, s.out, s.M, opts);
       return;
     }
     for_each_chunk_raw(chunks, [&](int64_t c) {
@@ -280,8 +284,9 @@ Tensor tucker_linear_cpu(
 }
 
 // The unfolded chain (the association Sequential runs), keeping both
-// intermediates (ops.cpp): where the weights dominate (weights_dominate) as
-// whole-batch GEMMs through the threaded BLAS, as the plain forward does, and
+// intermediates (ops.cpp), each stage's rows written to the kept tensors
+// instead of scratch: where the weights dominate (weights_dominate) as
+// whole-batch GEMMs split over the threads, as the plain forward does, and
 // otherwise in the plain forward's row blocks. The autograd kernel keeps them
 // from kMinRowsPerChunk rows (linear_keeps_intermediates). Checked, and named
 // in errors, as tucker_linear.
@@ -292,27 +297,13 @@ std::tuple<Tensor, Tensor, Tensor> tucker_linear_with_intermediates_cpu(
     const std::optional<Tensor>& last,
     const std::optional<Tensor>& bias) {
   const LinearSizes s = check_tucker_linear_args(input, first, core, last, bias, kCpuDtypes);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto opts = input.options();
   const Tensor x = input.reshape({s.M, s.in}).contiguous();
-  const int64_t weights = (s.has_first ? s.in * s.R_in : 0) + s.R_in * s.R_out + (s.has_last ? s.R_out * s.out : 0);
-  Tensor p, q, y;  // (M x R_in), (M x R_out), (M x out)
-  if (s.M > 0 && weights_dominate(weights, s.M, s.in, s.out)) {
-    p = s.has_first ? at::mm(x, first->t()) : Tensor();
-    const Tensor& core_in = s.has_first ? p : x;
-    if (s.has_last) {
-      q = at::mm(core_in, core.t());
-      y = s.has_bias ? at::addmm(*bias, q, last->t()) : at::mm(q, last->t());
-    } else {
-      y = s.has_bias ? at::addmm(*bias, core_in, core.t()) : at::mm(core_in, core.t());
-    }
-  } else {
-    // Row blocks as the plain forward (the unfolded chain), each stage's rows
-    // written to the kept tensors instead of scratch: no BLAS threading on small
-    // products (a parallel region stalls whenever another process holds a core).
-    p = s.has_first ? at::empty({s.M, s.R_in}, opts) : Tensor();
-    q = s.has_last ? at::empty({s.M, s.R_out}, opts) : Tensor();
-    y = at::empty({s.M, s.out}, opts);
+  // (M x R_in), (M x R_out), (M x out)
+  Tensor p = s.has_first ? at::empty({s.M, s.R_in}, opts) : Tensor();
+  Tensor q = s.has_last ? at::empty({s.M, s.R_out}, opts) : Tensor();
+  Tensor y = at::empty({s.M, s.out}, opts);
+  if (s.M > 0) {
     const Tensor A = s.has_first ? first->contiguous() : Tensor();
     const Tensor G = core.contiguous();
     const Tensor B = s.has_last ? last->contiguous() : Tensor();
@@ -328,14 +319,25 @@ std::tuple<Tensor, Tensor, Tensor> tucker_linear_with_intermediates_cpu(
       const T* xp = x.const_data_ptr<T>();
       const T* bp = s.has_bias ? b.const_data_ptr<T>() : nullptr;
       T* yp = y.mutable_data_ptr<T>();
+      auto kept_rows = [&](int64_t r, T* (&kept)[2]) {
+        int k = 0;
+        if (pp) kept[k++] = pp + r * s.R_in;
+        if (qp) kept[k] = qp + r * s.R_out;
+      };
+      if (weights_dominate(chain_weights(chain), s.M, s.in, s.out)) {
+        T* kept[2] = {nullptr, nullptr};
+        kept_rows(0, kept);
+        run_whole_batch<T>(chain, xp, s.in, bp, yp, s.out, s.M, opts, kept);
+        return;
+      }
+      // Row blocks: no threading inside small products (a parallel region
+      // stalls whenever another process holds a core).
       const int64_t chunks = chunks_for_work(s.M, chain_macs(chain, s.M));
       for_each_chunk_raw(chunks, [&](int64_t c) {
         const auto [begin, end] = chunk_range(c, chunks, s.M);
         for (int64_t r = begin; r < end; r += kRowBlock) {
           T* kept[2] = {nullptr, nullptr};
-          int k = 0;
-          if (pp) kept[k++] = pp + r * s.R_in;
-          if (qp) kept[k] = qp + r * s.R_out;
+          kept_rows(r, kept);
           run_rows<T>(chain, xp + r * s.in, s.in, bp, yp + r * s.out, s.out, std::min(kRowBlock, end - r), kept);
         }
       });
@@ -404,33 +406,62 @@ void linear_backward_rows(const LinearSizes& s, const T* x, const T* gy, const T
 }
 
 // Backward when the weights dominate (see weights_dominate): each product is
-// one whole-batch GEMM through the torch BLAS. The rank-sized intermediates
-// (M x R) are small here; the weight gradients are written once, with no
-// per-thread accumulators to zero and sum.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward_whole_batch(
-    const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& first, const Tensor& core,
-    const std::optional<Tensor>& last, const GradRequest& need, const LinearSizes& s, const Tensor& saved_p,
-    const Tensor& saved_q) {
-  const auto opts = input.options();
-  const Tensor x = input.reshape({s.M, s.in});
-  const Tensor gy = grad_output.reshape({s.M, s.out});
-  const bool need_p = need.core || (need.last && !saved_q.defined());
-  const bool need_back = need.input || need.first;
-  Tensor p;  // (M x R_in)
-  if (need_p) p = !s.has_first ? x : saved_p.defined() ? saved_p.reshape({s.M, s.R_in}) : at::mm(x, first->t());
-  Tensor grad_last, grad_core, grad_first, grad_input;
-  if (need.last) {
-    grad_last = at::mm(gy.t(), saved_q.defined() ? saved_q.reshape({s.M, s.R_out}) : at::mm(p, core.t()));
+// one whole-batch GEMM split over the threads (gemm_threads.h). The
+// rank-sized intermediates (M x R) are small here; the weight gradients are
+// written once, with no per-thread accumulators to zero and sum.
+template <typename T>
+void linear_backward_whole_batch(const LinearSizes& s, const T* x, const T* gy, const T* A, const T* G, const T* B,
+                                 const LinearGrads<T>& g, const at::TensorOptions& opts) {
+  const int64_t M = s.M, in = s.in, ri = s.R_in, ro = s.R_out, out = s.out;
+  const bool need_p = g.core || (g.last && !g.saved_q);
+  const bool need_back = g.input || g.first;
+  auto buffer = [&](int64_t rows, int64_t cols) {
+    return at::empty({rows, cols}, opts);
+  };
+  Tensor p_buf, q_buf, gq_buf, gp_buf;
+  const T* p = x;  // (M x ri), the core's input
+  if (A && g.saved_p) {
+    p = g.saved_p;
+  } else if (A && need_p) {
+    p_buf = buffer(M, ri);
+    gemm_nt_threads<T>(M, ri, in, x, in, A, in, p_buf.template mutable_data_ptr<T>(), ri, false);
+    p = p_buf.template const_data_ptr<T>();
   }
-  const Tensor gq = (need.core || need_back) ? (s.has_last ? at::mm(gy, *last) : gy) : Tensor();  // (M x R_out)
-  if (need.core) grad_core = at::mm(gq.t(), p);
-  if (need_back) {
-    const Tensor gp = at::mm(gq, core);  // (M x R_in)
-    if (need.first) grad_first = at::mm(gp.t(), x);
-    if (need.input) grad_input = (s.has_first ? at::mm(gp, *first) : gp).reshape(input.sizes()).contiguous();
+  if (g.last) {
+    const T* q = g.saved_q;
+    if (!q) {
+      q_buf = buffer(M, ro);
+      gemm_nt_threads<T>(M, ro, ri, p, ri, G, ri, q_buf.template mutable_data_ptr<T>(), ro, false);
+      q = q_buf.template const_data_ptr<T>();
+    }
+    gemm_nn_threads<T>(out, ro, M, gy, 1, out, q, ro, g.acc_last, ro, false);  // gy^T q
   }
-  // at::mm returns fresh contiguous tensors; unrequested ones stay undefined.
-  return backward_result(opts, grad_input, grad_first, grad_core, grad_last, need.bias ? gy.sum(0) : Tensor());
+  if (g.bias) {
+    // Column sums of gy, split over columns.
+    for_each_gemm_slice(1, out, M, [&](int64_t o0, int64_t o1, bool) {
+      std::fill(g.acc_bias + o0, g.acc_bias + o1, T(0));
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t o = o0; o < o1; ++o) g.acc_bias[o] += gy[r * out + o];
+    });
+  }
+  if (!g.core && !need_back) return;
+  const T* gq = gy;  // (M x ro)
+  if (B) {
+    gq_buf = buffer(M, ro);
+    gemm_nn_threads<T>(M, ro, out, gy, out, 1, B, ro, gq_buf.template mutable_data_ptr<T>(), ro, false);
+    gq = gq_buf.template const_data_ptr<T>();
+  }
+  if (g.core) gemm_nn_threads<T>(ro, ri, M, gq, 1, ro, p, ri, g.acc_core, ri, false);  // gq^T p
+  if (!need_back) return;
+  // gp (M x ri) = gq G; without first it is the input gradient itself.
+  T* gp = g.gx;
+  if (A) {
+    gp_buf = buffer(M, ri);
+    gp = gp_buf.template mutable_data_ptr<T>();
+  }
+  gemm_nn_threads<T>(M, ri, ro, gq, ro, 1, G, ri, gp, ri, false);
+  if (g.first) gemm_nn_threads<T>(ri, in, M, gp, 1, ri, x, in, g.acc_first, in, false);  // gp^T x
+  if (A && g.input) gemm_nn_threads<T>(M, in, ri, gp, ri, 1, A, in, g.gx, in, false);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
@@ -452,19 +483,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
   const GradRequest need = grad_request(output_mask, s.has_first, s.has_last);
 
   const int64_t weights = (s.has_first ? s.in * s.R_in : 0) + s.R_in * s.R_out + (s.has_last ? s.R_out * s.out : 0);
-  if (s.M > 0 && weights_dominate(weights, s.M, s.in, s.out)) {
-    return linear_backward_whole_batch(grad_output, input, first, core, last, need, s, P, Q);
-  }
-
-  const int64_t backward_macs = 2 * s.M * ((s.has_first ? s.in * s.R_in : 0) + s.R_in * s.R_out +
-                                           (s.has_last ? s.R_out * s.out : 0));
-  const int64_t chunks = std::max<int64_t>(1, chunks_for_work((s.M + kMinRowsPerChunk - 1) / kMinRowsPerChunk,
-                                                              backward_macs));
+  // The whole-batch GEMMs write each weight gradient once: one "chunk", not zeroed.
+  const bool whole_batch = s.M > 0 && weights_dominate(weights, s.M, s.in, s.out);
+  const int64_t backward_macs = 2 * s.M * weights;
+  const int64_t chunks =
+      whole_batch ? 1
+                  : std::max<int64_t>(1, chunks_for_work((s.M + kMinRowsPerChunk - 1) / kMinRowsPerChunk, backward_macs));
+  auto accumulator = [&](bool needed, std::initializer_list<int64_t> shape) {
+    if (!needed) return Tensor();
+    std::vector<int64_t> sizes{chunks};
+    sizes.insert(sizes.end(), shape);
+    return whole_batch ? at::empty(sizes, opts) : at::zeros(sizes, opts);
+  };
   Tensor grad_input = need.input ? at::empty(input.sizes(), opts) : Tensor();
-  Tensor acc_first = need.first ? at::zeros({chunks, s.R_in, s.in}, opts) : Tensor();
-  Tensor acc_core = need.core ? at::zeros({chunks, s.R_out, s.R_in}, opts) : Tensor();
-  Tensor acc_last = need.last ? at::zeros({chunks, s.out, s.R_out}, opts) : Tensor();
-  Tensor acc_bias = need.bias ? at::zeros({chunks, s.out}, opts) : Tensor();
+  Tensor acc_first = accumulator(need.first, {s.R_in, s.in});
+  Tensor acc_core = accumulator(need.core, {s.R_out, s.R_in});
+  Tensor acc_last = accumulator(need.last, {s.out, s.R_out});
+  Tensor acc_bias = accumulator(need.bias, {s.out});
 
   if (s.M > 0) {
     const Tensor x = input.contiguous();
@@ -487,6 +522,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
       const T* Ap = s.has_first ? A.const_data_ptr<T>() : nullptr;
       const T* Gp = G.const_data_ptr<T>();
       const T* Bp = s.has_last ? B.const_data_ptr<T>() : nullptr;
+      if (whole_batch) {
+        linear_backward_whole_batch<T>(s, xp, gyp, Ap, Gp, Bp, g, opts);
+        return;
+      }
       for_each_chunk_raw(chunks, [&](int64_t c) {
         const auto [begin, end] = chunk_range(c, chunks, s.M);
         for (int64_t r = begin; r < end; r += kRowBlock)
