@@ -215,6 +215,37 @@ def test_linear_whole_batch_split_over_threads(case, threads, keep):
     torch.testing.assert_close(split, single, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(
+    "case",
+    [
+        # (rows, in, R_in, R_out, out, first, last): cache-sized weights, enough work for a
+        # chunk per thread and at most one row block (128 rows) per chunk: the two-phase
+        # backward (row gradients row-parallel, then each weight gradient split by outputs).
+        (32, 800, 40, 200, 120, True, True),  # thesis_l1 at batch 32
+        (200, 300, 50, 60, 250, True, True),
+        (45, 700, 90, 70, 130, True, False),
+        (60, 300, 300, 200, 301, False, True),
+        (37, 500, 33, 41, 17, True, True),
+    ],
+)
+def test_linear_two_phase_backward(case, threads, keep):
+    """The backward for few rows per thread, kept and recomputed, at 2 and 3 threads, against
+    the float64 reference (every gradient, odd sizes: slices of uneven length)."""
+    m, i, ri, ro, o, has_first, has_last = case
+    gen = torch.Generator().manual_seed(sum(case) + 7)
+    x = torch.randn(m, i, dtype=torch.float64, generator=gen)
+    params = _factors(i, ri, ro, o, (), has_first, has_last, True, torch.float64, gen)
+    params = (params[0], params[1].reshape(params[1].shape[:2]), params[2], params[3])
+    params = tuple(p / p.shape[-1] ** 0.5 if p is not None and p.dim() == 2 else p for p in params)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        _check(ops.tucker_linear, reference.tucker_linear, (x, *params), torch.float64)
+    finally:
+        torch.set_num_threads(previous)
+
+
 _SUBPROCESS_CHECK = r"""
 import torch
 from tucker_ops import reference

@@ -13,7 +13,10 @@
 // Backward: per row block, recompute the projection (or read the one the
 // forward kept: tucker_linear_with_intermediates), then every requested
 // gradient; weight gradients are summed per chunk and then over chunks in
-// order (deterministic at a fixed thread count).
+// order (deterministic at a fixed thread count). With at most one row block
+// per chunk, two phases instead: the rows' gradients row-parallel, then each
+// weight gradient over all rows, split by outputs. Where the weights dominate,
+// every product is one whole-batch GEMM split over the threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -464,6 +467,76 @@ void linear_backward_whole_batch(const LinearSizes& s, const T* x, const T* gy, 
   if (A && g.input) gemm_nn_threads<T>(M, in, ri, gp, ri, 1, A, in, g.gx, in, false);
 }
 
+// Backward for at most one row block per chunk (linear_backward_rows would
+// have every chunk write a whole copy of each weight gradient, from products
+// of inner dimension <= kRowBlock, and sum the copies afterwards). Phase 1
+// computes the rows' gradients row-parallel into whole-batch buffers (gq, gp
+// and the input gradient; the projection and core output where not kept);
+// phase 2 computes each weight gradient over all rows at once, every thread
+// its slice of the outputs: no copies, no sum, inner dimension M. The weights
+// are small here (not weights_dominate), so every thread reading all of them
+// in phase 1 costs little.
+template <typename T>
+void linear_backward_two_phase(const LinearSizes& s, const T* x, const T* gy, const T* A, const T* G, const T* B,
+                               const LinearGrads<T>& g, const at::TensorOptions& opts, int64_t chunks) {
+  const int64_t M = s.M, in = s.in, ri = s.R_in, ro = s.R_out, out = s.out;
+  const bool need_back = g.input || g.first;
+  const bool need_gq = g.core || need_back;
+  // Without first the core's input is x itself (ri == in); without last gq is gy (ro == out).
+  const bool make_p = A && !g.saved_p && (g.core || (g.last && !g.saved_q));
+  const bool make_q = g.last && !g.saved_q;
+  Tensor buffers = at::empty({M * ((make_p ? ri : 0) + (make_q ? ro : 0) + (B && need_gq ? ro : 0) +
+                                   (A && need_back ? ri : 0))},
+                             opts);
+  T* next = buffers.template mutable_data_ptr<T>();
+  auto take = [&](bool wanted, int64_t cols) {
+    T* b = wanted ? next : nullptr;
+    next += wanted ? M * cols : 0;
+    return b;
+  };
+  T* p_buf = take(make_p, ri);
+  T* q_buf = take(make_q, ro);
+  T* gq_buf = take(B && need_gq, ro);
+  T* gp_buf = take(A && need_back, ri);
+  const T* p = !A ? x : g.saved_p ? g.saved_p : p_buf;
+  const T* q = g.saved_q ? g.saved_q : q_buf;
+  const T* gq = B ? gq_buf : gy;
+  T* gp = A ? gp_buf : g.gx;
+
+  for_each_chunk_raw(chunks, [&](int64_t c) {
+    const auto [r0, r1] = chunk_range(c, chunks, M);
+    const int64_t m = r1 - r0;
+    if (make_p) gemm_nt<T>(m, ri, in, x + r0 * in, in, A, in, p_buf + r0 * ri, ri, false);
+    if (make_q) gemm_nt<T>(m, ro, ri, p + r0 * ri, ri, G, ri, q_buf + r0 * ro, ro, false);
+    if (!need_gq) return;
+    if (B) gemm_nn<T>(m, ro, out, gy + r0 * out, out, 1, B, ro, gq_buf + r0 * ro, ro, false);
+    if (!need_back) return;
+    gemm_nn<T>(m, ri, ro, gq + r0 * ro, ro, 1, G, ri, gp + r0 * ri, ri, false);
+    if (A && g.input) gemm_nn<T>(m, in, ri, gp + r0 * ri, ri, 1, A, in, g.gx + r0 * in, in, false);
+  });
+
+  for_each_chunk_raw(chunks, [&](int64_t c) {
+    if (g.last) {
+      const auto [o0, o1] = chunk_range(c, chunks, out);  // gy^T q, rows o0..o1
+      gemm_nn<T>(o1 - o0, ro, M, gy + o0, 1, out, q, ro, g.acc_last + o0 * ro, ro, false);
+    }
+    if (g.core) {
+      const auto [o0, o1] = chunk_range(c, chunks, ro);  // gq^T p
+      gemm_nn<T>(o1 - o0, ri, M, gq + o0, 1, ro, p, ri, g.acc_core + o0 * ri, ri, false);
+    }
+    if (g.first) {
+      const auto [i0, i1] = gemm_split_range(c, chunks, in, true);  // gp^T x, columns i0..i1
+      gemm_nn<T>(ri, i1 - i0, M, gp, 1, ri, x + i0, in, g.acc_first + i0, in, false);
+    }
+    if (g.bias) {
+      const auto [o0, o1] = gemm_split_range(c, chunks, out, true);
+      std::fill(g.acc_bias + o0, g.acc_bias + o1, T(0));
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t o = o0; o < o1; ++o) g.acc_bias[o] += gy[r * out + o];
+    }
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
     const Tensor& grad_output,
     const Tensor& input,
@@ -483,17 +556,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
   const GradRequest need = grad_request(output_mask, s.has_first, s.has_last);
 
   const int64_t weights = (s.has_first ? s.in * s.R_in : 0) + s.R_in * s.R_out + (s.has_last ? s.R_out * s.out : 0);
-  // The whole-batch GEMMs write each weight gradient once: one "chunk", not zeroed.
   const bool whole_batch = s.M > 0 && weights_dominate(weights, s.M, s.in, s.out);
   const int64_t backward_macs = 2 * s.M * weights;
   const int64_t chunks =
       whole_batch ? 1
                   : std::max<int64_t>(1, chunks_for_work((s.M + kMinRowsPerChunk - 1) / kMinRowsPerChunk, backward_macs));
+  const bool two_phase = !whole_batch && chunks > 1 && s.M <= chunks * kRowBlock;
+  // The whole-batch and two-phase paths write each weight gradient once: one
+  // slice, not zeroed.
+  const bool written_once = whole_batch || two_phase;
   auto accumulator = [&](bool needed, std::initializer_list<int64_t> shape) {
     if (!needed) return Tensor();
-    std::vector<int64_t> sizes{chunks};
+    std::vector<int64_t> sizes{written_once ? 1 : chunks};
     sizes.insert(sizes.end(), shape);
-    return whole_batch ? at::empty(sizes, opts) : at::zeros(sizes, opts);
+    return written_once ? at::empty(sizes, opts) : at::zeros(sizes, opts);
   };
   Tensor grad_input = need.input ? at::empty(input.sizes(), opts) : Tensor();
   Tensor acc_first = accumulator(need.first, {s.R_in, s.in});
@@ -524,6 +600,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
       const T* Bp = s.has_last ? B.const_data_ptr<T>() : nullptr;
       if (whole_batch) {
         linear_backward_whole_batch<T>(s, xp, gyp, Ap, Gp, Bp, g, opts);
+        return;
+      }
+      if (two_phase) {
+        linear_backward_two_phase<T>(s, xp, gyp, Ap, Gp, Bp, g, opts, chunks);
         return;
       }
       for_each_chunk_raw(chunks, [&](int64_t c) {
