@@ -10,6 +10,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 extern "C" {
@@ -379,6 +380,22 @@ bool use_blas(int64_t M, int64_t N, int64_t K) {
   return M * N * K >= kBlasMinMacs && std::min({M, N, K}) >= 8;
 }
 
+// gemm_nn's rule. With AVX-512 the float broadcast kernel (6 rows x 2
+// vectors of accumulators, B read in strips two vectors wide) ran faster than
+// MKL's single-threaded sgemm at nearly every measured shape, small or large
+// (145 of 146 shapes in each of three runs, time hand / BLAS 0.46-0.99 for M
+// 8-2048, N 32-3136, K 32-2048, A row-major or transposed:
+// benchmarks/gemm_crossover.py); at K = 4096 it won two runs of three. Double
+// (dgemm) was mixed, and the AVX2 and baseline kernels were not measured
+// against a BLAS of their own ISA: they keep use_blas's size rule.
+constexpr int64_t kNnKernelMaxK = 2048;
+
+template <typename T>
+bool nn_uses_blas(int64_t M, int64_t N, int64_t K) {
+  if (std::is_same_v<T, float> && kMode == GemmMode::kAuto && kIsa == Isa::kAvx512 && K <= kNnKernelMaxK) return false;
+  return use_blas<T>(M, N, K);
+}
+
 // Runs the BLAS single-threaded on the calling thread, restoring its setting.
 struct SingleThreadedBlas {
   int previous = 0;
@@ -432,7 +449,7 @@ template <typename T>
 void gemm_nn(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb, T* c,
              int64_t ldc, bool accumulate) {
   if (nothing_to_multiply(M, N, K, c, ldc, accumulate)) return;
-  if (use_blas<T>(M, N, K)) {
+  if (nn_uses_blas<T>(M, N, K)) {
     // Row-major C = A B is column-major C^T = B^T A^T: B goes first, untransposed.
     const bool a_rows = a_cs == 1 && a_rs >= K;  // A row-major
     const bool a_cols = a_rs == 1 && a_cs >= M;  // A stored transposed

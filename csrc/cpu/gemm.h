@@ -1,11 +1,13 @@
 // Single-threaded row-major GEMMs on raw buffers, for use inside a parallel
 // region (one call per tile or row block).
 //
-// Each call picks, by size alone (so results are reproducible), between the
-// BLAS that torch links (MKL/OpenBLAS sgemm_/dgemm_, found at load time) and a
-// hand-written register-blocked kernel compiled for AVX-512, AVX2+FMA and a
-// portable baseline, chosen at run time from cpuid. Small products go to the
-// hand kernel: a BLAS call costs about a microsecond before any arithmetic.
+// Each call picks, by size and form alone (so results are reproducible),
+// between the BLAS that torch links (MKL/OpenBLAS sgemm_/dgemm_, found at load
+// time) and a hand-written register-blocked kernel compiled for AVX-512,
+// AVX2+FMA and a portable baseline, chosen at run time from cpuid. Small
+// products go to the hand kernel (a BLAS call costs about a microsecond
+// before any arithmetic), and with AVX-512 so do gemm_nn's larger ones, which
+// it ran faster than MKL (gemm.cpp, nn_uses_blas).
 //
 // Environment overrides, read once (for benchmarks and tests):
 //   TUCKER_OPS_GEMM = auto | blas | kernel
@@ -56,7 +58,8 @@ void gemm_nt_offsets(int64_t M, int64_t N, int64_t K,
                      const T* b, const int64_t* b_offsets,
                      T* c, int64_t ldc, bool accumulate);
 
-// Whether gemm_nn / gemm_nt would hand an (M x N x K) product to the BLAS.
+// Whether gemm_nt would hand an (M x N x K) product to the BLAS (gemm_nn
+// keeps more products on the hand kernel: see nn_uses_blas in gemm.cpp).
 template <typename T>
 bool gemm_uses_blas(int64_t M, int64_t N, int64_t K);
 

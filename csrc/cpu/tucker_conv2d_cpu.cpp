@@ -614,8 +614,8 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
   // there is more than one per image.
   const int64_t passes = shared_gp && plan.tiles_per_image > 1 ? 2 : 1;
   // The implicit im2col's weight gradient runs on the hand kernels; where the
-  // BLAS would take the core's products (large ranks) the explicit im2col and
-  // the BLAS measured faster. It also multiplies discarded grid columns by the
+  // BLAS would take the core's weight gradient (large ranks) the explicit
+  // im2col and the BLAS measured faster. It also multiplies discarded grid columns by the
   // core and by zeros: with an Inf or NaN in the core those would reach real
   // gradients.
   const int64_t K = s.R_in * s.kh * s.kw;

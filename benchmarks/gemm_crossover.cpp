@@ -1,0 +1,52 @@
+// Times csrc/cpu/gemm.cpp's AVX-512 hand kernel for C = A * B against the BLAS
+// call gemm_nn would make, on one thread, for benchmarks/gemm_crossover.py.
+// Includes gemm.cpp itself to reach its internal (anonymous-namespace) kernels.
+#include <torch/extension.h>
+
+#include <chrono>
+#include <vector>
+
+#include "cpu/gemm.cpp"
+
+namespace {
+
+using namespace tucker_ops::cpu;
+
+template <typename F>
+double best_ns(int64_t reps, const F& f) {
+  double best = 1e300;
+  for (int64_t r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    const auto t1 = std::chrono::steady_clock::now();
+    best = std::min(best, std::chrono::duration<double, std::nano>(t1 - t0).count());
+  }
+  return best;
+}
+
+// {hand ns, BLAS ns}: best of reps. transposed_a stores A as (K x M).
+template <typename T>
+std::vector<double> time_nn(int64_t M, int64_t N, int64_t K, bool transposed_a, int64_t reps) {
+  std::vector<T> a(M * K, T(0.5)), b(K * N, T(0.25)), c(M * N);
+  const int64_t a_rs = transposed_a ? 1 : K, a_cs = transposed_a ? M : 1;
+  const double hand = best_ns(reps, [&] {
+    nn_avx512<T>(M, N, K, a.data(), a_rs, a_cs, b.data(), N, c.data(), N, false);
+  });
+  const double blas = best_ns(reps, [&] {
+    blas_call('N', transposed_a ? 'T' : 'N', int(N), int(M), int(K), b.data(), int(N), a.data(),
+              int(transposed_a ? M : K), T(0), c.data(), int(N));
+  });
+  return {hand, blas};
+}
+
+std::vector<double> time_gemm_nn(int64_t M, int64_t N, int64_t K, bool transposed_a, bool float64, int64_t reps) {
+  TORCH_CHECK(blas_available(), "no BLAS linked into torch: nothing to compare against");
+  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"), "this CPU has no AVX-512");
+  return float64 ? time_nn<double>(M, N, K, transposed_a, reps) : time_nn<float>(M, N, K, transposed_a, reps);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("time_gemm_nn", &time_gemm_nn);
+}

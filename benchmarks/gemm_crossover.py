@@ -1,0 +1,60 @@
+"""Where gemm_nn's AVX-512 hand kernel beats the BLAS: the measurement behind
+``nn_uses_blas`` in csrc/cpu/gemm.cpp.
+
+Compiles a small extension that includes gemm.cpp (torch.utils.cpp_extension, a C++
+compiler and ninja; a minute the first time), then times, on one thread, the hand kernel
+against the single-threaded sgemm/dgemm call gemm_nn would make, for the products the
+CPU kernels run (conv stages per pixel block, linear stages per row block, weight
+gradients with A transposed), each the best of repeated calls on warm data. Prints one
+line per shape and the range of hand / BLAS time ratios::
+
+    python benchmarks/gemm_crossover.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+
+import torch
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = [  # (M, N, K)
+    *itertools.product((8, 16, 32, 64, 128), (32, 128, 512), (32, 128, 512, 1024)),
+    (64, 196, 256), (576, 196, 64), (256, 196, 64), (64, 784, 576), (576, 784, 64),
+    (256, 3136, 32), (32, 3136, 288), (288, 3136, 32), (512, 256, 512), (1024, 512, 256),
+    (16, 512, 4096), (2048, 512, 32), (256, 64, 2048),
+]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--float64", action="store_true", help="double instead of float")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ext = cpp_extension.load(
+        "tucker_gemm_crossover",
+        [os.path.join(HERE, "gemm_crossover.cpp")],
+        extra_include_paths=[os.path.join(HERE, "..", "csrc")],
+        extra_cflags=["-O3"],
+    )
+    dtype = "float64" if args.float64 else "float32"
+    print(f"{platform.processor() or platform.machine()}, 1 thread, {dtype}, torch {torch.__version__}")
+    print("| A | M | N | K | hand | BLAS | hand / BLAS |\n|---|---|---|---|---|---|---|")
+    ratios = []
+    for transposed_a in (False, True):
+        for m, n, k in SHAPES:
+            reps = max(5, min(2000, int(2e7 / (m * n * k))))
+            hand, blas = ext.time_gemm_nn(m, n, k, transposed_a, args.float64, reps)
+            ratios.append(hand / blas)
+            a = "A^T" if transposed_a else "A"
+            print(f"| {a} | {m} | {n} | {k} | {hand / 1e3:.1f} us | {blas / 1e3:.1f} us | {hand / blas:.2f} |")
+    print(f"hand / BLAS: min {min(ratios):.2f}, max {max(ratios):.2f}, "
+          f"hand faster in {sum(r < 1 for r in ratios)} of {len(ratios)}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
