@@ -1,9 +1,11 @@
-// Times csrc/cpu/gemm.cpp's AVX-512 hand kernel for C = A * B against the BLAS
-// call gemm_nn would make, on one thread, for benchmarks/gemm_crossover.py.
+// Times csrc/cpu/gemm.cpp's AVX-512 hand kernels (gemm_nn's and gemm_nt's
+// forms) against the BLAS call each would make, on one thread, for
+// benchmarks/gemm_crossover.py.
 // Includes gemm.cpp itself to reach its internal (anonymous-namespace) kernels.
 #include <torch/extension.h>
 
 #include <chrono>
+#include <string>
 #include <vector>
 
 #include "cpu/gemm.cpp"
@@ -39,14 +41,28 @@ std::vector<double> time_nn(int64_t M, int64_t N, int64_t K, bool transposed_a, 
   return {hand, blas};
 }
 
-std::vector<double> time_gemm_nn(int64_t M, int64_t N, int64_t K, bool transposed_a, bool float64, int64_t reps) {
+// C = A * B^T with A (M x K) and B (N x K) row-major: gemm_nt's form.
+template <typename T>
+std::vector<double> time_nt(int64_t M, int64_t N, int64_t K, int64_t reps) {
+  std::vector<T> a(M * K, T(0.5)), b(N * K, T(0.25)), c(M * N);
+  const double hand = best_ns(reps, [&] { nt_avx512<T>(M, N, K, a.data(), K, b.data(), K, c.data(), N, false); });
+  const double blas = best_ns(reps, [&] {
+    blas_call('T', 'N', int(N), int(M), int(K), b.data(), int(K), a.data(), int(K), T(0), c.data(), int(N));
+  });
+  return {hand, blas};
+}
+
+// form: "nn" (A row-major), "nn_at" (A stored transposed) or "nt".
+std::vector<double> time_gemm(const std::string& form, int64_t M, int64_t N, int64_t K, bool float64, int64_t reps) {
   TORCH_CHECK(blas_available(), "no BLAS linked into torch: nothing to compare against");
   TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"), "this CPU has no AVX-512");
+  if (form == "nt") return float64 ? time_nt<double>(M, N, K, reps) : time_nt<float>(M, N, K, reps);
+  const bool transposed_a = form == "nn_at";
   return float64 ? time_nn<double>(M, N, K, transposed_a, reps) : time_nn<float>(M, N, K, transposed_a, reps);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("time_gemm_nn", &time_gemm_nn);
+  m.def("time_gemm", &time_gemm);
 }

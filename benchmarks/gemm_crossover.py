@@ -2,8 +2,8 @@
 ``nn_uses_blas`` in csrc/cpu/gemm.cpp.
 
 Compiles a small extension that includes gemm.cpp (torch.utils.cpp_extension, a C++
-compiler and ninja; a minute the first time), then times, on one thread, the hand kernel
-against the single-threaded sgemm/dgemm call gemm_nn would make, for the products the
+compiler and ninja; a minute the first time), then times, on one thread, the hand kernels
+against the single-threaded sgemm/dgemm call gemm_nn / gemm_nt would make, for the products the
 CPU kernels run (conv stages per pixel block, linear stages per row block, weight
 gradients with A transposed), each the best of repeated calls on warm data. Prints one
 line per shape and the range of hand / BLAS time ratios::
@@ -33,6 +33,10 @@ SHAPES = [  # (M, N, K)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--float64", action="store_true", help="double instead of float")
+    parser.add_argument(
+        "--forms", nargs="+", choices=("nn", "nn_at", "nt"), default=["nn", "nn_at", "nt"],
+        help="gemm_nn with A row-major / stored transposed, gemm_nt (A * B^T)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     ext = cpp_extension.load(
@@ -43,17 +47,16 @@ def main() -> None:
     )
     dtype = "float64" if args.float64 else "float32"
     print(f"{platform.processor() or platform.machine()}, 1 thread, {dtype}, torch {torch.__version__}")
-    print("| A | M | N | K | hand | BLAS | hand / BLAS |\n|---|---|---|---|---|---|---|")
-    ratios = []
-    for transposed_a in (False, True):
+    print("| form | M | N | K | hand | BLAS | hand / BLAS |\n|---|---|---|---|---|---|---|")
+    for form in args.forms:
+        ratios = []
         for m, n, k in SHAPES:
             reps = max(5, min(2000, int(2e7 / (m * n * k))))
-            hand, blas = ext.time_gemm_nn(m, n, k, transposed_a, args.float64, reps)
+            hand, blas = ext.time_gemm(form, m, n, k, args.float64, reps)
             ratios.append(hand / blas)
-            a = "A^T" if transposed_a else "A"
-            print(f"| {a} | {m} | {n} | {k} | {hand / 1e3:.1f} us | {blas / 1e3:.1f} us | {hand / blas:.2f} |")
-    print(f"hand / BLAS: min {min(ratios):.2f}, max {max(ratios):.2f}, "
-          f"hand faster in {sum(r < 1 for r in ratios)} of {len(ratios)}")  # fmt: skip
+            print(f"| {form} | {m} | {n} | {k} | {hand / 1e3:.1f} us | {blas / 1e3:.1f} us | {hand / blas:.2f} |")
+        print(f"{form}: hand / BLAS min {min(ratios):.2f}, max {max(ratios):.2f}, "
+              f"hand faster in {sum(r < 1 for r in ratios)} of {len(ratios)}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -360,10 +360,12 @@ struct LinearGrads {
   const T* saved_q;  // the forward's core output (M x R_out), or null
 };
 
-// All requested gradients for rows [r, r + m) into chunk c's accumulators.
+// All requested gradients for rows [r, r + m) into chunk c's accumulators,
+// which the chunk's first block (first) writes rather than adds to: they
+// start uninitialised.
 template <typename T>
 void linear_backward_rows(const LinearSizes& s, const T* x, const T* gy, const T* A, const T* G, const T* B,
-                          const LinearGrads<T>& g, int64_t c, int64_t r, int64_t m) {
+                          const LinearGrads<T>& g, int64_t c, int64_t r, int64_t m, bool first) {
   const int64_t in = s.in, ri = s.R_in, ro = s.R_out, out = s.out;
   const bool need_p = g.core || (g.last && !g.saved_q);
   const bool need_back = g.input || g.first;
@@ -372,6 +374,7 @@ void linear_backward_rows(const LinearSizes& s, const T* x, const T* gy, const T
   const T* gyb = gy + r * out;
   if (g.bias) {
     T* acc = g.acc_bias + c * out;
+    if (first) std::fill(acc, acc + out, T(0));
     for (int64_t i = 0; i < m; ++i)
       for (int64_t o = 0; o < out; ++o) acc[o] += gyb[i * out + o];
   }
@@ -390,7 +393,7 @@ void linear_backward_rows(const LinearSizes& s, const T* x, const T* gy, const T
       gemm_nt<T>(m, ro, ri, p, ri, G, ri, buf, ro, false);
       q = buf;
     }
-    gemm_nn<T>(out, ro, m, gyb, 1, out, q, ro, g.acc_last + c * out * ro, ro, true);  // += gy^T q
+    gemm_nn<T>(out, ro, m, gyb, 1, out, q, ro, g.acc_last + c * out * ro, ro, !first);  // += gy^T q
   }
   if (!need_gq) return;
   const T* gq = gyb;  // (m x ro)
@@ -399,12 +402,12 @@ void linear_backward_rows(const LinearSizes& s, const T* x, const T* gy, const T
     gemm_nn<T>(m, ro, out, gyb, out, 1, B, ro, buf, ro, false);
     gq = buf;
   }
-  if (g.core) gemm_nn<T>(ro, ri, m, gq, 1, ro, p, ri, g.acc_core + c * ro * ri, ri, true);  // += gq^T p
+  if (g.core) gemm_nn<T>(ro, ri, m, gq, 1, ro, p, ri, g.acc_core + c * ro * ri, ri, !first);  // += gq^T p
   if (!need_back) return;
   // gp (m x ri) = gq G; without first it is the input gradient itself.
   T* gp = A ? scratch<T>(3, m * ri) : g.gx + r * in;
   gemm_nn<T>(m, ri, ro, gq, ro, 1, G, ri, gp, ri, false);
-  if (g.first) gemm_nn<T>(ri, in, m, gp, 1, ri, xb, in, g.acc_first + c * ri * in, in, true);  // += gp^T x
+  if (g.first) gemm_nn<T>(ri, in, m, gp, 1, ri, xb, in, g.acc_first + c * ri * in, in, !first);  // += gp^T x
   if (A && g.input) gemm_nn<T>(m, in, ri, gp, ri, 1, A, in, g.gx + r * in, in, false);
 }
 
@@ -562,14 +565,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
       whole_batch ? 1
                   : std::max<int64_t>(1, chunks_for_work((s.M + kMinRowsPerChunk - 1) / kMinRowsPerChunk, backward_macs));
   const bool two_phase = !whole_batch && chunks > 1 && s.M <= chunks * kRowBlock;
-  // The whole-batch and two-phase paths write each weight gradient once: one
-  // slice, not zeroed.
-  const bool written_once = whole_batch || two_phase;
+  // The whole-batch and two-phase paths write each weight gradient once (one
+  // slice); the row blocks one slice per chunk, written by its first block.
   auto accumulator = [&](bool needed, std::initializer_list<int64_t> shape) {
     if (!needed) return Tensor();
-    std::vector<int64_t> sizes{written_once ? 1 : chunks};
+    std::vector<int64_t> sizes{whole_batch || two_phase ? 1 : chunks};
     sizes.insert(sizes.end(), shape);
-    return written_once ? at::empty(sizes, opts) : at::zeros(sizes, opts);
+    return s.M == 0 ? at::zeros(sizes, opts) : at::empty(sizes, opts);  // no rows: zero gradients
   };
   Tensor grad_input = need.input ? at::empty(input.sizes(), opts) : Tensor();
   Tensor acc_first = accumulator(need.first, {s.R_in, s.in});
@@ -609,7 +611,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
       for_each_chunk_raw(chunks, [&](int64_t c) {
         const auto [begin, end] = chunk_range(c, chunks, s.M);
         for (int64_t r = begin; r < end; r += kRowBlock)
-          linear_backward_rows<T>(s, xp, gyp, Ap, Gp, Bp, g, c, r, std::min(kRowBlock, end - r));
+          linear_backward_rows<T>(s, xp, gyp, Ap, Gp, Bp, g, c, r, std::min(kRowBlock, end - r), r == begin);
       });
     });
   }
