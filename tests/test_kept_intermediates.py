@@ -283,6 +283,13 @@ BIG_LINEARS = {
     "whole_batch": lambda: _fixed_linear((2, 8), 512, 512, 8, 16),
     "no_first": lambda: _fixed_linear((4, 50), 10, None, 6, 11),
     "no_last": lambda: _fixed_linear((70,), 9, 4, 6, None),
+    # Whole-batch GEMMs large enough to split over the threads (rows or columns).
+    "whole_batch_split": lambda: _fixed_linear((32,), 1201, 170, 70, 1003),
+    "whole_batch_core_only": lambda: _fixed_linear((32,), 500, None, 600, None),
+    # A chunk per thread, at most one row block each: the two-phase backward.
+    "two_phase": lambda: _fixed_linear((32,), 800, 40, 200, 120),
+    "two_phase_no_first": lambda: _fixed_linear((3, 20), 300, None, 200, 301),
+    "two_phase_core_only": lambda: _fixed_linear((100,), 400, None, 300, None),
 }
 
 

@@ -227,21 +227,23 @@ def test_linear_whole_batch_split_over_threads(case, threads, keep):
         (45, 700, 90, 70, 130, True, False),
         (60, 300, 300, 200, 301, False, True),
         (37, 500, 33, 41, 17, True, True),
+        (100, 400, 400, 300, 300, False, False),  # core only
     ],
 )
-def test_linear_two_phase_backward(case, threads, keep):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_linear_two_phase_backward(case, threads, keep, dtype):
     """The backward for few rows per thread, kept and recomputed, at 2 and 3 threads, against
-    the float64 reference (every gradient, odd sizes: slices of uneven length)."""
+    the reference (every gradient, odd sizes: slices of uneven length)."""
     m, i, ri, ro, o, has_first, has_last = case
     gen = torch.Generator().manual_seed(sum(case) + 7)
-    x = torch.randn(m, i, dtype=torch.float64, generator=gen)
-    params = _factors(i, ri, ro, o, (), has_first, has_last, True, torch.float64, gen)
+    x = torch.randn(m, i, dtype=dtype, generator=gen)
+    params = _factors(i, ri, ro, o, (), has_first, has_last, True, dtype, gen)
     params = (params[0], params[1].reshape(params[1].shape[:2]), params[2], params[3])
     params = tuple(p / p.shape[-1] ** 0.5 if p is not None and p.dim() == 2 else p for p in params)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        _check(ops.tucker_linear, reference.tucker_linear, (x, *params), torch.float64)
+        _check(ops.tucker_linear, reference.tucker_linear, (x, *params), dtype)
     finally:
         torch.set_num_threads(previous)
 
