@@ -190,21 +190,27 @@ def test_linear_paths(case, dtype, keep):
         (17, 2000, 150, 140, 9, True, True),
         (24, 1300, 230, 250, 20, True, False),
         (24, 500, 600, 570, 1000, False, True),
+        # float32 on AVX-512: the stages on transposed activations (32 rows or fewer, or
+        # every inner dimension <= 2048), and the backward's gq as last^T gy^T (out > 2048)
+        (32, 4100, 300, 200, 2300, True, True),
+        (16, 3000, 90, 70, 2500, True, True),
+        (17, 2100, 300, 120, 40, True, False),
     ],
 )
-def test_linear_whole_batch_split_over_threads(case, threads, keep):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_linear_whole_batch_split_over_threads(case, threads, keep, dtype):
     """The whole-batch stages, forward and backward (kept and recomputed), split over 1-3
-    threads, against the float64 reference; and the result does not depend on the split."""
+    threads, against the reference; and the result does not depend on the split."""
     m, i, ri, ro, o, has_first, has_last = case
     gen = torch.Generator().manual_seed(sum(case))
-    x = torch.randn(m, i, dtype=torch.float64, generator=gen)
-    params = _factors(i, ri, ro, o, (), has_first, has_last, True, torch.float64, gen)
+    x = torch.randn(m, i, dtype=dtype, generator=gen)
+    params = _factors(i, ri, ro, o, (), has_first, has_last, True, dtype, gen)
     params = (params[0], params[1].reshape(params[1].shape[:2]), params[2], params[3])
     params = tuple(p / p.shape[-1] ** 0.5 if p is not None and p.dim() == 2 else p for p in params)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        _check(ops.tucker_linear, reference.tucker_linear, (x, *params), torch.float64)
+        _check(ops.tucker_linear, reference.tucker_linear, (x, *params), dtype)
         split = ops.tucker_linear(x.float(), *[p.float() if p is not None else None for p in params])
         torch.set_num_threads(1)
         single = ops.tucker_linear(x.float(), *[p.float() if p is not None else None for p in params])

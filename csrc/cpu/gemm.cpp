@@ -385,14 +385,19 @@ bool use_blas(int64_t M, int64_t N, int64_t K) {
 // MKL's single-threaded sgemm at nearly every measured shape, small or large
 // (145 of 146 shapes in each of three runs, time hand / BLAS 0.46-0.99 for M
 // 8-2048, N 32-3136, K 32-2048, A row-major or transposed:
-// benchmarks/gemm_crossover.py); at K = 4096 it won two runs of three. Double
-// (dgemm) was mixed, and the AVX2 and baseline kernels were not measured
-// against a BLAS of their own ISA: they keep use_blas's size rule.
+// benchmarks/gemm_crossover.py); at K = 4096 it won two runs of three with N =
+// 512, and every run with N <= 32 (one strip of B, reused by every row of A:
+// 0.62-0.72 at 512 x 32 x 4096 and 4096 x 32 x 512). Double (dgemm) was mixed,
+// and the AVX2 and baseline kernels were not measured against a BLAS of their
+// own ISA: they keep use_blas's size rule.
 constexpr int64_t kNnKernelMaxK = 2048;
+constexpr int64_t kNnKernelOneStrip = 32;
 
 template <typename T>
 bool nn_uses_blas(int64_t M, int64_t N, int64_t K) {
-  if (std::is_same_v<T, float> && kMode == GemmMode::kAuto && kIsa == Isa::kAvx512 && K <= kNnKernelMaxK) return false;
+  if (std::is_same_v<T, float> && kMode == GemmMode::kAuto && kIsa == Isa::kAvx512 &&
+      (K <= kNnKernelMaxK || N <= kNnKernelOneStrip))
+    return false;
   return use_blas<T>(M, N, K);
 }
 
@@ -500,6 +505,13 @@ bool gemm_uses_blas(int64_t M, int64_t N, int64_t K) {
 }
 template bool gemm_uses_blas<float>(int64_t, int64_t, int64_t);
 template bool gemm_uses_blas<double>(int64_t, int64_t, int64_t);
+
+template <typename T>
+bool gemm_nn_uses_blas(int64_t M, int64_t N, int64_t K) {
+  return nn_uses_blas<T>(M, N, K);
+}
+template bool gemm_nn_uses_blas<float>(int64_t, int64_t, int64_t);
+template bool gemm_nn_uses_blas<double>(int64_t, int64_t, int64_t);
 
 template void gemm_nt_offsets<float>(int64_t, int64_t, int64_t, const float*, int64_t, const float*, const int64_t*,
                                      float*, int64_t, bool);

@@ -63,6 +63,10 @@ void gemm_nt_offsets(int64_t M, int64_t N, int64_t K,
 template <typename T>
 bool gemm_uses_blas(int64_t M, int64_t N, int64_t K);
 
+// Whether gemm_nn would hand an (M x N x K) product to the BLAS.
+template <typename T>
+bool gemm_nn_uses_blas(int64_t M, int64_t N, int64_t K);
+
 // Name of the instruction set the hand kernels run with ("avx512", "avx2",
 // "baseline") and whether a BLAS was found; for benchmark reports.
 std::string kernel_isa_name();
