@@ -395,9 +395,7 @@ constexpr int64_t kNnKernelOneStrip = 32;
 
 template <typename T>
 bool nn_uses_blas(int64_t M, int64_t N, int64_t K) {
-  if (std::is_same_v<T, float> && kMode == GemmMode::kAuto && kIsa == Isa::kAvx512 &&
-      (K <= kNnKernelMaxK || N <= kNnKernelOneStrip))
-    return false;
+  if (gemm_nn_kernel_preferred<T>() && (K <= kNnKernelMaxK || N <= kNnKernelOneStrip)) return false;
   return use_blas<T>(M, N, K);
 }
 
@@ -510,6 +508,13 @@ template <typename T>
 bool gemm_nn_uses_blas(int64_t M, int64_t N, int64_t K) {
   return nn_uses_blas<T>(M, N, K);
 }
+
+template <typename T>
+bool gemm_nn_kernel_preferred() {
+  return std::is_same_v<T, float> && kMode == GemmMode::kAuto && kIsa == Isa::kAvx512;
+}
+template bool gemm_nn_kernel_preferred<float>();
+template bool gemm_nn_kernel_preferred<double>();
 template bool gemm_nn_uses_blas<float>(int64_t, int64_t, int64_t);
 template bool gemm_nn_uses_blas<double>(int64_t, int64_t, int64_t);
 

@@ -67,6 +67,12 @@ bool gemm_uses_blas(int64_t M, int64_t N, int64_t K);
 template <typename T>
 bool gemm_nn_uses_blas(int64_t M, int64_t N, int64_t K);
 
+// Whether gemm_nn's hand kernel is the measured-fast one (float, AVX-512, no
+// TUCKER_OPS_GEMM override): products are then worth rearranging into its
+// form (W times transposed activations) even at the price of transposing.
+template <typename T>
+bool gemm_nn_kernel_preferred();
+
 // Name of the instruction set the hand kernels run with ("avx512", "avx2",
 // "baseline") and whether a BLAS was found; for benchmark reports.
 std::string kernel_isa_name();

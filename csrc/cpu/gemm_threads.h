@@ -73,8 +73,27 @@ void gemm_nt_threads(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, c
 }
 
 // dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds)
-// transposed, in 16 x 16 tiles (reads and writes each within a few cache
-// lines), column tiles split over the threads when there are enough elements.
+// transposed for source columns [c_begin, c_end), in 16 x 16 tiles (reads
+// and writes each within a few cache lines); with add (cols entries), dst
+// row c also gets add[c] on every element.
+template <typename T>
+void transpose_columns(int64_t rows, const T* src, int64_t lds, T* dst, int64_t ldd, int64_t c_begin, int64_t c_end,
+                       const T* add = nullptr) {
+  constexpr int64_t kTile = 16;
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kTile) {
+    const int64_t c1 = std::min(c_end, c0 + kTile);
+    for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+      const int64_t r1 = std::min(rows, r0 + kTile);
+      for (int64_t c = c0; c < c1; ++c) {
+        const T a = add ? add[c] : T(0);
+        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c] + a;
+      }
+    }
+  }
+}
+
+// The whole transpose of src (rows x cols) into dst (cols x rows), column
+// tiles split over the threads when there are enough elements.
 template <typename T>
 void transpose_threads(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
   constexpr int64_t kTile = 16;
@@ -84,14 +103,7 @@ void transpose_threads(int64_t rows, int64_t cols, const T* src, int64_t lds, T*
       1, std::min<int64_t>({at::get_num_threads(), tiles, rows * cols / kMinElemsPerThread}));
   for_each_chunk_raw(parts, [&](int64_t p) {
     const auto [t0, t1] = chunk_range(p, parts, tiles);
-    for (int64_t c0 = t0 * kTile; c0 < std::min(cols, t1 * kTile); c0 += kTile) {
-      const int64_t c1 = std::min(cols, c0 + kTile);
-      for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-        const int64_t r1 = std::min(rows, r0 + kTile);
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
-      }
-    }
+    transpose_columns<T>(rows, src, lds, dst, ldd, t0 * kTile, std::min(cols, t1 * kTile));
   });
 }
 

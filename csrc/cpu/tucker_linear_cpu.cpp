@@ -140,15 +140,55 @@ int64_t chain_macs(const Chain<T>& chain, int64_t M) {
   return macs;
 }
 
+// True when every stage of the chain, run on transposed activations (W times
+// a (features x M) matrix), goes to the hand kernel (gemm_nn_uses_blas): with
+// few rows (M <= 32 columns: one strip of the kernel, reused by every weight
+// row) it streams each weight once per call and ran 1.4-1.6x faster than the
+// BLAS's x W^T on the benchmark's 32 x 4096 x 512 stages
+// (benchmarks/gemm_crossover.py, forms nn and nt).
+template <typename T>
+bool stages_transposed(const Chain<T>& chain, int64_t M) {
+  if (!gemm_nn_kernel_preferred<T>() || M < kMinRowsPerChunk) return false;
+  for (const Stage<T>& st : chain.stages)
+    if (gemm_nn_uses_blas<T>(st.out, M, st.in)) return false;
+  return true;
+}
+
 // Rows [r0, r0 + m) through every stage; the last stage writes y (on top of
 // the bias when there is one), the others thread-local scratch, or the rows'
 // place in kept[i] (row stride: the stage's outputs) where that is given.
+// With stages_transposed (most float row blocks on AVX-512), the block is
+// transposed into scratch and every stage runs W * X^T on the hand kernel
+// (1.4-2.6x the x W^T products on thesis_l1's and thesis_l2's stages at 16
+// and 32 rows: benchmarks/gemm_crossover.py), the output (and each kept
+// intermediate) transposed back.
 template <typename T>
 void run_rows(const Chain<T>& chain, const T* x, int64_t ldx, const T* bias, T* y, int64_t ldy, int64_t m,
               T* const* kept = nullptr) {
+  const size_t last = chain.stages.size() - 1;
+  if (stages_transposed(chain, m)) {
+    int64_t widest = 0;
+    for (const Stage<T>& st : chain.stages) widest = std::max(widest, st.out);
+    const int64_t in = chain.stages[0].in;
+    T* xt = scratch<T>(3, in * m);
+    transpose_columns<T>(m, x, ldx, xt, m, 0, in);
+    T* bufs[2] = {scratch<T>(4, widest * m), scratch<T>(5, widest * m)};
+    const T* cur = xt;  // (features x m)
+    for (size_t i = 0; i < chain.stages.size(); ++i) {
+      const Stage<T>& st = chain.stages[i];
+      T* dst = bufs[i % 2];
+      gemm_nn<T>(st.out, m, st.in, st.w, st.in, 1, cur, m, dst, m, false);
+      if (i != last && kept && kept[i]) transpose_columns<T>(st.out, dst, m, kept[i], st.out, 0, m);
+      cur = dst;
+    }
+    transpose_columns<T>(chain.stages[last].out, cur, m, y, ldy, 0, m);
+    if (bias)
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t o = 0; o < chain.stages[last].out; ++o) y[r * ldy + o] += bias[o];
+    return;
+  }
   const T* cur = x;
   int64_t ld = ldx;
-  const size_t last = chain.stages.size() - 1;
   for (size_t i = 0; i < chain.stages.size(); ++i) {
     const Stage<T>& st = chain.stages[i];
     if (i == last) {
@@ -211,19 +251,6 @@ int64_t chain_weights(const Chain<T>& chain) {
 bool weights_dominate(int64_t weights, int64_t M, int64_t in, int64_t out) {
   constexpr int64_t kCacheResidentWeights = int64_t(1) << 18;  // 1 MiB of float: about one L2
   return weights >= kCacheResidentWeights && weights > M * (in + out);
-}
-
-// True when every stage of the chain, run on transposed activations (W times
-// a (features x M) matrix), goes to the hand kernel (gemm_nn_uses_blas): with
-// few rows (M <= 32 columns: one strip of the kernel, reused by every weight
-// row) it streams each weight once per call and ran 1.4-1.6x faster than the
-// BLAS's x W^T on the benchmark's 32 x 4096 x 512 stages
-// (benchmarks/gemm_crossover.py, forms nn and nt).
-template <typename T>
-bool stages_transposed(const Chain<T>& chain, int64_t M) {
-  for (const Stage<T>& st : chain.stages)
-    if (gemm_nn_uses_blas<T>(st.out, M, st.in)) return false;
-  return true;
 }
 
 // Every stage as one GEMM over all M rows, each split over the threads
