@@ -190,8 +190,8 @@ def test_linear_paths(case, dtype, keep):
         (17, 2000, 150, 140, 9, True, True),
         (24, 1300, 230, 250, 20, True, False),
         (24, 500, 600, 570, 1000, False, True),
-        # float32 on AVX-512: the stages on transposed activations (32 rows or fewer, or
-        # every inner dimension <= 2048), and the backward's gq as last^T gy^T (out > 2048)
+        # float32 on AVX-512: the stages on transposed activations (the hand kernel's rule,
+        # csrc/cpu/gemm.cpp nn_uses_blas), with inner dimensions over 2048
         (32, 4100, 300, 200, 2300, True, True),
         (16, 3000, 90, 70, 2500, True, True),
         (17, 2100, 300, 120, 40, True, False),

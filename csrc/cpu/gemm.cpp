@@ -383,19 +383,21 @@ bool use_blas(int64_t M, int64_t N, int64_t K) {
 // gemm_nn's rule. With AVX-512 the float broadcast kernel (6 rows x 2
 // vectors of accumulators, B read in strips two vectors wide) ran faster than
 // MKL's single-threaded sgemm at nearly every measured shape, small or large
-// (145 of 146 shapes in each of three runs, time hand / BLAS 0.46-0.99 for M
-// 8-2048, N 32-3136, K 32-2048, A row-major or transposed:
-// benchmarks/gemm_crossover.py); at K = 4096 it won two runs of three with N =
-// 512, and every run with N <= 32 (one strip of B, reused by every row of A:
-// 0.62-0.72 at 512 x 32 x 4096 and 4096 x 32 x 512). Double (dgemm) was mixed,
-// and the AVX2 and baseline kernels were not measured against a BLAS of their
-// own ISA: they keep use_blas's size rule.
-constexpr int64_t kNnKernelMaxK = 2048;
-constexpr int64_t kNnKernelOneStrip = 32;
+// (time hand / BLAS 0.46-0.99 at 145 of the first 146 shapes of
+// benchmarks/gemm_crossover.py in each of three runs: M 8-2048, N 32-3136, K
+// 32-1024, A row-major or transposed, B up to 0.9M elements; 0.61-0.67 at 512
+// x 32 x 4096 with A row-major), but not once B reaches millions of elements
+// (32 x 4096 x 512 and 16 x 512 x 4096, 2M: 1.1-1.4x slower, MKL's packing
+// and prefetching win), nor where A is that large and stored transposed (its
+// columns are then read a cache line per k: 512 x 32 x 4096 with A^T,
+// 0.9-1.9x). Double (dgemm) was mixed, and the AVX2 and baseline kernels were
+// not measured against a BLAS of their own ISA: they keep use_blas's size rule.
+constexpr int64_t kNnKernelMaxOperand = int64_t(1) << 20;  // elements (4 MiB of float)
 
 template <typename T>
-bool nn_uses_blas(int64_t M, int64_t N, int64_t K) {
-  if (gemm_nn_kernel_preferred<T>() && (K <= kNnKernelMaxK || N <= kNnKernelOneStrip)) return false;
+bool nn_uses_blas(int64_t M, int64_t N, int64_t K, bool a_row_major) {
+  if (gemm_nn_kernel_preferred<T>() && K * N <= kNnKernelMaxOperand && (a_row_major || M * K <= kNnKernelMaxOperand))
+    return false;
   return use_blas<T>(M, N, K);
 }
 
@@ -452,7 +454,7 @@ template <typename T>
 void gemm_nn(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb, T* c,
              int64_t ldc, bool accumulate) {
   if (nothing_to_multiply(M, N, K, c, ldc, accumulate)) return;
-  if (nn_uses_blas<T>(M, N, K)) {
+  if (nn_uses_blas<T>(M, N, K, a_cs == 1)) {
     // Row-major C = A B is column-major C^T = B^T A^T: B goes first, untransposed.
     const bool a_rows = a_cs == 1 && a_rs >= K;  // A row-major
     const bool a_cols = a_rs == 1 && a_cs >= M;  // A stored transposed
@@ -506,7 +508,7 @@ template bool gemm_uses_blas<double>(int64_t, int64_t, int64_t);
 
 template <typename T>
 bool gemm_nn_uses_blas(int64_t M, int64_t N, int64_t K) {
-  return nn_uses_blas<T>(M, N, K);
+  return nn_uses_blas<T>(M, N, K, /*a_row_major=*/true);
 }
 
 template <typename T>

@@ -63,7 +63,7 @@ void gemm_nt_offsets(int64_t M, int64_t N, int64_t K,
 template <typename T>
 bool gemm_uses_blas(int64_t M, int64_t N, int64_t K);
 
-// Whether gemm_nn would hand an (M x N x K) product to the BLAS.
+// Whether gemm_nn would hand an (M x N x K) product with A row-major to the BLAS.
 template <typename T>
 bool gemm_nn_uses_blas(int64_t M, int64_t N, int64_t K);
 

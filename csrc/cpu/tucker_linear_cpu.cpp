@@ -141,11 +141,11 @@ int64_t chain_macs(const Chain<T>& chain, int64_t M) {
 }
 
 // True when every stage of the chain, run on transposed activations (W times
-// a (features x M) matrix), goes to the hand kernel (gemm_nn_uses_blas): with
-// few rows (M <= 32 columns: one strip of the kernel, reused by every weight
-// row) it streams each weight once per call and ran 1.4-1.6x faster than the
-// BLAS's x W^T on the benchmark's 32 x 4096 x 512 stages
-// (benchmarks/gemm_crossover.py, forms nn and nt).
+// a (features x M) matrix), goes to the hand kernel (gemm_nn_uses_blas: the
+// transposed activations are at most 1M elements). The kernel then streams each weight row
+// once per strip of rows: 1.4-1.6x faster than the BLAS's x W^T on
+// linear_4096's stages at 32 rows, 1.4-2.6x on thesis_l1's and thesis_l2's at
+// 16 and 32 (benchmarks/gemm_crossover.py, forms nn and nt).
 template <typename T>
 bool stages_transposed(const Chain<T>& chain, int64_t M) {
   if (!gemm_nn_kernel_preferred<T>() || M < kMinRowsPerChunk) return false;
@@ -512,26 +512,13 @@ void linear_backward_whole_batch(const LinearSizes& s, const T* x, const T* gy, 
     });
   }
   if (!g.core && !need_back) return;
-  // gq (M x ro): element (m, r) at gq[m * gq_rs + r * gq_cs].
-  const T* gq = gy;
-  int64_t gq_rs = ro, gq_cs = 1;
-  if (B && gemm_nn_uses_blas<T>(M, ro, out) && !gemm_nn_uses_blas<T>(ro, M, out)) {
-    // As gq^T = last^T gy^T (ro x M), which the hand kernel runs (few rows:
-    // one strip; see stages_transposed), at the price of transposing gy.
-    Tensor gy_t = buffer(out, M);
-    transpose_threads<T>(M, out, gy, out, gy_t.template mutable_data_ptr<T>(), M);
-    gq_buf = buffer(ro, M);
-    gemm_nn_threads<T>(ro, M, out, B, 1, ro, gy_t.template const_data_ptr<T>(), M,
-                       gq_buf.template mutable_data_ptr<T>(), M, false);
-    gq = gq_buf.template const_data_ptr<T>();
-    gq_rs = 1;
-    gq_cs = M;
-  } else if (B) {
+  const T* gq = gy;  // (M x ro)
+  if (B) {
     gq_buf = buffer(M, ro);
     gemm_nn_threads<T>(M, ro, out, gy, out, 1, B, ro, gq_buf.template mutable_data_ptr<T>(), ro, false);
     gq = gq_buf.template const_data_ptr<T>();
   }
-  if (g.core) gemm_nn_threads<T>(ro, ri, M, gq, gq_cs, gq_rs, p, ri, g.acc_core, ri, false);  // gq^T p
+  if (g.core) gemm_nn_threads<T>(ro, ri, M, gq, 1, ro, p, ri, g.acc_core, ri, false);  // gq^T p
   if (!need_back) return;
   // gp (M x ri) = gq G; without first it is the input gradient itself.
   T* gp = g.gx;
@@ -539,7 +526,7 @@ void linear_backward_whole_batch(const LinearSizes& s, const T* x, const T* gy, 
     gp_buf = buffer(M, ri);
     gp = gp_buf.template mutable_data_ptr<T>();
   }
-  gemm_nn_threads<T>(M, ri, ro, gq, gq_rs, gq_cs, G, ri, gp, ri, false);
+  gemm_nn_threads<T>(M, ri, ro, gq, ro, 1, G, ri, gp, ri, false);
   if (g.first) gemm_nn_threads<T>(ri, in, M, gp, 1, ri, x, in, g.acc_first, in, false);  // gp^T x
   if (A && g.input) gemm_nn_threads<T>(M, in, ri, gp, ri, 1, A, in, g.gx, in, false);
 }
