@@ -12,6 +12,7 @@ TUCKER_OPS_ISA.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -48,6 +49,28 @@ def _check(fused_fn, ref_fn, inputs, dtype):
     for name, t, t_ref in zip(("input", "first", "core", "last", "bias"), a, r):
         if t is not None:
             torch.testing.assert_close(t.grad, t_ref.grad, **tol, msg=lambda m: f"grad of {name}: {m}")
+
+
+def _linear_inputs(case, dtype, seed):
+    """Input and factors for a (rows, in, R_in, R_out, out, first, last) case. Unit-scale
+    layers (weights / sqrt(fan-in)) keep float32 sums over hundreds of terms comparable under
+    one absolute tolerance."""
+    m, i, ri, ro, o, has_first, has_last = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, i, dtype=dtype, generator=gen)
+    params = _factors(i, ri, ro, o, (), has_first, has_last, True, dtype, gen)
+    params = (params[0], params[1].reshape(params[1].shape[:2]), params[2], params[3])
+    return x, tuple(p / p.shape[-1] ** 0.5 if p is not None and p.dim() == 2 else p for p in params)
+
+
+@contextlib.contextmanager
+def _num_threads(n):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 CONV_CASES = [
@@ -167,14 +190,7 @@ LINEAR_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", LINEAR_CASES)
 def test_linear_paths(case, dtype, keep):
-    m, i, ri, ro, o, has_first, has_last = case
-    gen = torch.Generator().manual_seed(hash(case) % 2**31)
-    x = torch.randn(m, i, dtype=dtype, generator=gen)
-    params = _factors(i, ri, ro, o, (), has_first, has_last, True, dtype, gen)
-    params = (params[0], params[1].reshape(params[1].shape[:2]), params[2], params[3])
-    # Unit-scale layers (weights / sqrt(fan-in)) keep float32 sums over hundreds
-    # of terms comparable under one absolute tolerance.
-    params = tuple(p / p.shape[-1] ** 0.5 if p is not None and p.dim() == 2 else p for p in params)
+    x, params = _linear_inputs(case, dtype, hash(case) % 2**31)
     _check(ops.tucker_linear, reference.tucker_linear, (x, *params), dtype)
 
 
@@ -201,21 +217,13 @@ def test_linear_paths(case, dtype, keep):
 def test_linear_whole_batch_split_over_threads(case, threads, keep, dtype):
     """The whole-batch stages, forward and backward (kept and recomputed), split over 1-3
     threads, against the reference; and the result does not depend on the split."""
-    m, i, ri, ro, o, has_first, has_last = case
-    gen = torch.Generator().manual_seed(sum(case))
-    x = torch.randn(m, i, dtype=dtype, generator=gen)
-    params = _factors(i, ri, ro, o, (), has_first, has_last, True, dtype, gen)
-    params = (params[0], params[1].reshape(params[1].shape[:2]), params[2], params[3])
-    params = tuple(p / p.shape[-1] ** 0.5 if p is not None and p.dim() == 2 else p for p in params)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    x, params = _linear_inputs(case, dtype, sum(case))
+    as_float = (x.float(), *[p.float() if p is not None else None for p in params])
+    with _num_threads(threads):
         _check(ops.tucker_linear, reference.tucker_linear, (x, *params), dtype)
-        split = ops.tucker_linear(x.float(), *[p.float() if p is not None else None for p in params])
-        torch.set_num_threads(1)
-        single = ops.tucker_linear(x.float(), *[p.float() if p is not None else None for p in params])
-    finally:
-        torch.set_num_threads(previous)
+        split = ops.tucker_linear(*as_float)
+    with _num_threads(1):
+        single = ops.tucker_linear(*as_float)
     # Each output element is one single-threaded GEMM's in both runs; only the BLAS's
     # blocking of a narrower slice may reorder its sums.
     torch.testing.assert_close(split, single, rtol=1e-5, atol=1e-5)
@@ -240,18 +248,9 @@ def test_linear_whole_batch_split_over_threads(case, threads, keep, dtype):
 def test_linear_two_phase_backward(case, threads, keep, dtype):
     """The backward for few rows per thread, kept and recomputed, at 2 and 3 threads, against
     the reference (every gradient, odd sizes: slices of uneven length)."""
-    m, i, ri, ro, o, has_first, has_last = case
-    gen = torch.Generator().manual_seed(sum(case) + 7)
-    x = torch.randn(m, i, dtype=dtype, generator=gen)
-    params = _factors(i, ri, ro, o, (), has_first, has_last, True, dtype, gen)
-    params = (params[0], params[1].reshape(params[1].shape[:2]), params[2], params[3])
-    params = tuple(p / p.shape[-1] ** 0.5 if p is not None and p.dim() == 2 else p for p in params)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    x, params = _linear_inputs(case, dtype, sum(case) + 7)
+    with _num_threads(threads):
         _check(ops.tucker_linear, reference.tucker_linear, (x, *params), dtype)
-    finally:
-        torch.set_num_threads(previous)
 
 
 _SUBPROCESS_CHECK = r"""

@@ -1,6 +1,6 @@
 // Whole GEMMs split over our own threads: one parallel region, each thread
 // running a single-threaded gemm_nn / gemm_nt (gemm.h) on its slice of the
-// output.
+// output; and the transposes that put activations into gemm_nn's fast form.
 //
 // For the thin products of a linear layer whose weights outweigh its rows
 // (batch 32 against 4096 x 512 factors) the BLAS's own threading hardly scales:
@@ -74,20 +74,16 @@ void gemm_nt_threads(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, c
 
 // dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds)
 // transposed for source columns [c_begin, c_end), in 16 x 16 tiles (reads
-// and writes each within a few cache lines); with add (cols entries), dst
-// row c also gets add[c] on every element.
+// and writes each within a few cache lines).
 template <typename T>
-void transpose_columns(int64_t rows, const T* src, int64_t lds, T* dst, int64_t ldd, int64_t c_begin, int64_t c_end,
-                       const T* add = nullptr) {
+void transpose_columns(int64_t rows, const T* src, int64_t lds, T* dst, int64_t ldd, int64_t c_begin, int64_t c_end) {
   constexpr int64_t kTile = 16;
   for (int64_t c0 = c_begin; c0 < c_end; c0 += kTile) {
     const int64_t c1 = std::min(c_end, c0 + kTile);
     for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
       const int64_t r1 = std::min(rows, r0 + kTile);
-      for (int64_t c = c0; c < c1; ++c) {
-        const T a = add ? add[c] : T(0);
-        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c] + a;
-      }
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
     }
   }
 }

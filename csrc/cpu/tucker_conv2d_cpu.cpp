@@ -615,9 +615,9 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
   const int64_t passes = shared_gp && plan.tiles_per_image > 1 ? 2 : 1;
   // The implicit im2col's weight gradient runs on the hand kernels; where the
   // BLAS would take the core's weight gradient (large ranks) the explicit
-  // im2col and the BLAS measured faster. It also multiplies discarded grid columns by the
-  // core and by zeros: with an Inf or NaN in the core those would reach real
-  // gradients.
+  // im2col and the BLAS measured faster. It also multiplies discarded grid
+  // columns by the core and by zeros: with an Inf or NaN in the core those
+  // would reach real gradients.
   const int64_t K = s.R_in * s.kh * s.kw;
   const bool windows = !gemm_uses_blas<T>(s.R_out, plan.block, K) && all_finite(op.core, s.R_out * K);
   const int64_t tiles_per_pass = (plan.tiles_per_image + passes - 1) / passes;

@@ -142,8 +142,8 @@ int64_t chain_macs(const Chain<T>& chain, int64_t M) {
 
 // True when every stage of the chain, run on transposed activations (W times
 // a (features x M) matrix), goes to the hand kernel (gemm_nn_uses_blas: the
-// transposed activations are at most 1M elements). The kernel then streams each weight row
-// once per strip of rows: 1.4-1.6x faster than the BLAS's x W^T on
+// transposed activations are at most 1M elements). The kernel then streams
+// each weight row once per strip of rows: 1.4-1.6x faster than the BLAS's x W^T on
 // linear_4096's stages at 32 rows, 1.4-2.6x on thesis_l1's and thesis_l2's at
 // 16 and 32 (benchmarks/gemm_crossover.py, forms nn and nt).
 template <typename T>
@@ -622,9 +622,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
   const int64_t weights = (s.has_first ? s.in * s.R_in : 0) + s.R_in * s.R_out + (s.has_last ? s.R_out * s.out : 0);
   const bool whole_batch = s.M > 0 && weights_dominate(weights, s.M, s.in, s.out);
   const int64_t backward_macs = 2 * s.M * weights;
-  const int64_t chunks =
-      whole_batch ? 1
-                  : std::max<int64_t>(1, chunks_for_work((s.M + kMinRowsPerChunk - 1) / kMinRowsPerChunk, backward_macs));
+  const int64_t row_groups = (s.M + kMinRowsPerChunk - 1) / kMinRowsPerChunk;
+  const int64_t chunks = whole_batch ? 1 : std::max<int64_t>(1, chunks_for_work(row_groups, backward_macs));
   const bool two_phase = !whole_batch && chunks > 1 && s.M <= chunks * kRowBlock;
   // The whole-batch and two-phase paths write each weight gradient once (one
   // slice); the row blocks one slice per chunk, written by its first block.
