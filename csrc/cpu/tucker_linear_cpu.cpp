@@ -302,6 +302,69 @@ void run_whole_batch(const Chain<T>& chain, const T* x, int64_t in, const T* bia
   }
 }
 
+// The factors as contiguous tensors (undefined where absent).
+struct Factors {
+  Tensor first, core, last, bias;
+};
+
+Factors contiguous_factors(const std::optional<Tensor>& first, const Tensor& core, const std::optional<Tensor>& last,
+                           const std::optional<Tensor>& bias = std::nullopt) {
+  return {present(first) ? first->contiguous() : Tensor(), core.contiguous(),
+          present(last) ? last->contiguous() : Tensor(), present(bias) ? bias->contiguous() : Tensor()};
+}
+
+template <typename T>
+const T* data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// Where the unfolded chain ([first], core, [last]) keeps its intermediates
+// (keeping: tucker_linear_with_intermediates): first's output in p (M x
+// R_in), core's, when last follows, in q (M x R_out); null where absent.
+template <typename T>
+struct KeptRows {
+  bool keeping = false;
+  T* p = nullptr;
+  T* q = nullptr;
+  int64_t ri = 0, ro = 0;
+  // Row r's place per stage, as run_rows / run_whole_batch take it.
+  void at(int64_t r, T* (&kept)[2]) const {
+    kept[0] = kept[1] = nullptr;
+    int k = 0;
+    if (p) kept[k++] = p + r * ri;
+    if (q) kept[k] = q + r * ro;
+  }
+};
+
+// All M rows of x through the chain into y: fewer than kMinRowsPerChunk rows
+// (when not keeping) split over output features, whole-batch GEMMs where the
+// weights dominate, otherwise row blocks per chunk (no threading inside
+// their small products: a parallel region stalls whenever another process
+// holds a core).
+template <typename T>
+void run_chain(const Chain<T>& chain, const LinearSizes& s, const T* x, const T* bias, T* y,
+               const at::TensorOptions& opts, const KeptRows<T>& keep = {}) {
+  if (!keep.keeping && s.M < kMinRowsPerChunk) {
+    run_few_rows<T>(chain, x, s.in, bias, y, s.out, s.M);
+    return;
+  }
+  T* kept[2];
+  if (weights_dominate(chain_weights(chain), s.M, s.in, s.out)) {
+    keep.at(0, kept);
+    run_whole_batch<T>(chain, x, s.in, bias, y, s.out, s.M, opts, kept);
+    return;
+  }
+  const int64_t chunks = chunks_for_work(s.M, chain_macs(chain, s.M));
+  for_each_chunk_raw(chunks, [&](int64_t c) {
+    const auto [begin, end] = chunk_range(c, chunks, s.M);
+    for (int64_t r = begin; r < end; r += kRowBlock) {
+      T* kept_block[2];
+      keep.at(r, kept_block);
+      run_rows<T>(chain, x + r * s.in, s.in, bias, y + r * s.out, s.out, std::min(kRowBlock, end - r), kept_block);
+    }
+  });
+}
+
 Tensor tucker_linear_cpu(
     const Tensor& input,
     const std::optional<Tensor>& first,
@@ -314,46 +377,23 @@ Tensor tucker_linear_cpu(
   if (s.M == 0) return out;
 
   const Tensor x = input.contiguous();
-  const Tensor A = s.has_first ? first->contiguous() : Tensor();
-  const Tensor G = core.contiguous();
-  const Tensor B = s.has_last ? last->contiguous() : Tensor();
-  const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
-
+  const Factors f = contiguous_factors(first, core, last, bias);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_linear_cpu", [&] {
     using T = scalar_t;
     const T* xp = x.const_data_ptr<T>();
-    const Chain<T> chain = plan_chain<T>(s, s.M, s.has_first ? A.const_data_ptr<T>() : nullptr, G.const_data_ptr<T>(),
-                                         s.has_last ? B.const_data_ptr<T>() : nullptr, opts,
-                                         /*allow_fold=*/all_finite(xp, s.M * s.in));
-    const T* bp = s.has_bias ? b.const_data_ptr<T>() : nullptr;
-    T* yp = out.mutable_data_ptr<T>();
-    const int64_t chunks = chunks_for_work(s.M, chain_macs(chain, s.M));
-    if (s.M < kMinRowsPerChunk) {
-      run_few_rows<T>(chain, xp, s.in, bp, yp, s.out, s.M);
-      return;
-    }
-    if (weights_dominate(chain_weights(chain), s.M, s.in, s.out)) {
-      run_whole_batch<T>(chain, xp, s.in, bp, yp, s.out, s.M, opts);
-      return;
-    }
-    for_each_chunk_raw(chunks, [&](int64_t c) {
-      const auto [begin, end] = chunk_range(c, chunks, s.M);
-      for (int64_t r = begin; r < end; r += kRowBlock) {
-        const int64_t m = std::min(kRowBlock, end - r);
-        run_rows<T>(chain, xp + r * s.in, s.in, bp, yp + r * s.out, s.out, m);
-      }
-    });
+    const Chain<T> chain = plan_chain<T>(s, s.M, data_or_null<T>(f.first), data_or_null<T>(f.core),
+                                         data_or_null<T>(f.last), opts, /*allow_fold=*/all_finite(xp, s.M * s.in));
+    run_chain<T>(chain, s, xp, data_or_null<T>(f.bias), out.mutable_data_ptr<T>(), opts);
   });
   return out;
 }
 
 // The unfolded chain (the association Sequential runs), keeping both
 // intermediates (ops.cpp), each stage's rows written to the kept tensors
-// instead of scratch: where the weights dominate (weights_dominate) as
-// whole-batch GEMMs split over the threads, as the plain forward does, and
-// otherwise in the plain forward's row blocks. The autograd kernel keeps them
-// from kMinRowsPerChunk rows (linear_keeps_intermediates). Checked, and named
-// in errors, as tucker_linear.
+// instead of scratch (run_chain: whole-batch GEMMs where the weights
+// dominate, otherwise row blocks, at any row count). The autograd kernel
+// keeps them from kMinRowsPerChunk rows (linear_keeps_intermediates).
+// Checked, and named in errors, as tucker_linear.
 std::tuple<Tensor, Tensor, Tensor> tucker_linear_with_intermediates_cpu(
     const Tensor& input,
     const std::optional<Tensor>& first,
@@ -368,43 +408,14 @@ std::tuple<Tensor, Tensor, Tensor> tucker_linear_with_intermediates_cpu(
   Tensor q = s.has_last ? at::empty({s.M, s.R_out}, opts) : Tensor();
   Tensor y = at::empty({s.M, s.out}, opts);
   if (s.M > 0) {
-    const Tensor A = s.has_first ? first->contiguous() : Tensor();
-    const Tensor G = core.contiguous();
-    const Tensor B = s.has_last ? last->contiguous() : Tensor();
-    const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
+    const Factors f = contiguous_factors(first, core, last, bias);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_linear_with_intermediates_cpu", [&] {
       using T = scalar_t;
-      const Chain<T> chain = plan_chain<T>(s, s.M, s.has_first ? A.const_data_ptr<T>() : nullptr,
-                                           G.const_data_ptr<T>(), s.has_last ? B.const_data_ptr<T>() : nullptr, opts,
-                                           /*allow_fold=*/false);
-      // Stage order: [first], core, [last]; kept outputs: first's (P), core's when last follows (Q).
-      T* pp = s.has_first ? p.mutable_data_ptr<T>() : nullptr;
-      T* qp = s.has_last ? q.mutable_data_ptr<T>() : nullptr;
-      const T* xp = x.const_data_ptr<T>();
-      const T* bp = s.has_bias ? b.const_data_ptr<T>() : nullptr;
-      T* yp = y.mutable_data_ptr<T>();
-      auto kept_rows = [&](int64_t r, T* (&kept)[2]) {
-        int k = 0;
-        if (pp) kept[k++] = pp + r * s.R_in;
-        if (qp) kept[k] = qp + r * s.R_out;
-      };
-      if (weights_dominate(chain_weights(chain), s.M, s.in, s.out)) {
-        T* kept[2] = {nullptr, nullptr};
-        kept_rows(0, kept);
-        run_whole_batch<T>(chain, xp, s.in, bp, yp, s.out, s.M, opts, kept);
-        return;
-      }
-      // Row blocks: no threading inside small products (a parallel region
-      // stalls whenever another process holds a core).
-      const int64_t chunks = chunks_for_work(s.M, chain_macs(chain, s.M));
-      for_each_chunk_raw(chunks, [&](int64_t c) {
-        const auto [begin, end] = chunk_range(c, chunks, s.M);
-        for (int64_t r = begin; r < end; r += kRowBlock) {
-          T* kept[2] = {nullptr, nullptr};
-          kept_rows(r, kept);
-          run_rows<T>(chain, xp + r * s.in, s.in, bp, yp + r * s.out, s.out, std::min(kRowBlock, end - r), kept);
-        }
-      });
+      const Chain<T> chain = plan_chain<T>(s, s.M, data_or_null<T>(f.first), data_or_null<T>(f.core),
+                                           data_or_null<T>(f.last), opts, /*allow_fold=*/false);
+      const KeptRows<T> keep{true, p.defined() ? p.mutable_data_ptr<T>() : nullptr,
+                             q.defined() ? q.mutable_data_ptr<T>() : nullptr, s.R_in, s.R_out};
+      run_chain<T>(chain, s, x.const_data_ptr<T>(), data_or_null<T>(f.bias), y.mutable_data_ptr<T>(), opts, keep);
     });
   }
   auto shaped = [&](const Tensor& t, int64_t features) {
@@ -642,9 +653,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
   if (s.M > 0) {
     const Tensor x = input.contiguous();
     const Tensor gy = grad_output.contiguous();
-    const Tensor A = s.has_first ? first->contiguous() : Tensor();
-    const Tensor G = core.contiguous();
-    const Tensor B = s.has_last ? last->contiguous() : Tensor();
+    const Factors f = contiguous_factors(first, core, last);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_linear_backward_cpu", [&] {
       using T = scalar_t;
       const LinearGrads<T> g{need.input, need.first, need.core, need.last, need.bias,
@@ -653,13 +662,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
                              need.core ? acc_core.mutable_data_ptr<T>() : nullptr,
                              need.last ? acc_last.mutable_data_ptr<T>() : nullptr,
                              need.bias ? acc_bias.mutable_data_ptr<T>() : nullptr,
-                             P.defined() ? P.const_data_ptr<T>() : nullptr,
-                             Q.defined() ? Q.const_data_ptr<T>() : nullptr};
+                             data_or_null<T>(P), data_or_null<T>(Q)};
       const T* xp = x.const_data_ptr<T>();
       const T* gyp = gy.const_data_ptr<T>();
-      const T* Ap = s.has_first ? A.const_data_ptr<T>() : nullptr;
-      const T* Gp = G.const_data_ptr<T>();
-      const T* Bp = s.has_last ? B.const_data_ptr<T>() : nullptr;
+      const T* Ap = data_or_null<T>(f.first);
+      const T* Gp = data_or_null<T>(f.core);
+      const T* Bp = data_or_null<T>(f.last);
       if (whole_batch) {
         linear_backward_whole_batch<T>(s, xp, gyp, Ap, Gp, Bp, g, opts);
         return;
