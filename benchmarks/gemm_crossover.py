@@ -42,6 +42,9 @@ def main() -> None:
         "--forms", nargs="+", choices=("nn", "nn_at", "nt"), default=["nn", "nn_at", "nt"],
         help="gemm_nn with A row-major / stored transposed, gemm_nt (A * B^T)",
     )  # fmt: skip
+    parser.add_argument(
+        "--shapes", nargs="+", metavar="M,N,K", help="these products instead of the built-in list"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     ext = cpp_extension.load(
@@ -52,14 +55,18 @@ def main() -> None:
     )
     dtype = "float64" if args.float64 else "float32"
     print(f"{platform.processor() or platform.machine()}, 1 thread, {dtype}, torch {torch.__version__}")
-    print("| form | M | N | K | hand | BLAS | hand / BLAS |\n|---|---|---|---|---|---|---|")
+    print("| form | M | N | K | hand | BLAS | hand / BLAS | hand GFLOP/s |\n|---|---|---|---|---|---|---|---|")
     for form in args.forms:
         ratios = []
-        for m, n, k in SHAPES:
+        shapes = [tuple(int(v) for v in x.split(",")) for x in args.shapes] if args.shapes else SHAPES
+        for m, n, k in shapes:
             reps = max(5, min(2000, int(2e7 / (m * n * k))))
             hand, blas = ext.time_gemm(form, m, n, k, args.float64, reps)
             ratios.append(hand / blas)
-            print(f"| {form} | {m} | {n} | {k} | {hand / 1e3:.1f} us | {blas / 1e3:.1f} us | {hand / blas:.2f} |")
+            print(
+                f"| {form} | {m} | {n} | {k} | {hand / 1e3:.1f} us | {blas / 1e3:.1f} us | {hand / blas:.2f} "
+                f"| {2 * m * n * k / hand:.0f} |"
+            )
         print(f"{form}: hand / BLAS min {min(ratios):.2f}, max {max(ratios):.2f}, "
               f"hand faster in {sum(r < 1 for r in ratios)} of {len(ratios)}")  # fmt: skip
 

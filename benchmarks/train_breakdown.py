@@ -4,7 +4,8 @@
 
 For each ``case:batch`` (cases.py) it times the forward (recording the graph) and the
 backward of ``output.sum()`` separately, for the ``nn.Sequential`` chain and for the fused
-op with its intermediates kept and recomputed (TUCKER_OPS_KEEP_INTERMEDIATES=1 / 0). The
+op with its intermediates kept and recomputed (TUCKER_OPS_KEEP_INTERMEDIATES=1 / 0), and with
+``--cores`` also with the conv core forced direct and Winograd (TUCKER_OPS_CONV_CORE). The
 variants run interleaved, one step each per round, and each phase reports its minimum over
 the rounds, so a burst of contention on the shared machine hits all of them alike. GFLOP/s
 counts the chain's multiply-adds (2 per MAC; the backward counts twice the forward's, the
@@ -22,7 +23,15 @@ import torch
 
 from cases import CASES, build, macs
 
-VARIANTS = ("sequential", "fused kept", "fused recomputed")
+# Fused variants: the environment each runs under (read by the ops per call).
+FUSED_VARIANTS = {
+    "fused kept": {"TUCKER_OPS_KEEP_INTERMEDIATES": "1"},
+    "fused recomputed": {"TUCKER_OPS_KEEP_INTERMEDIATES": "0"},
+}
+CORE_VARIANTS = {
+    "fused kept, direct core": {"TUCKER_OPS_KEEP_INTERMEDIATES": "1", "TUCKER_OPS_CONV_CORE": "direct"},
+    "fused kept, winograd core": {"TUCKER_OPS_KEEP_INTERMEDIATES": "1", "TUCKER_OPS_CONV_CORE": "winograd"},
+}
 
 
 def _gemm_peak(threads: int) -> float:
@@ -38,21 +47,21 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def breakdown(name: str, batch: int, rounds: int) -> list[tuple[str, float, float]]:
+def breakdown(name: str, batch: int, rounds: int, cores: bool) -> list[tuple[str, float, float]]:
     layer = build(name)
     x = layer.input(batch).requires_grad_()
-    fns = {
-        "sequential": (layer.sequential, list(layer.sequential.parameters()), None),
-        "fused kept": (layer.impls()["fused"], layer.params(), "1"),
-        "fused recomputed": (layer.impls()["fused"], layer.params(), "0"),
-    }
-    best = {v: [float("inf"), float("inf")] for v in VARIANTS}
-    previous = os.environ.get("TUCKER_OPS_KEEP_INTERMEDIATES")
+    variants = {**FUSED_VARIANTS, **(CORE_VARIANTS if cores else {})}
+    fns = {"sequential": (layer.sequential, list(layer.sequential.parameters()), {})}
+    fns.update({v: (layer.impls()["fused"], layer.params(), env) for v, env in variants.items()})
+    best = {v: [float("inf"), float("inf")] for v in fns}
+    names = sorted({k for env in variants.values() for k in env})
+    previous = {k: os.environ.get(k) for k in names}
     try:
         for r in range(rounds + 2):  # two warm-up rounds
-            for variant, (fn, params, keep) in fns.items():
-                if keep is not None:
-                    os.environ["TUCKER_OPS_KEEP_INTERMEDIATES"] = keep
+            for variant, (fn, params, env) in fns.items():
+                for k in names:
+                    os.environ.pop(k, None)
+                os.environ.update(env)
                 x.grad = None
                 for p in params:
                     p.grad = None
@@ -65,11 +74,12 @@ def breakdown(name: str, batch: int, rounds: int) -> list[tuple[str, float, floa
                     best[variant][0] = min(best[variant][0], mid - start)
                     best[variant][1] = min(best[variant][1], end - mid)
     finally:
-        if previous is None:
-            os.environ.pop("TUCKER_OPS_KEEP_INTERMEDIATES", None)
-        else:
-            os.environ["TUCKER_OPS_KEEP_INTERMEDIATES"] = previous
-    return [(v, *best[v]) for v in VARIANTS]
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return [(v, *best[v]) for v in fns]
 
 
 def main() -> None:
@@ -77,6 +87,7 @@ def main() -> None:
     parser.add_argument("cases", nargs="+", help="case:batch, e.g. resnet50_3x3:32")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--cores", action="store_true", help="also force the conv core direct and Winograd")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     peak = _gemm_peak(args.threads)
@@ -91,7 +102,7 @@ def main() -> None:
         if name not in CASES:
             raise SystemExit(f"unknown case {name!r}; one of {', '.join(CASES)}")
         flops = 2 * macs(CASES[name], int(batch))["chain"]
-        for variant, fwd, bwd in breakdown(name, int(batch), args.rounds):
+        for variant, fwd, bwd in breakdown(name, int(batch), args.rounds, args.cores):
             gf, gb = flops / fwd / 1e9, 2 * flops / bwd / 1e9
             print(
                 f"| {name} b{batch} | {variant} | {fwd * 1e3:.3f} ms | {bwd * 1e3:.3f} ms | {(fwd + bwd) * 1e3:.3f} ms "

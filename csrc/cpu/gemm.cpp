@@ -5,6 +5,7 @@
 // each ISA variant is a wrapper with __attribute__((target)) into which the
 // template is inlined, so one source yields all variants without -march flags.
 #include "cpu/gemm.h"
+#include "cpu/simd.h"
 
 #include <algorithm>
 #include <climits>
@@ -31,41 +32,7 @@ int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));  // C interface (by
 namespace tucker_ops::cpu {
 namespace {
 
-#define TUCKER_INLINE inline __attribute__((always_inline))
-
-// The vector helpers below pass AVX vectors by value; they are always inlined
-// into a wrapper compiled for that ISA, so no call ever uses the ABI GCC warns about.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 // ---- hand kernels ----------------------------------------------------------------
-
-template <typename T, int Bytes>
-struct Vec;
-#define TUCKER_VEC(T, B) \
-  template <>            \
-  struct Vec<T, B> {     \
-    typedef T type __attribute__((vector_size(B))); \
-  };
-TUCKER_VEC(float, 16)
-TUCKER_VEC(float, 32)
-TUCKER_VEC(float, 64)
-TUCKER_VEC(double, 16)
-TUCKER_VEC(double, 32)
-TUCKER_VEC(double, 64)
-#undef TUCKER_VEC
-
-
-template <typename V, typename T>
-TUCKER_INLINE V load(const T* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-TUCKER_INLINE void store(T* p, const V& v) {
-  __builtin_memcpy(p, &v, sizeof(V));
-}
 
 // Where row k of B starts: a fixed stride, or (an implicit im2col) a table
 // of offsets into one buffer. shifted(n) moves every row n columns right.
@@ -317,16 +284,14 @@ TUCKER_INLINE void gemm_nt_impl(int64_t M, int64_t N, int64_t K, const T* a, int
   }
 
 TUCKER_VARIANT(baseline, , 16)
-#if defined(__x86_64__) && defined(__GNUC__)
-#define TUCKER_HAVE_X86_VARIANTS 1
-TUCKER_VARIANT(avx2, __attribute__((target("avx2,fma"))), 32)
-TUCKER_VARIANT(avx512, __attribute__((target("avx512f,avx512vl,fma"))), 64)
+#ifdef TUCKER_HAVE_X86_VARIANTS
+TUCKER_VARIANT(avx2, TUCKER_TARGET_AVX2, 32)
+TUCKER_VARIANT(avx512, TUCKER_TARGET_AVX512, 64)
 #endif
 #undef TUCKER_VARIANT
 
 // ---- selection -------------------------------------------------------------------
 
-enum class Isa { kBaseline, kAvx2, kAvx512 };
 enum class GemmMode { kAuto, kBlas, kKernel };
 
 Isa detect_isa() {
@@ -436,17 +401,6 @@ bool nothing_to_multiply(int64_t M, int64_t N, int64_t K, T* c, int64_t ldc, boo
   return true;
 }
 
-// Returns NAME_<isa>(args) for the instruction set picked at load time.
-#ifdef TUCKER_HAVE_X86_VARIANTS
-#define TUCKER_CALL_ISA(NAME, ...)                                       \
-  switch (kIsa) {                                                        \
-    case Isa::kAvx512: return NAME##_avx512<T>(__VA_ARGS__);             \
-    case Isa::kAvx2: return NAME##_avx2<T>(__VA_ARGS__);                 \
-    default: return NAME##_baseline<T>(__VA_ARGS__);                     \
-  }
-#else
-#define TUCKER_CALL_ISA(NAME, ...) return NAME##_baseline<T>(__VA_ARGS__);
-#endif
 
 }  // namespace
 
@@ -540,6 +494,10 @@ std::string kernel_isa_name() {
     case Isa::kAvx2: return "avx2";
     default: return "baseline";
   }
+}
+
+Isa kernel_isa() {
+  return kIsa;
 }
 
 bool blas_available() {

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "cpu/gemm.h"
+#include "cpu/transpose.h"
 #include "cpu/parallel_chunks.h"
 
 namespace tucker_ops::cpu {
@@ -73,19 +74,10 @@ void gemm_nt_threads(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, c
 }
 
 // dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds)
-// transposed for source columns [c_begin, c_end), in 16 x 16 tiles (reads
-// and writes each within a few cache lines).
+// transposed for source columns [c_begin, c_end).
 template <typename T>
 void transpose_columns(int64_t rows, const T* src, int64_t lds, T* dst, int64_t ldd, int64_t c_begin, int64_t c_end) {
-  constexpr int64_t kTile = 16;
-  for (int64_t c0 = c_begin; c0 < c_end; c0 += kTile) {
-    const int64_t c1 = std::min(c_end, c0 + kTile);
-    for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-      const int64_t r1 = std::min(rows, r0 + kTile);
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
-    }
-  }
+  if (c_end > c_begin) transpose<T>(rows, c_end - c_begin, src + c_begin, lds, dst + c_begin * ldd, ldd);
 }
 
 // The whole transpose of src (rows x cols) into dst (cols x rows), column

@@ -32,7 +32,9 @@
 #include "checks.h"
 #include "cpu/conv_tiles.h"
 #include "cpu/gemm.h"
+#include "cpu/gemm_threads.h"
 #include "cpu/parallel_chunks.h"
+#include "cpu/winograd.h"
 
 namespace tucker_ops::cpu {
 namespace {
@@ -193,6 +195,173 @@ void forward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, const
   }
 }
 
+// ---- Winograd core (winograd.h) ----------------------------------------------
+
+// Which algorithm runs a 3x3 stride-1 core: TUCKER_OPS_CONV_CORE = auto |
+// winograd | direct, read per call (benchmarks and tests compare the two in
+// one process). winograd still needs a shape it applies to.
+enum class CoreAlgo { kAuto, kWinograd, kDirect };
+
+CoreAlgo core_algo() {
+  const char* env = std::getenv("TUCKER_OPS_CONV_CORE");
+  const std::string want = env ? env : "";
+  if (want.empty() || want == "auto") return CoreAlgo::kAuto;
+  if (want == "winograd") return CoreAlgo::kWinograd;
+  if (want == "direct") return CoreAlgo::kDirect;
+  TORCH_CHECK(false, "TUCKER_OPS_CONV_CORE must be 'auto', 'winograd' or 'direct', got '", want, "'");
+}
+
+// Whether the core runs as F(2x2, 3x3): a 3x3 stride-1 undilated core on
+// whole-image tiles (the batch keeps every thread busy). Below 16 channels on
+// either side of the core the tile transforms, which do not shrink with the
+// ranks' product, cost more than the multiply-adds they save (auto).
+bool use_winograd(const Conv2dSizes& s, const TilePlan& plan) {
+  if (s.kh != 3 || s.kw != 3 || s.stride_h != 1 || s.stride_w != 1 || s.dil_h != 1 || s.dil_w != 1) return false;
+  if (plan.tiles_per_image != 1 || plan.rows != s.H_out || s.H_out < 2 || s.W_out < 2) return false;
+  switch (core_algo()) {
+    case CoreAlgo::kWinograd: return true;
+    case CoreAlgo::kDirect: return false;
+    default: return s.R_in >= 16 && s.R_out >= 16;
+  }
+}
+
+// The core in the forms the Winograd images read: U (16, R_out, R_in) for the
+// projection gradient, its transpose Ut (16, R_in, R_out) for the forward.
+struct WinogradTensors {
+  Tensor u, ut;
+};
+
+template <typename T>
+struct WinogradOperands {
+  const T* u;
+  const T* ut;
+  int64_t tiles_h, tiles_w;
+  int64_t band;  // tile rows per band (winograd.h): its transformed data stays in L2
+  int64_t band_tiles() const { return band * tiles_w; }
+};
+
+// kron(G, G) (16 x 9) as a tensor.
+Tensor winograd_kron(const Tensor& like) {
+  Tensor kron = at::empty({kWinogradElems, 9}, like.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "winograd_kron", [&] {
+    constexpr WinogradCore<scalar_t> wc;
+    std::copy(&wc.kron[0][0], &wc.kron[0][0] + kWinogradElems * 9, kron.mutable_data_ptr<scalar_t>());
+  });
+  return kron;
+}
+
+// core: (R_out, R_in*9) contiguous.
+WinogradTensors winograd_tensors(const Conv2dSizes& s, const Tensor& core) {
+  WinogradTensors w;
+  w.u = at::matmul(winograd_kron(core), core.view({s.R_out * s.R_in, 9}).t()).contiguous();
+  w.ut = w.u.view({kWinogradElems, s.R_out, s.R_in}).transpose(1, 2).contiguous();
+  return w;
+}
+
+template <typename T>
+WinogradOperands<T> winograd_operands(const Conv2dSizes& s, const WinogradTensors& w) {
+  // A band's V and M (16 x tiles x R_in and R_out) within about 512 KiB (L2
+  // is 1 MiB on the benchmark machine).
+  const int64_t tiles_h = winograd_tiles(s.H_out), tiles_w = winograd_tiles(s.W_out);
+  const int64_t band_tiles = (512 * 1024 / int64_t(sizeof(T))) / (kWinogradElems * (s.R_in + s.R_out));
+  const int64_t band = std::clamp<int64_t>(band_tiles / tiles_w, 1, tiles_h);
+  return {w.u.const_data_ptr<T>(), w.ut.const_data_ptr<T>(), tiles_h, tiles_w, band};
+}
+
+// Image n's projection pixel-major, (H*W, R_in): the saved one, the input
+// itself without first, or projected into buf. From NCHW input the
+// projection is computed channel-major, into cm (the kept projection, or
+// scratch) and transposed: first * X on the hand kernel ran about twice as
+// fast as X^T * first^T, which reads X a column at a time.
+template <typename T>
+const T* projection_pixel_major(const Conv2dSizes& s, const ConvOperands<T>& op, int64_t n, T* buf, T* cm) {
+  const int64_t HW = s.H * s.W;
+  const T* src = nullptr;  // channel-major (R_in, HW) to transpose
+  if (op.saved_p) {
+    if (op.saved_p_nhwc) return op.saved_p + n * HW * s.R_in;
+    src = op.saved_p + n * s.R_in * HW;
+  } else if (!op.first) {
+    if (op.nhwc) return op.x + n * HW * s.C_in;
+    src = op.x + n * s.C_in * HW;
+  } else if (op.nhwc) {
+    // P^T (HW x R_in) = X (HW x C_in) * first^T
+    gemm_nt<T>(HW, s.R_in, s.C_in, op.x + n * HW * s.C_in, s.C_in, op.first, s.C_in, buf, s.R_in, false);
+    return buf;
+  } else {
+    // P (R_in x HW) = first (R_in x C_in) * X (C_in x HW)
+    gemm_nn<T>(s.R_in, HW, s.C_in, op.first, s.C_in, 1, op.x + n * s.C_in * HW, HW, cm, HW, false);
+    src = cm;
+  }
+  transpose_columns<T>(s.R_in, src, HW, buf, s.R_in, 0, HW);
+  return buf;
+}
+
+// C zeros (read for pixels outside the image) and a C-element sink (written
+// for outputs outside it), thread scratch.
+template <typename T>
+std::pair<T*, T*> winograd_edges(int64_t C) {
+  T* zeros = scratch<T>(12, 2 * C);
+  std::fill(zeros, zeros + C, T(0));
+  return {zeros, zeros + C};
+}
+
+// Scratch for one band's transformed data: V (or gV) and M.
+template <typename T>
+std::pair<T*, T*> winograd_band_buffers(const Conv2dSizes& s, const WinogradOperands<T>& w) {
+  return {scratch<T>(9, kWinogradElems * w.band_tiles() * s.R_in),
+          scratch<T>(10, kWinogradElems * w.band_tiles() * s.R_out)};
+}
+
+// Z (H_out*W_out, R_out) pixel-major = the core applied to image n's
+// projection p (pixel-major), band by band: input transform into v, 16 GEMMs
+// into m, output transform into z.
+template <typename T>
+void winograd_core_forward(const Conv2dSizes& s, const WinogradOperands<T>& w, const T* p, T* z) {
+  const auto [v, m] = winograd_band_buffers<T>(s, w);
+  const auto [zeros, sink] = winograd_edges<T>(std::max(s.R_in, s.R_out));
+  for (int64_t ty0 = 0; ty0 < w.tiles_h; ty0 += w.band) {
+    const int64_t ty1 = std::min(w.tiles_h, ty0 + w.band), tiles = (ty1 - ty0) * w.tiles_w;
+    const int64_t xs_in = tiles * s.R_in, xs_out = tiles * s.R_out;
+    winograd_input_transform<T>(p, s.R_in, s.H, s.W, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, zeros, v, xs_in);
+    for (int64_t xi = 0; xi < kWinogradElems; ++xi)
+      gemm_nn<T>(tiles, s.R_out, s.R_in, v + xi * xs_in, s.R_in, 1, w.ut + xi * s.R_in * s.R_out, s.R_out,
+                 m + xi * xs_out, s.R_out, false);
+    winograd_output_transform<T>(m, xs_out, s.H_out, s.W_out, s.R_out, ty0, ty1, w.tiles_w, sink, z, s.R_out);
+  }
+}
+
+// The whole of image n with the core by Winograd: output (C_out, H_out*W_out)
+// at yn with channel stride ldy, on top of the bias, and the intermediates
+// when kept. Returns false, having written nothing, when the projection is
+// not all finite (the caller then runs the direct path).
+template <typename T>
+bool forward_image_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, const WinogradOperands<T>& w, int64_t n,
+                            const T* bias, T* yn, int64_t ldy, SavedIntermediates<T> keep) {
+  const int64_t HW = s.H * s.W, HWo = s.H_out * s.W_out;
+  // The kept projection is written by the projection itself (NCHW) or copied (NHWC).
+  T* kept_p = keep.p ? keep.p + n * s.R_in * HW : nullptr;
+  T* cm = kept_p && !op.nhwc ? kept_p : scratch<T>(1, HW * s.R_in);
+  const T* p = projection_pixel_major<T>(s, op, n, scratch<T>(0, HW * s.R_in), cm);
+  if (!all_finite(p, HW * s.R_in)) return false;
+  if (kept_p && op.nhwc) std::copy(p, p + HW * s.R_in, kept_p);
+  T* z = scratch<T>(11, HWo * s.R_out);
+  winograd_core_forward<T>(s, w, p, z);
+  // The core output channel-major, as the expansion (and the kept tensor) wants it.
+  T* q = !op.last ? yn : keep.q ? keep.q + n * s.R_out * HWo : scratch<T>(2, s.R_out * HWo);
+  const int64_t ldq = op.last ? HWo : ldy;
+  transpose_columns<T>(HWo, z, s.R_out, q, ldq, 0, s.R_out);
+  if (!op.last) {
+    if (bias)
+      for (int64_t c = 0; c < s.C_out; ++c)
+        for (int64_t i = 0; i < HWo; ++i) yn[c * ldy + i] += bias[c];
+    return true;
+  }
+  if (bias)
+    for (int64_t c = 0; c < s.C_out; ++c) std::fill(yn + c * ldy, yn + c * ldy + HWo, bias[c]);
+  gemm_nn<T>(s.C_out, HWo, s.R_out, op.last, s.R_out, 1, q, HWo, yn, ldy, bias != nullptr);
+  return true;
+}
+
 // The ReLU + average-pool epilogue of tucker_conv2d_relu_pool for one tile:
 // tile (C_out, rows, W_out), rows a multiple of pool, into pooled: the tile's
 // first pooled row of its image (pooled channel stride HWp).
@@ -226,6 +395,18 @@ void relu_pool_tile(const Conv2dSizes& s, int64_t pool, const T* tile, int64_t r
   }
 }
 
+// The forward's tiles; with pool, a whole number of pooling windows high, over
+// the rows the floor mode keeps.
+TilePlan forward_plan(const Conv2dSizes& s, int64_t pool, int64_t elem_size) {
+  TilePlan plan = plan_tiles(s, at::get_num_threads(), elem_size, false);
+  if (pool > 0) {
+    const int64_t rows_used = s.H_out / pool * pool;
+    plan.rows = std::min((plan.rows + pool - 1) / pool * pool, rows_used);
+    plan.tiles_per_image = (rows_used + plan.rows - 1) / plan.rows;
+  }
+  return plan;
+}
+
 // The forward. pool == 0 writes the conv output to out (N, C_out, H_out,
 // W_out); pool >= 1 computes each tile into thread scratch and writes
 // avg_pool(relu(tile)) to out (N, C_out, H_out / pool, W_out / pool), with
@@ -234,14 +415,9 @@ void relu_pool_tile(const Conv2dSizes& s, int64_t pool, const T* tile, int64_t r
 // keep (pool == 0 only) receives the intermediates when asked for.
 template <typename T>
 void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias, T* out, int64_t pool = 0,
-                  SavedIntermediates<T> keep = {}) {
-  TilePlan plan = plan_tiles(s, at::get_num_threads(), sizeof(T), false);
-  int64_t rows_used = s.H_out;
-  if (pool > 0) {
-    rows_used = s.H_out / pool * pool;
-    plan.rows = std::min((plan.rows + pool - 1) / pool * pool, rows_used);
-    plan.tiles_per_image = (rows_used + plan.rows - 1) / plan.rows;
-  }
+                  SavedIntermediates<T> keep = {}, const WinogradOperands<T>* wino = nullptr) {
+  const TilePlan plan = forward_plan(s, pool, sizeof(T));
+  const int64_t rows_used = pool > 0 ? s.H_out / pool * pool : s.H_out;
   const int64_t HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
   const int64_t HWp = pool > 0 ? (s.H_out / pool) * (s.W_out / pool) : 0;
   const int64_t tasks = s.N * plan.tiles_per_image;
@@ -252,21 +428,25 @@ void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias
       const int64_t n = task / plan.tiles_per_image;
       const int64_t oh0 = (task % plan.tiles_per_image) * plan.rows;
       const int64_t oh1 = std::min(rows_used, oh0 + plan.rows);
+      const int64_t npx = (oh1 - oh0) * s.W_out;
+      // Destination of the conv output: the output itself, or the tile buffer
+      // the epilogue reads while it is still in cache.
+      T* yn = pool > 0 ? scratch<T>(4, s.C_out * npx) : out + n * s.C_out * HWo + oh0 * s.W_out;
+      const int64_t ldy = pool > 0 ? npx : HWo;
+      if (wino && forward_image_winograd<T>(s, op, *wino, n, bias, yn, ldy, keep)) {
+        if (pool > 0) relu_pool_tile<T>(s, pool, yn, oh1 - oh0, out + n * s.C_out * HWp, HWp);
+        continue;
+      }
       const auto [ih_lo, ih_hi] = input_rows(s, oh0, oh1);
       const T* p = nullptr;
       const Projection pr = project_rows<T>(s, op, n, ih_lo, ih_hi, scratch<T>(0, s.R_in * (ih_hi - ih_lo) * s.W), &p);
       const bool direct = reads_projection_directly(s, pr.ps);
-      const int64_t npx = (oh1 - oh0) * s.W_out;
       if (keep.p) {
         // Up to the next tile's first input row (output row oh1's first tap).
         const int64_t own_hi = oh1 >= rows_used ? s.H : std::clamp<int64_t>(oh1 * s.stride_h - s.pad_h, 0, s.H);
         save_projection_rows<T>(s, op.nhwc, p, pr, n, own_hi, keep.p);
       }
       T* qn = keep.q ? keep.q + n * s.R_out * HWo + oh0 * s.W_out : nullptr;
-      // Destination of the conv output: the output itself, or the tile buffer
-      // the epilogue reads while it is still in cache.
-      T* yn = pool > 0 ? scratch<T>(4, s.C_out * npx) : out + n * s.C_out * HWo + oh0 * s.W_out;
-      const int64_t ldy = pool > 0 ? npx : HWo;
       if (!direct) {
         forward_tile_windows<T>(s, op, pr, p, oh0, oh1, plan.block, bias, yn, ldy, qn);
       } else {
@@ -327,8 +507,14 @@ void run_forward(const Conv2dSizes& s, const Tensor& input, const std::optional<
     SavedIntermediates<scalar_t> kept;
     if (keep && s.has_first) kept.p = keep->projection.mutable_data_ptr<scalar_t>();
     if (keep && s.has_last) kept.q = keep->core_output.mutable_data_ptr<scalar_t>();
+    WinogradTensors wt;
+    std::optional<WinogradOperands<scalar_t>> wino;
+    if (use_winograd(s, forward_plan(s, pool, sizeof(scalar_t))) && all_finite(op.core, G.numel())) {
+      wt = winograd_tensors(s, G);
+      wino = winograd_operands<scalar_t>(s, wt);
+    }
     conv_forward<scalar_t>(s, op, s.has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
-                           out.mutable_data_ptr<scalar_t>(), pool, kept);
+                           out.mutable_data_ptr<scalar_t>(), pool, kept, wino ? &*wino : nullptr);
   });
 }
 
@@ -403,6 +589,10 @@ struct ConvGrads {
   T* acc_core;   // (chunks, R_out, K)
   T* acc_last;   // (chunks, C_out, R_out)
   T* acc_bias;   // (chunks, C_out)
+  // Winograd images only: the core gradient transformed, (chunks, 16, R_out,
+  // R_in), and from NCHW input first's gradient transposed, (chunks, C_in, R_in).
+  T* acc_u = nullptr;
+  T* acc_first_t = nullptr;
 };
 
 // Pass 1 for one tile by the implicit im2col (PhasePlanes): the gradients of
@@ -603,9 +793,110 @@ void backward_pixels(const Conv2dSizes& s, const ConvOperands<T>& op, const Conv
   }
 }
 
+// The whole of image n by Winograd (the backward of forward_image_winograd):
+// bias, last, core (into acc_u, transformed), projection, then input and first
+// gradients. Returns false, having done nothing, when the projection or the
+// core output's gradient is not all finite (the caller then runs the direct
+// path). The weight gradients over pixels run as A * B on the hand kernel
+// (activations pixel-major), not as A * B^T on the BLAS: 0.75-0.8x the time
+// at these sizes (benchmarks/gemm_crossover.py, 256 x 64 x 196).
+template <typename T>
+bool backward_image_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, const WinogradOperands<T>& w,
+                             const T* gy, const ConvGrads<T>& g, T* grad_input, int64_t chunk, int64_t n) {
+  const int64_t HW = s.H * s.W, HWo = s.H_out * s.W_out;
+  const bool need_back = g.input || g.first;
+  const bool need_gq = g.core || need_back;
+  const bool recompute_q = g.last && !op.saved_q;
+  const T* gyn = gy + n * s.C_out * HWo;
+  const T* p = nullptr;
+  if (g.core || recompute_q) {
+    p = projection_pixel_major<T>(s, op, n, scratch<T>(0, HW * s.R_in), scratch<T>(1, HW * s.R_in));
+    if (!all_finite(p, HW * s.R_in)) return false;
+  }
+  // The core output's gradient, pixel-major (HWo, R_out): computed
+  // channel-major and transposed (as the projection, see projection_pixel_major).
+  T* gq = nullptr;
+  if (need_gq) {
+    gq = scratch<T>(11, HWo * s.R_out);
+    const T* gq_cm = gyn;
+    if (op.last) {
+      // gQ (R_out x HWo) = last^T (R_out x C_out) * gY (C_out x HWo)
+      T* buf = scratch<T>(3, s.R_out * HWo);
+      gemm_nn<T>(s.R_out, HWo, s.C_out, op.last, 1, s.R_out, gyn, HWo, buf, HWo, false);
+      gq_cm = buf;
+    }
+    transpose_columns<T>(s.R_out, gq_cm, HWo, gq, s.R_out, 0, HWo);
+    if (!all_finite(gq, HWo * s.R_out)) return false;
+  }
+  if (g.bias) {
+    T* acc = g.acc_bias + chunk * s.C_out;
+    for (int64_t c = 0; c < s.C_out; ++c) acc[c] += sum_contiguous(gyn + c * HWo, HWo);
+  }
+  if (g.last) {
+    // last's gradient (C_out x R_out) += gY (C_out x HWo) * Q^T (HWo x R_out)
+    T* acc = g.acc_last + chunk * s.C_out * s.R_out;
+    T* z = scratch<T>(2, HWo * s.R_out);
+    if (op.saved_q)
+      transpose_columns<T>(s.R_out, op.saved_q + n * s.R_out * HWo, HWo, z, s.R_out, 0, HWo);
+    else
+      winograd_core_forward<T>(s, w, p, z);
+    gemm_nn<T>(s.C_out, s.R_out, HWo, gyn, HWo, 1, z, s.R_out, acc, s.R_out, true);
+  }
+  if (!need_gq) return true;
+  T* gp_pm = need_back ? scratch<T>(6, HW * s.R_in) : nullptr;
+  if (need_back) std::fill(gp_pm, gp_pm + HW * s.R_in, T(0));
+  const auto [v, m] = winograd_band_buffers<T>(s, w);
+  const auto [zeros, sink] = winograd_edges<T>(std::max(s.R_in, s.R_out));
+  for (int64_t ty0 = 0; ty0 < w.tiles_h; ty0 += w.band) {
+    const int64_t ty1 = std::min(w.tiles_h, ty0 + w.band), tiles = (ty1 - ty0) * w.tiles_w;
+    const int64_t xs_in = tiles * s.R_in, xs_out = tiles * s.R_out;
+    winograd_output_transform_adjoint<T>(gq, s.R_out, s.H_out, s.W_out, s.R_out, ty0, ty1, w.tiles_w, zeros, m,
+                                         xs_out);
+    if (g.core) {
+      winograd_input_transform<T>(p, s.R_in, s.H, s.W, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, zeros, v,
+                                  xs_in);
+      // dU[xi] (R_out x R_in) += M[xi]^T (R_out x tiles) * V[xi] (tiles x R_in)
+      T* acc = g.acc_u + chunk * kWinogradElems * s.R_out * s.R_in;
+      for (int64_t xi = 0; xi < kWinogradElems; ++xi)
+        gemm_nn<T>(s.R_out, s.R_in, tiles, m + xi * xs_out, 1, s.R_out, v + xi * xs_in, s.R_in,
+                   acc + xi * s.R_out * s.R_in, s.R_in, true);
+    }
+    if (!need_back) continue;
+    // gV[xi] (tiles x R_in) = M[xi] (tiles x R_out) * U[xi] (R_out x R_in), into v's buffer.
+    for (int64_t xi = 0; xi < kWinogradElems; ++xi)
+      gemm_nn<T>(tiles, s.R_in, s.R_out, m + xi * xs_out, s.R_out, 1, w.u + xi * s.R_out * s.R_in, s.R_in,
+                 v + xi * xs_in, s.R_in, false);
+    winograd_input_transform_adjoint<T>(v, xs_in, s.H, s.W, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, sink,
+                                        gp_pm, s.R_in);
+  }
+  if (!need_back) return true;
+  if (!op.first) {  // the projection gradient is the input gradient
+    transpose_columns<T>(HW, gp_pm, s.R_in, grad_input + n * s.C_in * HW, HW, 0, s.R_in);
+    return true;
+  }
+  if (g.input) {
+    // gX (C_in x HW) = first^T (C_in x R_in) * gP (R_in x HW)
+    T* gp = scratch<T>(8, s.R_in * HW);
+    transpose_columns<T>(HW, gp_pm, s.R_in, gp, HW, 0, s.R_in);
+    gemm_nn<T>(s.C_in, HW, s.R_in, op.first, 1, s.C_in, gp, HW, grad_input + n * s.C_in * HW, HW, false);
+  }
+  if (g.first) {
+    if (op.nhwc) {
+      // first's gradient (R_in x C_in) += gP (R_in x HW) * X (HW x C_in)
+      gemm_nn<T>(s.R_in, s.C_in, HW, gp_pm, 1, s.R_in, op.x + n * HW * s.C_in, s.C_in,
+                 g.acc_first + chunk * s.R_in * s.C_in, s.C_in, true);
+    } else {
+      // its transpose (C_in x R_in) += X (C_in x HW) * gP^T (HW x R_in)
+      gemm_nn<T>(s.C_in, s.R_in, HW, op.x + n * s.C_in * HW, HW, 1, gp_pm, s.R_in,
+                 g.acc_first_t + chunk * s.C_in * s.R_in, s.R_in, true);
+    }
+  }
+  return true;
+}
+
 template <typename T>
 void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy, const ConvGrads<T>& g,
-                   T* grad_input, int64_t chunks) {
+                   T* grad_input, int64_t chunks, const WinogradOperands<T>* wino) {
   const bool need_back = g.input || g.first;
   const bool shared_gp = need_back && g.gp_chunk_stride == 0;
   const TilePlan plan = plan_tiles(s, at::get_num_threads(), sizeof(T), shared_gp);
@@ -630,6 +921,7 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
         const int64_t n = t / tiles_per_pass;
         const int64_t tile = (t % tiles_per_pass) * passes + pass;
         if (tile >= plan.tiles_per_image) continue;
+        if (wino && backward_image_winograd<T>(s, op, *wino, gy, g, grad_input, c, n)) continue;
         if (!g.gp_per_image) {
           backward_tile<T>(s, op, plan, gy, g, c, n * plan.tiles_per_image + tile, windows);
           continue;
@@ -644,6 +936,15 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
         backward_pixels<T>(s, op, gi, grad_input, c, chunks, n, 0, s.H * s.W);
       }
     });
+  }
+  if (wino && g.core) {
+    // The transformed core gradients back to taps, per chunk:
+    // acc_core (pairs x 9) += dU^T (pairs x 16) * kron(G, G) (16 x 9).
+    constexpr WinogradCore<T> wc;
+    const int64_t pairs = s.R_out * s.R_in;
+    for (int64_t c = 0; c < chunks; ++c)
+      gemm_nn<T>(pairs, 9, kWinogradElems, g.acc_u + c * kWinogradElems * pairs, 1, pairs, &wc.kron[0][0], 9,
+                 g.acc_core + c * pairs * 9, 9, true);
   }
   if (!need_back || (!op.first && shared_gp) || g.gp_per_image) return;
   // Pass 2 over (image, pixel range) pieces of about 4096 pixels, at least
@@ -726,8 +1027,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
     const Tensor B = s.has_last ? last->contiguous() : Tensor();
     const auto [P, p_nhwc] = present(projection) ? input_layout(*projection) : std::pair<Tensor, bool>{};
     const Tensor Q = present(core_output) ? core_output->contiguous() : Tensor();
+    Tensor acc_first_t;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_conv2d_backward_cpu", [&] {
       using T = scalar_t;
+      const bool shared_gp = need_back && !private_gp;  // as conv_backward plans its tiles
+      WinogradTensors wt;
+      std::optional<WinogradOperands<T>> wino;
+      Tensor acc_u;
+      if (!private_gp && use_winograd(s, plan_tiles(s, at::get_num_threads(), sizeof(T), shared_gp)) &&
+          all_finite(G.const_data_ptr<T>(), G.numel())) {
+        wt = winograd_tensors(s, G);
+        wino = winograd_operands<T>(s, wt);
+        if (need.core) acc_u = at::zeros({chunks, kWinogradElems, s.R_out, s.R_in}, opts);
+        if (need.first && !nhwc) acc_first_t = at::zeros({chunks, s.C_in, s.R_in}, opts);
+      }
       const ConvOperands<T> op{
           x.const_data_ptr<T>(), nhwc, s.has_first ? A.const_data_ptr<T>() : nullptr, G.const_data_ptr<T>(),
           s.has_last ? B.const_data_ptr<T>() : nullptr, P.defined() ? P.const_data_ptr<T>() : nullptr, p_nhwc,
@@ -741,10 +1054,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
           need.first ? acc_first.mutable_data_ptr<T>() : nullptr,
           need.core ? acc_core.mutable_data_ptr<T>() : nullptr,
           need.last ? acc_last.mutable_data_ptr<T>() : nullptr,
-          need.bias ? acc_bias.mutable_data_ptr<T>() : nullptr};
+          need.bias ? acc_bias.mutable_data_ptr<T>() : nullptr,
+          acc_u.defined() ? acc_u.mutable_data_ptr<T>() : nullptr,
+          acc_first_t.defined() ? acc_first_t.mutable_data_ptr<T>() : nullptr};
       conv_backward<T>(s, op, gy.const_data_ptr<T>(), g, need.input ? grad_input.mutable_data_ptr<T>() : nullptr,
-                       chunks);
+                       chunks, wino ? &*wino : nullptr);
     });
+    if (acc_first_t.defined()) acc_first.add_(acc_first_t.transpose(1, 2));
   }
 
   return backward_result(

@@ -1,0 +1,68 @@
+// What the hand-vectorised CPU kernels (gemm.cpp, winograd.cpp) share: GCC
+// vector types, unaligned loads and stores, and the instruction set picked at
+// load time.
+//
+// The kernels are always_inline templates over a vector type; each ISA
+// variant is a wrapper function with __attribute__((target)) into which they
+// are inlined, so one source yields every variant without -march flags, and
+// the caller picks one with TUCKER_CALL_ISA.
+#pragma once
+
+#include <cstdint>
+
+// The vector helpers pass AVX vectors by value; they are always inlined into a
+// wrapper compiled for that ISA, so no call ever uses the ABI GCC warns about.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#define TUCKER_INLINE inline __attribute__((always_inline))
+
+namespace tucker_ops::cpu {
+
+template <typename T, int Bytes>
+struct Vec;
+#define TUCKER_VEC(T, B)                              \
+  template <>                                         \
+  struct Vec<T, B> {                                  \
+    typedef T type __attribute__((vector_size(B)));   \
+  };
+TUCKER_VEC(float, 16)
+TUCKER_VEC(float, 32)
+TUCKER_VEC(float, 64)
+TUCKER_VEC(double, 16)
+TUCKER_VEC(double, 32)
+TUCKER_VEC(double, 64)
+#undef TUCKER_VEC
+
+template <typename V, typename T>
+TUCKER_INLINE V load(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+TUCKER_INLINE void store(T* p, const V& v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// The instruction set the hand kernels run with: the best the CPU has, capped
+// by TUCKER_OPS_ISA = auto | avx512 | avx2 | baseline (read once, at load).
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+Isa kernel_isa();
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TUCKER_HAVE_X86_VARIANTS 1
+#define TUCKER_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define TUCKER_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,fma")))
+// Returns NAME_<isa><T>(args) for the instruction set picked at load time.
+#define TUCKER_CALL_ISA(NAME, ...)                                       \
+  switch (::tucker_ops::cpu::kernel_isa()) {                             \
+    case ::tucker_ops::cpu::Isa::kAvx512: return NAME##_avx512<T>(__VA_ARGS__); \
+    case ::tucker_ops::cpu::Isa::kAvx2: return NAME##_avx2<T>(__VA_ARGS__);     \
+    default: return NAME##_baseline<T>(__VA_ARGS__);                    \
+  }
+#else
+#define TUCKER_CALL_ISA(NAME, ...) return NAME##_baseline<T>(__VA_ARGS__);
+#endif
+
+}  // namespace tucker_ops::cpu

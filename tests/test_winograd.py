@@ -1,0 +1,218 @@
+"""The Winograd F(2x2, 3x3) core of the CPU conv (csrc/cpu/winograd.h) against the reference.
+
+A 3x3 stride-1 undilated core runs by Winograd on whole-image tiles (a batch of at least
+two images per thread); TUCKER_OPS_CONV_CORE=winograd forces it at any rank (auto needs
+16 channels on both sides of the core), =direct turns it off. Every case is checked
+forward and backward (every gradient), with the forward's intermediates kept and
+recomputed, in float64 to 1e-9 and float32 to 2e-4; then gradcheck, the non-finite
+fallback to the direct path, the automatic choice, banding, thread counts and the
+ReLU + pool epilogue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from test_ops_fused_paths import _check, _factors, _num_threads
+
+from tucker_ops import reference
+from tucker_ops._epilogue_op import tucker_conv2d_relu_pool
+
+ops = torch.ops.tucker_ops
+ONE = (1, 1)
+
+CASES = [
+    # (N, C_in, H, W, R_in, R_out, C_out, padding, first, last)
+    (4, 6, 14, 14, 5, 7, 9, (1, 1), True, True),  # even output: whole tiles
+    (5, 4, 9, 7, 3, 4, 6, (1, 1), True, True),  # odd output: a half tile on each edge
+    (4, 5, 8, 11, 4, 3, 5, (0, 0), True, True),  # no padding
+    (4, 3, 6, 5, 2, 3, 4, (2, 1), True, True),  # padding beyond the kernel's centre
+    (4, 3, 3, 3, 2, 2, 3, (0, 0), True, True),  # a single output pixel... and one tile
+    (6, 4, 10, 9, 4, 5, 6, (1, 1), False, True),  # Tucker-1, output side: the input is P
+    (4, 7, 10, 9, 3, 4, 3, (1, 1), True, False),  # Tucker-1, input side: the output is Q
+    (4, 3, 7, 8, 3, 5, 5, (1, 0), False, False),  # neither side
+    (4, 20, 12, 12, 17, 19, 18, (1, 1), True, True),  # vector tails (17 and 19 channels)
+]
+
+
+@contextlib.contextmanager
+def _core(algo: str, monkeypatch: pytest.MonkeyPatch):
+    with monkeypatch.context() as m:
+        m.setenv("TUCKER_OPS_CONV_CORE", algo)
+        yield
+
+
+@pytest.fixture(params=["1", "0"], ids=["kept", "recomputed"])
+def keep(request, monkeypatch):
+    monkeypatch.setenv("TUCKER_OPS_KEEP_INTERMEDIATES", request.param)
+    return request.param
+
+
+def _inputs(case, dtype, layout, seed=0):
+    n, c_in, h, w, ri, ro, c_out, padding, has_first, has_last = case
+    gen = torch.Generator().manual_seed(seed + hash(case) % 2**31)
+    x = torch.randn(n, c_in, h, w, dtype=dtype, generator=gen)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    params = _factors(c_in, ri, ro, c_out, (3, 3), has_first, has_last, True, dtype, gen)
+    # Unit-scale layers (weights / sqrt(fan-in)): float32 sums over hundreds of terms stay
+    # comparable under _check's absolute tolerance.
+    params = tuple(p / p[0].numel() ** 0.5 if p is not None and p.dim() > 1 else p for p in params)
+    return x, params, padding
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES)
+def test_winograd_matches_reference(case, dtype, layout, keep, monkeypatch):
+    x, params, padding = _inputs(case, dtype, layout)
+    with _num_threads(2), _core("winograd", monkeypatch):
+        _check(
+            lambda *t: ops.tucker_conv2d(*t, ONE, padding, ONE),
+            lambda *t: reference.tucker_conv2d(*t, ONE, padding, ONE),
+            (x, *params),
+            dtype,
+        )
+
+
+MASKS = [(1, 0, 0, 0, 0), (0, 1, 0, 0, 0), (0, 0, 1, 0, 0), (0, 0, 0, 1, 0), (0, 0, 0, 0, 1), (1, 1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[6]], ids=["tucker2", "no_first", "no_last"])
+def test_backward_masks(case, mask, monkeypatch):
+    """Each gradient asked for alone (the backward skips the others' work), with and
+    without the kept intermediates, equals the direct path's."""
+    x, params, padding = _inputs(case, torch.float64, "nchw")
+    first, core, last, _ = params
+    mask = [bool(m) for m in mask]
+    with _num_threads(2):
+        with _core("direct", monkeypatch):
+            y, p, q = ops.tucker_conv2d_with_intermediates(x, *params, ONE, padding, ONE)
+            gy = torch.randn_like(y)
+            want = ops.tucker_conv2d_backward(gy, x, first, core, last, ONE, padding, ONE, [True] * 5, None, None)
+        with _core("winograd", monkeypatch):
+            # (with_intermediates returns empty tensors where a side has no factor)
+            kept_p, kept_q = p if first is not None else None, q if last is not None else None
+            for kept in ((None, None), (kept_p, kept_q)):
+                got = ops.tucker_conv2d_backward(gy, x, first, core, last, ONE, padding, ONE, mask, *kept)
+                for name, m, g, w in zip(("input", "first", "core", "last", "bias"), mask, got, want):
+                    if m and w is not None:
+                        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda e: f"{name}: {e}")
+
+
+def test_gradcheck(monkeypatch):
+    x, params, padding = _inputs((4, 2, 5, 4, 2, 3, 3, (1, 1), True, True), torch.float64, "nchw")
+    inputs = [t.requires_grad_() for t in (x, *params)]
+    with _num_threads(2), _core("winograd", monkeypatch):
+        assert torch.autograd.gradcheck(lambda *t: ops.tucker_conv2d(*t, ONE, padding, ONE), inputs)
+        torch.library.opcheck(ops.tucker_conv2d.default, (*inputs, ONE, padding, ONE))
+
+
+def _run_all(x, params, padding):
+    """Output and every gradient, for a fixed output gradient."""
+    inputs = [t.detach().clone().requires_grad_() for t in (x, *params)]
+    y = ops.tucker_conv2d(*inputs, ONE, padding, ONE)
+    y.backward(torch.ones_like(y).mul_(0.5).add_(torch.linspace(-1, 1, y.numel()).view_as(y)))
+    return [y.detach()] + [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("ranks, expect_winograd", [((64, 64), True), ((16, 24), True), ((8, 64), False), ((64, 12), False)])
+def test_auto_choice(ranks, expect_winograd, monkeypatch):
+    """auto runs Winograd from 16 channels on both sides of the core: its float32 results are
+    bit for bit those of the forced algorithm it picks (and differ from the other's)."""
+    x, params, padding = _inputs((4, 32, 8, 8, *ranks, 32, (1, 1), True, True), torch.float32, "nchw")
+    with _num_threads(2):
+        results = {}
+        for algo in ("auto", "winograd", "direct"):
+            with _core(algo, monkeypatch):
+                results[algo] = _run_all(x, params, padding)
+    picked, other = ("winograd", "direct") if expect_winograd else ("direct", "winograd")
+    for a, b in zip(results["auto"], results[picked]):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(results["auto"], results[other]))
+
+
+def test_whole_images_only(monkeypatch):
+    """Banded tiles (fewer than two images per thread) keep the direct core, forced or not."""
+    x, params, padding = _inputs((2, 8, 10, 10, 4, 4, 8, (1, 1), True, True), torch.float32, "nchw")
+    with _num_threads(2):
+        with _core("winograd", monkeypatch):
+            forced = _run_all(x, params, padding)
+        with _core("direct", monkeypatch):
+            direct = _run_all(x, params, padding)
+    assert all(torch.equal(a, b) for a, b in zip(forced, direct))
+
+
+def test_non_finite_images_take_the_direct_path(monkeypatch):
+    """An Inf in an input image (or in the output gradient of an image) would turn into NaN
+    through the input transform's differences; those images run the direct core, so every
+    result, NaN and Inf included, is the direct path's."""
+    x, params, padding = _inputs(CASES[0], torch.float64, "nchw")
+    x = x.clone()
+    x[1, 2, 5, 6] = float("inf")
+    x[3, 0, 0, 0] = float("nan")
+    inputs = [t.detach() for t in (x, *params)]
+    results = {}
+    with _num_threads(2):
+        for algo in ("winograd", "direct"):
+            with _core(algo, monkeypatch):
+                ts = [t.clone().requires_grad_() for t in inputs]
+                y = ops.tucker_conv2d(*ts, ONE, padding, ONE)
+                gy = torch.ones_like(y)
+                gy[2, 1, 3, 3] = float("inf")
+                y.backward(gy)
+                results[algo] = [y.detach()] + [t.grad for t in ts]
+    for a, b in zip(results["winograd"], results["direct"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, equal_nan=True)
+    y = results["winograd"][0]
+    assert torch.isfinite(y[0]).all() and not torch.isfinite(y[1]).all() and not torch.isfinite(y[3]).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts_agree(threads, monkeypatch):
+    x, params, padding = _inputs((6, 5, 9, 10, 4, 6, 5, (1, 1), True, True), torch.float64, "nchw")
+    with _core("winograd", monkeypatch):
+        with _num_threads(threads):
+            got = _run_all(x, params, padding)
+        with _core("direct", monkeypatch), _num_threads(1):
+            want = _run_all(x, params, padding)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bands(layout, keep, monkeypatch):
+    """Images large enough that each runs in several bands of tile rows (in float64, about
+    512 KiB of transformed data per band), the last one shorter."""
+    x, params, padding = _inputs((4, 16, 38, 21, 40, 30, 12, (1, 1), True, True), torch.float64, layout)
+    with _num_threads(2), _core("winograd", monkeypatch):
+        _check(
+            lambda *t: ops.tucker_conv2d(*t, ONE, padding, ONE),
+            lambda *t: reference.tucker_conv2d(*t, ONE, padding, ONE),
+            (x, *params),
+            torch.float64,
+        )
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_relu_pool_epilogue(pool, monkeypatch):
+    x, params, padding = _inputs((4, 6, 12, 10, 5, 4, 7, (1, 1), True, True), torch.float64, "nchw")
+    with _num_threads(2), _core("winograd", monkeypatch):
+        fused = [t.detach().clone().requires_grad_() for t in (x, *params)]
+        ref = [t.detach().clone().requires_grad_() for t in (x, *params)]
+        y = tucker_conv2d_relu_pool(*fused, ONE, padding, ONE, pool)
+        y_ref = tucker_conv2d_relu_pool(*ref, ONE, padding, ONE, pool, backend="reference")
+        torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+        y.backward(torch.ones_like(y))
+        y_ref.backward(torch.ones_like(y_ref))
+        for a, b in zip(fused, ref):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_bad_environment_value(monkeypatch):
+    x, params, padding = _inputs(CASES[0], torch.float32, "nchw")
+    with _core("fast", monkeypatch), pytest.raises(RuntimeError, match="TUCKER_OPS_CONV_CORE must be 'auto', 'winograd'"):
+        ops.tucker_conv2d(x, *params, ONE, padding, ONE)
