@@ -5,7 +5,8 @@
 For each ``case:batch`` (cases.py) it times the forward (recording the graph) and the
 backward of ``output.sum()`` separately, for the ``nn.Sequential`` chain and for the fused
 op with its intermediates kept and recomputed (TUCKER_OPS_KEEP_INTERMEDIATES=1 / 0), and with
-``--cores`` also with the conv core forced direct and Winograd (TUCKER_OPS_CONV_CORE). The
+``--cores`` also with the conv core forced direct and Winograd F(2x2, 3x3) / F(4x4, 3x3)
+(TUCKER_OPS_CONV_CORE). The
 variants run interleaved, one step each per round, and each phase reports its minimum over
 the rounds, so a burst of contention on the shared machine hits all of them alike. GFLOP/s
 counts the chain's multiply-adds (2 per MAC; the backward counts twice the forward's, the
@@ -30,7 +31,8 @@ FUSED_VARIANTS = {
 }
 CORE_VARIANTS = {
     "fused kept, direct core": {"TUCKER_OPS_KEEP_INTERMEDIATES": "1", "TUCKER_OPS_CONV_CORE": "direct"},
-    "fused kept, winograd core": {"TUCKER_OPS_KEEP_INTERMEDIATES": "1", "TUCKER_OPS_CONV_CORE": "winograd"},
+    "fused kept, F(2x2,3x3) core": {"TUCKER_OPS_KEEP_INTERMEDIATES": "1", "TUCKER_OPS_CONV_CORE": "winograd2"},
+    "fused kept, F(4x4,3x3) core": {"TUCKER_OPS_KEEP_INTERMEDIATES": "1", "TUCKER_OPS_CONV_CORE": "winograd4"},
 }
 
 
@@ -87,7 +89,7 @@ def main() -> None:
     parser.add_argument("cases", nargs="+", help="case:batch, e.g. resnet50_3x3:32")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--cores", action="store_true", help="also force the conv core direct and Winograd")
+    parser.add_argument("--cores", action="store_true", help="also force the conv core direct and each Winograd tile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     peak = _gemm_peak(args.threads)

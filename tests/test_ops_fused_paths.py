@@ -123,8 +123,9 @@ def test_conv_paths(case, dtype, layout, keep):
 
 def test_conv_large_blocks_and_many_threads_agree():
     """A layer large enough for BLAS GEMMs and several pixel blocks; results agree across thread
-    counts (to float32 rounding of the output's scale: on one thread the two images are
-    whole-image tiles and the core runs by Winograd, on two they are bands, direct)."""
+    counts (to float32 rounding of the output's scale: on one thread the two images are the
+    tasks and the core runs by Winograd F(4x4, 3x3), whose transforms cost a few times the
+    direct sum's rounding; on two they are bands, direct)."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 32, 30, 30, dtype=torch.float64, generator=gen)
     params = _factors(32, 16, 24, 40, (3, 3), True, True, True, torch.float64, gen)
@@ -143,7 +144,7 @@ def test_conv_large_blocks_and_many_threads_agree():
         again = ops.tucker_conv2d(x.float(), *[p.float() for p in params], (1, 1), (1, 1), (1, 1))
     finally:
         torch.set_num_threads(previous)
-    torch.testing.assert_close(one, two, rtol=0, atol=1e-6 * two.abs().max().item())
+    torch.testing.assert_close(one, two, rtol=0, atol=1e-5 * two.abs().max().item())
     assert torch.equal(two, again)
 
 

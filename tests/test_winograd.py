@@ -1,12 +1,13 @@
-"""The Winograd F(2x2, 3x3) core of the CPU conv (csrc/cpu/winograd.h) against the reference.
+"""The Winograd core of the CPU conv (csrc/cpu/winograd.h) against the reference.
 
-A 3x3 stride-1 undilated core runs by Winograd on whole-image tiles (a batch of at least
-two images per thread); TUCKER_OPS_CONV_CORE=winograd forces it at any rank (auto needs
-16 channels on both sides of the core), =direct turns it off. Every case is checked
-forward and backward (every gradient), with the forward's intermediates kept and
-recomputed, in float64 to 1e-9 and float32 to 2e-4; then gradcheck, the non-finite
-fallback to the direct path, the automatic choice, banding, thread counts and the
-ReLU + pool epilogue.
+A 3x3 stride-1 undilated core runs by Winograd, F(2x2, 3x3) or F(4x4, 3x3), with whole
+images as the parallel tasks (a batch of at least two images per thread).
+TUCKER_OPS_CONV_CORE=winograd2 / winograd4 force a tile size at any rank (auto needs 16
+channels on both sides of the core and picks the tile with fewer multiply-adds), =direct
+turns it off. Every case is checked with both tiles, forward and backward (every
+gradient), with the forward's intermediates kept and recomputed, in float64 to 1e-9 and
+float32 to 2e-4; then gradcheck, the non-finite fallback to the direct path, the automatic
+choice, bands, thread counts and the ReLU + pool epilogue.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def _core(algo: str, monkeypatch: pytest.MonkeyPatch):
         yield
 
 
+@pytest.fixture(params=["winograd2", "winograd4"])
+def tile(request):
+    """The forced algorithm: F(2x2, 3x3) or F(4x4, 3x3)."""
+    return request.param
+
+
 @pytest.fixture(params=["1", "0"], ids=["kept", "recomputed"])
 def keep(request, monkeypatch):
     monkeypatch.setenv("TUCKER_OPS_KEEP_INTERMEDIATES", request.param)
@@ -66,9 +73,9 @@ def _inputs(case, dtype, layout, seed=0):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CASES)
-def test_winograd_matches_reference(case, dtype, layout, keep, monkeypatch):
+def test_winograd_matches_reference(case, dtype, layout, keep, monkeypatch, tile):
     x, params, padding = _inputs(case, dtype, layout)
-    with _num_threads(2), _core("winograd", monkeypatch):
+    with _num_threads(2), _core(tile, monkeypatch):
         _check(
             lambda *t: ops.tucker_conv2d(*t, ONE, padding, ONE),
             lambda *t: reference.tucker_conv2d(*t, ONE, padding, ONE),
@@ -82,7 +89,7 @@ MASKS = [(1, 0, 0, 0, 0), (0, 1, 0, 0, 0), (0, 0, 1, 0, 0), (0, 0, 0, 1, 0), (0,
 
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[6]], ids=["tucker2", "no_first", "no_last"])
-def test_backward_masks(case, mask, monkeypatch):
+def test_backward_masks(case, mask, monkeypatch, tile):
     """Each gradient asked for alone (the backward skips the others' work), with and
     without the kept intermediates, equals the direct path's."""
     x, params, padding = _inputs(case, torch.float64, "nchw")
@@ -93,7 +100,7 @@ def test_backward_masks(case, mask, monkeypatch):
             y, p, q = ops.tucker_conv2d_with_intermediates(x, *params, ONE, padding, ONE)
             gy = torch.randn_like(y)
             want = ops.tucker_conv2d_backward(gy, x, first, core, last, ONE, padding, ONE, [True] * 5, None, None)
-        with _core("winograd", monkeypatch):
+        with _core(tile, monkeypatch):
             # (with_intermediates returns empty tensors where a side has no factor)
             kept_p, kept_q = p if first is not None else None, q if last is not None else None
             for kept in ((None, None), (kept_p, kept_q)):
@@ -103,10 +110,10 @@ def test_backward_masks(case, mask, monkeypatch):
                         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda e: f"{name}: {e}")
 
 
-def test_gradcheck(monkeypatch):
+def test_gradcheck(monkeypatch, tile):
     x, params, padding = _inputs((4, 2, 5, 4, 2, 3, 3, (1, 1), True, True), torch.float64, "nchw")
     inputs = [t.requires_grad_() for t in (x, *params)]
-    with _num_threads(2), _core("winograd", monkeypatch):
+    with _num_threads(2), _core(tile, monkeypatch):
         assert torch.autograd.gradcheck(lambda *t: ops.tucker_conv2d(*t, ONE, padding, ONE), inputs)
         torch.library.opcheck(ops.tucker_conv2d.default, (*inputs, ONE, padding, ONE))
 
@@ -119,38 +126,52 @@ def _run_all(x, params, padding):
     return [y.detach()] + [t.grad for t in inputs]
 
 
-@pytest.mark.parametrize("ranks, expect_winograd", [((64, 64), True), ((16, 24), True), ((8, 64), False), ((64, 12), False)])
-def test_auto_choice(ranks, expect_winograd, monkeypatch):
-    """auto runs Winograd from 16 channels on both sides of the core: its float32 results are
-    bit for bit those of the forced algorithm it picks (and differ from the other's)."""
-    x, params, padding = _inputs((4, 32, 8, 8, *ranks, 32, (1, 1), True, True), torch.float32, "nchw")
+@pytest.mark.parametrize(
+    "ranks, size, expect",
+    [
+        ((64, 64), 8, "winograd4"),  # 8 x 8 outputs: 4 tiles x 36 against 16 x 16 multiply-adds
+        ((16, 24), 6, "winograd2"),  # 6 x 6: 9 x 16 against 4 x 36, a tie: the smaller tile
+        ((16, 24), 2, "winograd2"),
+        ((8, 64), 8, "direct"),  # below 16 channels on a side of the core
+        ((64, 12), 8, "direct"),
+    ],
+)
+def test_auto_choice(ranks, size, expect, monkeypatch):
+    """auto's float32 results are bit for bit those of the forced algorithm it picks (and
+    differ from every other's)."""
+    x, params, padding = _inputs((4, 32, size, size, *ranks, 32, (1, 1), True, True), torch.float32, "nchw")
     with _num_threads(2):
         results = {}
-        for algo in ("auto", "winograd", "direct"):
+        for algo in ("auto", "winograd2", "winograd4", "direct"):
             with _core(algo, monkeypatch):
                 results[algo] = _run_all(x, params, padding)
-    picked, other = ("winograd", "direct") if expect_winograd else ("direct", "winograd")
-    for a, b in zip(results["auto"], results[picked]):
-        assert torch.equal(a, b)
-    assert not all(torch.equal(a, b) for a, b in zip(results["auto"], results[other]))
+    for algo in ("winograd2", "winograd4", "direct"):
+        same = all(torch.equal(a, b) for a, b in zip(results["auto"], results[algo]))
+        assert same == (algo == expect), algo
 
 
-def test_whole_images_only(monkeypatch):
+def test_whole_images_only(monkeypatch, tile):
     """Banded tiles (fewer than two images per thread) keep the direct core, forced or not."""
     x, params, padding = _inputs((2, 8, 10, 10, 4, 4, 8, (1, 1), True, True), torch.float32, "nchw")
     with _num_threads(2):
-        with _core("winograd", monkeypatch):
+        with _core(tile, monkeypatch):
             forced = _run_all(x, params, padding)
         with _core("direct", monkeypatch):
             direct = _run_all(x, params, padding)
     assert all(torch.equal(a, b) for a, b in zip(forced, direct))
 
 
-def test_non_finite_images_take_the_direct_path(monkeypatch):
+@pytest.mark.parametrize(
+    "case",
+    [CASES[0], (4, 8, 40, 36, 24, 24, 8, (1, 1), True, True)],
+    ids=["one_tile_per_image", "direct_path_in_bands"],
+)
+def test_non_finite_images_take_the_direct_path(case, monkeypatch, tile):
     """An Inf in an input image (or in the output gradient of an image) would turn into NaN
-    through the input transform's differences; those images run the direct core, so every
-    result, NaN and Inf included, is the direct path's."""
-    x, params, padding = _inputs(CASES[0], torch.float64, "nchw")
+    through the input transform's differences; those images run the direct core (all of
+    the image's tiles, where the direct path splits it into bands), so every result, NaN
+    and Inf included, is the direct path's."""
+    x, params, padding = _inputs(case, torch.float64, "nchw")
     x = x.clone()
     x[1, 2, 5, 6] = float("inf")
     x[3, 0, 0, 0] = float("nan")
@@ -171,10 +192,22 @@ def test_non_finite_images_take_the_direct_path(monkeypatch):
     assert torch.isfinite(y[0]).all() and not torch.isfinite(y[1]).all() and not torch.isfinite(y[3]).all()
 
 
+def test_large_images_keep_the_direct_core(monkeypatch, tile):
+    """Above 2^21 elements of an image's pixel-major buffers (here 256 x 256 pixels x 33
+    channels: R_in + R_out) the core stays direct, forced or not."""
+    x, params, padding = _inputs((4, 4, 256, 256, 16, 17, 4, (1, 1), True, True), torch.float32, "nchw")
+    with _num_threads(2):
+        with _core(tile, monkeypatch):
+            forced = ops.tucker_conv2d(x, *params, ONE, padding, ONE)
+        with _core("direct", monkeypatch):
+            direct = ops.tucker_conv2d(x, *params, ONE, padding, ONE)
+    assert torch.equal(forced, direct)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_thread_counts_agree(threads, monkeypatch):
+def test_thread_counts_agree(threads, monkeypatch, tile):
     x, params, padding = _inputs((6, 5, 9, 10, 4, 6, 5, (1, 1), True, True), torch.float64, "nchw")
-    with _core("winograd", monkeypatch):
+    with _core(tile, monkeypatch):
         with _num_threads(threads):
             got = _run_all(x, params, padding)
         with _core("direct", monkeypatch), _num_threads(1):
@@ -184,11 +217,11 @@ def test_thread_counts_agree(threads, monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_bands(layout, keep, monkeypatch):
+def test_bands(layout, keep, monkeypatch, tile):
     """Images large enough that each runs in several bands of tile rows (in float64, about
     512 KiB of transformed data per band), the last one shorter."""
     x, params, padding = _inputs((4, 16, 38, 21, 40, 30, 12, (1, 1), True, True), torch.float64, layout)
-    with _num_threads(2), _core("winograd", monkeypatch):
+    with _num_threads(2), _core(tile, monkeypatch):
         _check(
             lambda *t: ops.tucker_conv2d(*t, ONE, padding, ONE),
             lambda *t: reference.tucker_conv2d(*t, ONE, padding, ONE),
@@ -198,9 +231,9 @@ def test_bands(layout, keep, monkeypatch):
 
 
 @pytest.mark.parametrize("pool", [1, 2])
-def test_relu_pool_epilogue(pool, monkeypatch):
+def test_relu_pool_epilogue(pool, monkeypatch, tile):
     x, params, padding = _inputs((4, 6, 12, 10, 5, 4, 7, (1, 1), True, True), torch.float64, "nchw")
-    with _num_threads(2), _core("winograd", monkeypatch):
+    with _num_threads(2), _core(tile, monkeypatch):
         fused = [t.detach().clone().requires_grad_() for t in (x, *params)]
         ref = [t.detach().clone().requires_grad_() for t in (x, *params)]
         y = tucker_conv2d_relu_pool(*fused, ONE, padding, ONE, pool)
@@ -214,5 +247,5 @@ def test_relu_pool_epilogue(pool, monkeypatch):
 
 def test_bad_environment_value(monkeypatch):
     x, params, padding = _inputs(CASES[0], torch.float32, "nchw")
-    with _core("fast", monkeypatch), pytest.raises(RuntimeError, match="TUCKER_OPS_CONV_CORE must be 'auto', 'winograd'"):
+    with _core("fast", monkeypatch), pytest.raises(RuntimeError, match="TUCKER_OPS_CONV_CORE must be 'auto', 'direct'"):
         ops.tucker_conv2d(x, *params, ONE, padding, ONE)

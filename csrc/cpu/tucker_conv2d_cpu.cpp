@@ -198,74 +198,88 @@ void forward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, const
 // ---- Winograd core (winograd.h) ----------------------------------------------
 
 // Which algorithm runs a 3x3 stride-1 core: TUCKER_OPS_CONV_CORE = auto |
-// winograd | direct, read per call (benchmarks and tests compare the two in
-// one process). winograd still needs a shape it applies to.
-enum class CoreAlgo { kAuto, kWinograd, kDirect };
+// direct | winograd (tile size by rule) | winograd2 | winograd4 (F(2x2, 3x3)
+// / F(4x4, 3x3)), read per call (benchmarks and tests compare them in one
+// process). A forced Winograd still needs a shape it applies to.
+struct CoreChoice {
+  bool automatic = true, direct = false;
+  int64_t tile = 0;  // forced tile size, 0: by rule
+};
 
-CoreAlgo core_algo() {
+CoreChoice core_choice() {
   const char* env = std::getenv("TUCKER_OPS_CONV_CORE");
   const std::string want = env ? env : "";
-  if (want.empty() || want == "auto") return CoreAlgo::kAuto;
-  if (want == "winograd") return CoreAlgo::kWinograd;
-  if (want == "direct") return CoreAlgo::kDirect;
-  TORCH_CHECK(false, "TUCKER_OPS_CONV_CORE must be 'auto', 'winograd' or 'direct', got '", want, "'");
+  if (want.empty() || want == "auto") return {};
+  if (want == "direct") return {false, true, 0};
+  if (want == "winograd") return {false, false, 0};
+  if (want == "winograd2") return {false, false, 2};
+  if (want == "winograd4") return {false, false, 4};
+  TORCH_CHECK(false, "TUCKER_OPS_CONV_CORE must be 'auto', 'direct', 'winograd', 'winograd2' or 'winograd4', got '",
+              want, "'");
 }
 
-// Whether the core runs as F(2x2, 3x3): a 3x3 stride-1 undilated core on
-// whole-image tiles (the batch keeps every thread busy). Below 16 channels on
-// either side of the core the tile transforms, which do not shrink with the
-// ranks' product, cost more than the multiply-adds they save (auto).
-bool use_winograd(const Conv2dSizes& s, const TilePlan& plan) {
-  if (s.kh != 3 || s.kw != 3 || s.stride_h != 1 || s.stride_w != 1 || s.dil_h != 1 || s.dil_w != 1) return false;
-  if (plan.tiles_per_image != 1 || plan.rows != s.H_out || s.H_out < 2 || s.W_out < 2) return false;
-  switch (core_algo()) {
-    case CoreAlgo::kWinograd: return true;
-    case CoreAlgo::kDirect: return false;
-    default: return s.R_in >= 16 && s.R_out >= 16;
-  }
+// The Winograd tile size m for this call, or 0 for the direct core. Winograd
+// needs a 3x3 stride-1 undilated core, and whole images as the parallel tasks
+// (the batch keeps every thread busy, as for plan_tiles' whole-image tiles)
+// whose pixel-major buffers (thread scratch, kept for the next call) stay
+// within 2^21 elements. auto also needs 16 channels on both sides of the core:
+// below that the tile transforms, which do not shrink with the ranks'
+// product, cost more than the multiply-adds they save. The tile size by rule
+// is the one with fewer multiply-adds per image (tiles x alpha^2: F(4x4) on
+// 14 x 14 outputs, 16 x 36 against F(2x2)'s 49 x 16).
+int64_t winograd_tile(const Conv2dSizes& s) {
+  if (s.kh != 3 || s.kw != 3 || s.stride_h != 1 || s.stride_w != 1 || s.dil_h != 1 || s.dil_w != 1) return 0;
+  if (s.N < 2 * at::get_num_threads() || s.H_out < 2 || s.W_out < 2) return 0;
+  const int64_t widest = std::max({s.R_in + s.R_out, s.C_in, s.C_out});
+  if (s.H * s.W * widest > (int64_t(1) << 21)) return 0;
+  const CoreChoice choice = core_choice();
+  if (choice.direct || (choice.automatic && (s.R_in < 16 || s.R_out < 16))) return 0;
+  if (choice.tile) return choice.tile;
+  auto work = [&](int64_t m) {
+    return winograd_tiles(s.H_out, m) * winograd_tiles(s.W_out, m) * winograd_elems(m);
+  };
+  return work(4) < work(2) ? 4 : 2;
 }
 
-// The core in the forms the Winograd images read: U (16, R_out, R_in) for the
-// projection gradient, its transpose Ut (16, R_in, R_out) for the forward.
+// The core in the forms the Winograd images read: U (alpha^2, R_out, R_in)
+// for the projection gradient, its transpose Ut (alpha^2, R_in, R_out) for
+// the forward, and kron(G, G) (alpha^2, 9) to map the core gradient back.
 struct WinogradTensors {
-  Tensor u, ut;
+  Tensor u, ut, kron;
 };
 
 template <typename T>
 struct WinogradOperands {
+  int64_t m, elems;  // tile size, alpha^2
   const T* u;
   const T* ut;
+  const T* kron;
   int64_t tiles_h, tiles_w;
   int64_t band;  // tile rows per band (winograd.h): its transformed data stays in L2
   int64_t band_tiles() const { return band * tiles_w; }
 };
 
-// kron(G, G) (16 x 9) as a tensor.
-Tensor winograd_kron(const Tensor& like) {
-  Tensor kron = at::empty({kWinogradElems, 9}, like.options().memory_format(at::MemoryFormat::Contiguous));
-  AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "winograd_kron", [&] {
-    constexpr WinogradCore<scalar_t> wc;
-    std::copy(&wc.kron[0][0], &wc.kron[0][0] + kWinogradElems * 9, kron.mutable_data_ptr<scalar_t>());
-  });
-  return kron;
-}
-
 // core: (R_out, R_in*9) contiguous.
-WinogradTensors winograd_tensors(const Conv2dSizes& s, const Tensor& core) {
+WinogradTensors winograd_tensors(const Conv2dSizes& s, int64_t m, const Tensor& core) {
   WinogradTensors w;
-  w.u = at::matmul(winograd_kron(core), core.view({s.R_out * s.R_in, 9}).t()).contiguous();
-  w.ut = w.u.view({kWinogradElems, s.R_out, s.R_in}).transpose(1, 2).contiguous();
+  w.kron = at::empty({winograd_elems(m), 9}, core.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "winograd_kron",
+                             [&] { winograd_kron<scalar_t>(m, w.kron.mutable_data_ptr<scalar_t>()); });
+  w.u = at::matmul(w.kron, core.view({s.R_out * s.R_in, 9}).t()).contiguous();
+  w.ut = w.u.view({winograd_elems(m), s.R_out, s.R_in}).transpose(1, 2).contiguous();
   return w;
 }
 
 template <typename T>
-WinogradOperands<T> winograd_operands(const Conv2dSizes& s, const WinogradTensors& w) {
-  // A band's V and M (16 x tiles x R_in and R_out) within about 512 KiB (L2
-  // is 1 MiB on the benchmark machine).
-  const int64_t tiles_h = winograd_tiles(s.H_out), tiles_w = winograd_tiles(s.W_out);
-  const int64_t band_tiles = (512 * 1024 / int64_t(sizeof(T))) / (kWinogradElems * (s.R_in + s.R_out));
+WinogradOperands<T> winograd_operands(const Conv2dSizes& s, int64_t m, const WinogradTensors& w) {
+  // A band's V and M (alpha^2 x tiles x R_in and R_out) within about 512 KiB
+  // (L2 is 1 MiB on the benchmark machine).
+  const int64_t elems = winograd_elems(m);
+  const int64_t tiles_h = winograd_tiles(s.H_out, m), tiles_w = winograd_tiles(s.W_out, m);
+  const int64_t band_tiles = (512 * 1024 / int64_t(sizeof(T))) / (elems * (s.R_in + s.R_out));
   const int64_t band = std::clamp<int64_t>(band_tiles / tiles_w, 1, tiles_h);
-  return {w.u.const_data_ptr<T>(), w.ut.const_data_ptr<T>(), tiles_h, tiles_w, band};
+  return {m, elems, w.u.const_data_ptr<T>(), w.ut.const_data_ptr<T>(), w.kron.const_data_ptr<T>(),
+          tiles_h, tiles_w, band};
 }
 
 // Image n's projection pixel-major, (H*W, R_in): the saved one, the input
@@ -308,8 +322,7 @@ std::pair<T*, T*> winograd_edges(int64_t C) {
 // Scratch for one band's transformed data: V (or gV) and M.
 template <typename T>
 std::pair<T*, T*> winograd_band_buffers(const Conv2dSizes& s, const WinogradOperands<T>& w) {
-  return {scratch<T>(9, kWinogradElems * w.band_tiles() * s.R_in),
-          scratch<T>(10, kWinogradElems * w.band_tiles() * s.R_out)};
+  return {scratch<T>(9, w.elems * w.band_tiles() * s.R_in), scratch<T>(10, w.elems * w.band_tiles() * s.R_out)};
 }
 
 // Z (H_out*W_out, R_out) pixel-major = the core applied to image n's
@@ -322,11 +335,12 @@ void winograd_core_forward(const Conv2dSizes& s, const WinogradOperands<T>& w, c
   for (int64_t ty0 = 0; ty0 < w.tiles_h; ty0 += w.band) {
     const int64_t ty1 = std::min(w.tiles_h, ty0 + w.band), tiles = (ty1 - ty0) * w.tiles_w;
     const int64_t xs_in = tiles * s.R_in, xs_out = tiles * s.R_out;
-    winograd_input_transform<T>(p, s.R_in, s.H, s.W, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, zeros, v, xs_in);
-    for (int64_t xi = 0; xi < kWinogradElems; ++xi)
+    winograd_input_transform<T>(w.m, p, s.R_in, s.H, s.W, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, zeros, v,
+                                xs_in);
+    for (int64_t xi = 0; xi < w.elems; ++xi)
       gemm_nn<T>(tiles, s.R_out, s.R_in, v + xi * xs_in, s.R_in, 1, w.ut + xi * s.R_in * s.R_out, s.R_out,
                  m + xi * xs_out, s.R_out, false);
-    winograd_output_transform<T>(m, xs_out, s.H_out, s.W_out, s.R_out, ty0, ty1, w.tiles_w, sink, z, s.R_out);
+    winograd_output_transform<T>(w.m, m, xs_out, s.H_out, s.W_out, s.R_out, ty0, ty1, w.tiles_w, sink, z, s.R_out);
   }
 }
 
@@ -420,57 +434,69 @@ void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias
   const int64_t rows_used = pool > 0 ? s.H_out / pool * pool : s.H_out;
   const int64_t HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
   const int64_t HWp = pool > 0 ? (s.H_out / pool) * (s.W_out / pool) : 0;
-  const int64_t tasks = s.N * plan.tiles_per_image;
+  // Tile `tile` of image n.
+  auto run_tile = [&](int64_t n, int64_t tile) {
+    const int64_t oh0 = tile * plan.rows;
+    const int64_t oh1 = std::min(rows_used, oh0 + plan.rows);
+    const int64_t npx = (oh1 - oh0) * s.W_out;
+    // Destination of the conv output: the output itself, or the tile buffer
+    // the epilogue reads while it is still in cache.
+    T* yn = pool > 0 ? scratch<T>(4, s.C_out * npx) : out + n * s.C_out * HWo + oh0 * s.W_out;
+    const int64_t ldy = pool > 0 ? npx : HWo;
+    const auto [ih_lo, ih_hi] = input_rows(s, oh0, oh1);
+    const T* p = nullptr;
+    const Projection pr = project_rows<T>(s, op, n, ih_lo, ih_hi, scratch<T>(0, s.R_in * (ih_hi - ih_lo) * s.W), &p);
+    const bool direct = reads_projection_directly(s, pr.ps);
+    if (keep.p) {
+      // Up to the next tile's first input row (output row oh1's first tap).
+      const int64_t own_hi = oh1 >= rows_used ? s.H : std::clamp<int64_t>(oh1 * s.stride_h - s.pad_h, 0, s.H);
+      save_projection_rows<T>(s, op.nhwc, p, pr, n, own_hi, keep.p);
+    }
+    T* qn = keep.q ? keep.q + n * s.R_out * HWo + oh0 * s.W_out : nullptr;
+    if (!direct) {
+      forward_tile_windows<T>(s, op, pr, p, oh0, oh1, plan.block, bias, yn, ldy, qn);
+    } else {
+      // Pointwise core on a channel-major projection: the core reads it in place.
+      T* q = op.last && !qn ? scratch<T>(2, s.R_out * plan.block) : nullptr;
+      const int64_t block = balanced_block(npx, plan.block);
+      for (int64_t q0 = 0; q0 < npx; q0 += block) {
+        const int64_t nb = std::min(block, npx - q0);
+        const T* col = p + (oh0 * s.W_out + q0 - pr.ih_lo * s.W);  // same pixel index in and out
+        T* y = yn + q0;
+        if (bias)
+          for (int64_t c = 0; c < s.C_out; ++c) std::fill(y + c * ldy, y + c * ldy + nb, bias[c]);
+        if (op.last) {
+          T* qb = qn ? qn + q0 : q;
+          const int64_t ldq = qn ? HWo : nb;
+          gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, qb, ldq, false);
+          gemm_nn<T>(s.C_out, nb, s.R_out, op.last, s.R_out, 1, qb, ldq, y, ldy, bias != nullptr);
+        } else {
+          gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, y, ldy, bias != nullptr);
+        }
+      }
+    }
+    if (pool > 0) {
+      relu_pool_tile<T>(s, pool, yn, oh1 - oh0, out + n * s.C_out * HWp + (oh0 / pool) * (s.W_out / pool), HWp);
+    }
+  };
+  // Image n by Winograd, or false (nothing written) where it is not finite.
+  auto run_image_winograd = [&](int64_t n) {
+    T* yn = pool > 0 ? scratch<T>(4, s.C_out * HWo) : out + n * s.C_out * HWo;
+    if (!forward_image_winograd<T>(s, op, *wino, n, bias, yn, HWo, keep)) return false;
+    if (pool > 0) relu_pool_tile<T>(s, pool, yn, rows_used, out + n * s.C_out * HWp, HWp);
+    return true;
+  };
+  // Tasks: tiles, or with Winograd whole images (one thread runs all of an
+  // image's tiles where it falls back to them).
+  const int64_t tasks = wino ? s.N : s.N * plan.tiles_per_image;
   const int64_t chunks = chunks_for_work(tasks, chain_macs(s));
   for_each_chunk_raw(chunks, [&](int64_t chunk) {
     const auto [begin, end] = chunk_range(chunk, chunks, tasks);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / plan.tiles_per_image;
-      const int64_t oh0 = (task % plan.tiles_per_image) * plan.rows;
-      const int64_t oh1 = std::min(rows_used, oh0 + plan.rows);
-      const int64_t npx = (oh1 - oh0) * s.W_out;
-      // Destination of the conv output: the output itself, or the tile buffer
-      // the epilogue reads while it is still in cache.
-      T* yn = pool > 0 ? scratch<T>(4, s.C_out * npx) : out + n * s.C_out * HWo + oh0 * s.W_out;
-      const int64_t ldy = pool > 0 ? npx : HWo;
-      if (wino && forward_image_winograd<T>(s, op, *wino, n, bias, yn, ldy, keep)) {
-        if (pool > 0) relu_pool_tile<T>(s, pool, yn, oh1 - oh0, out + n * s.C_out * HWp, HWp);
-        continue;
-      }
-      const auto [ih_lo, ih_hi] = input_rows(s, oh0, oh1);
-      const T* p = nullptr;
-      const Projection pr = project_rows<T>(s, op, n, ih_lo, ih_hi, scratch<T>(0, s.R_in * (ih_hi - ih_lo) * s.W), &p);
-      const bool direct = reads_projection_directly(s, pr.ps);
-      if (keep.p) {
-        // Up to the next tile's first input row (output row oh1's first tap).
-        const int64_t own_hi = oh1 >= rows_used ? s.H : std::clamp<int64_t>(oh1 * s.stride_h - s.pad_h, 0, s.H);
-        save_projection_rows<T>(s, op.nhwc, p, pr, n, own_hi, keep.p);
-      }
-      T* qn = keep.q ? keep.q + n * s.R_out * HWo + oh0 * s.W_out : nullptr;
-      if (!direct) {
-        forward_tile_windows<T>(s, op, pr, p, oh0, oh1, plan.block, bias, yn, ldy, qn);
-      } else {
-        // Pointwise core on a channel-major projection: the core reads it in place.
-        T* q = op.last && !qn ? scratch<T>(2, s.R_out * plan.block) : nullptr;
-        const int64_t block = balanced_block(npx, plan.block);
-        for (int64_t q0 = 0; q0 < npx; q0 += block) {
-          const int64_t nb = std::min(block, npx - q0);
-          const T* col = p + (oh0 * s.W_out + q0 - pr.ih_lo * s.W);  // same pixel index in and out
-          T* y = yn + q0;
-          if (bias)
-            for (int64_t c = 0; c < s.C_out; ++c) std::fill(y + c * ldy, y + c * ldy + nb, bias[c]);
-          if (op.last) {
-            T* qb = qn ? qn + q0 : q;
-            const int64_t ldq = qn ? HWo : nb;
-            gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, qb, ldq, false);
-            gemm_nn<T>(s.C_out, nb, s.R_out, op.last, s.R_out, 1, qb, ldq, y, ldy, bias != nullptr);
-          } else {
-            gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, y, ldy, bias != nullptr);
-          }
-        }
-      }
-      if (pool > 0) {
-        relu_pool_tile<T>(s, pool, yn, oh1 - oh0, out + n * s.C_out * HWp + (oh0 / pool) * (s.W_out / pool), HWp);
+      if (!wino) {
+        run_tile(task / plan.tiles_per_image, task % plan.tiles_per_image);
+      } else if (!run_image_winograd(task)) {
+        for (int64_t tile = 0; tile < plan.tiles_per_image; ++tile) run_tile(task, tile);
       }
     }
   });
@@ -509,9 +535,10 @@ void run_forward(const Conv2dSizes& s, const Tensor& input, const std::optional<
     if (keep && s.has_last) kept.q = keep->core_output.mutable_data_ptr<scalar_t>();
     WinogradTensors wt;
     std::optional<WinogradOperands<scalar_t>> wino;
-    if (use_winograd(s, forward_plan(s, pool, sizeof(scalar_t))) && all_finite(op.core, G.numel())) {
-      wt = winograd_tensors(s, G);
-      wino = winograd_operands<scalar_t>(s, wt);
+    const int64_t tile = winograd_tile(s);
+    if (tile && all_finite(op.core, G.numel())) {
+      wt = winograd_tensors(s, tile, G);
+      wino = winograd_operands<scalar_t>(s, tile, wt);
     }
     conv_forward<scalar_t>(s, op, s.has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
                            out.mutable_data_ptr<scalar_t>(), pool, kept, wino ? &*wino : nullptr);
@@ -850,23 +877,23 @@ bool backward_image_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, co
   for (int64_t ty0 = 0; ty0 < w.tiles_h; ty0 += w.band) {
     const int64_t ty1 = std::min(w.tiles_h, ty0 + w.band), tiles = (ty1 - ty0) * w.tiles_w;
     const int64_t xs_in = tiles * s.R_in, xs_out = tiles * s.R_out;
-    winograd_output_transform_adjoint<T>(gq, s.R_out, s.H_out, s.W_out, s.R_out, ty0, ty1, w.tiles_w, zeros, m,
-                                         xs_out);
+    winograd_output_transform_adjoint<T>(w.m, gq, s.R_out, s.H_out, s.W_out, s.R_out, ty0, ty1, w.tiles_w, zeros,
+                                         m, xs_out);
     if (g.core) {
-      winograd_input_transform<T>(p, s.R_in, s.H, s.W, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, zeros, v,
-                                  xs_in);
+      winograd_input_transform<T>(w.m, p, s.R_in, s.H, s.W, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, zeros,
+                                  v, xs_in);
       // dU[xi] (R_out x R_in) += M[xi]^T (R_out x tiles) * V[xi] (tiles x R_in)
-      T* acc = g.acc_u + chunk * kWinogradElems * s.R_out * s.R_in;
-      for (int64_t xi = 0; xi < kWinogradElems; ++xi)
+      T* acc = g.acc_u + chunk * w.elems * s.R_out * s.R_in;
+      for (int64_t xi = 0; xi < w.elems; ++xi)
         gemm_nn<T>(s.R_out, s.R_in, tiles, m + xi * xs_out, 1, s.R_out, v + xi * xs_in, s.R_in,
                    acc + xi * s.R_out * s.R_in, s.R_in, true);
     }
     if (!need_back) continue;
     // gV[xi] (tiles x R_in) = M[xi] (tiles x R_out) * U[xi] (R_out x R_in), into v's buffer.
-    for (int64_t xi = 0; xi < kWinogradElems; ++xi)
+    for (int64_t xi = 0; xi < w.elems; ++xi)
       gemm_nn<T>(tiles, s.R_in, s.R_out, m + xi * xs_out, s.R_out, 1, w.u + xi * s.R_out * s.R_in, s.R_in,
                  v + xi * xs_in, s.R_in, false);
-    winograd_input_transform_adjoint<T>(v, xs_in, s.H, s.W, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, sink,
+    winograd_input_transform_adjoint<T>(w.m, v, xs_in, s.H, s.W, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, sink,
                                         gp_pm, s.R_in);
   }
   if (!need_back) return true;
@@ -911,42 +938,50 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
   // would reach real gradients.
   const int64_t K = s.R_in * s.kh * s.kw;
   const bool windows = !gemm_uses_blas<T>(s.R_out, plan.block, K) && all_finite(op.core, s.R_out * K);
-  const int64_t tiles_per_pass = (plan.tiles_per_image + passes - 1) / passes;
-  for (int64_t pass = 0; pass < passes; ++pass) {
-    // Task t of this pass is tile (t % tiles_per_pass) * passes + pass of image t / tiles_per_pass.
-    const int64_t tasks = s.N * tiles_per_pass;
+  // Image n by one thread: Winograd, or its tiles one after the other; with
+  // gp_per_image its projection gradient in thread scratch, then its input and
+  // first gradients while that is still in cache.
+  auto run_image = [&](int64_t c, int64_t n) {
+    if (wino && backward_image_winograd<T>(s, op, *wino, gy, g, grad_input, c, n)) return;
+    ConvGrads<T> gi = g;
+    if (g.gp_per_image) {
+      gi.gp = scratch<T>(8, s.R_in * s.H * s.W);
+      gi.gp_image_stride = 0;
+      std::fill(gi.gp, gi.gp + s.R_in * s.H * s.W, T(0));
+    }
+    for (int64_t tile = 0; tile < plan.tiles_per_image; ++tile)
+      backward_tile<T>(s, op, plan, gy, gi, c, n * plan.tiles_per_image + tile, windows);
+    if (g.gp_per_image) backward_pixels<T>(s, op, gi, grad_input, c, chunks, n, 0, s.H * s.W);
+  };
+  if (wino || g.gp_per_image) {
     for_each_chunk_raw(chunks, [&](int64_t c) {
-      const auto [begin, end] = chunk_range(c, chunks, tasks);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / tiles_per_pass;
-        const int64_t tile = (t % tiles_per_pass) * passes + pass;
-        if (tile >= plan.tiles_per_image) continue;
-        if (wino && backward_image_winograd<T>(s, op, *wino, gy, g, grad_input, c, n)) continue;
-        if (!g.gp_per_image) {
-          backward_tile<T>(s, op, plan, gy, g, c, n * plan.tiles_per_image + tile, windows);
-          continue;
-        }
-        // The image's tile, then its input and first gradients, while its
-        // projection gradient is still in cache.
-        ConvGrads<T> gi = g;
-        gi.gp = scratch<T>(8, s.R_in * s.H * s.W);
-        gi.gp_image_stride = 0;
-        std::fill(gi.gp, gi.gp + s.R_in * s.H * s.W, T(0));
-        backward_tile<T>(s, op, plan, gy, gi, c, n, windows);
-        backward_pixels<T>(s, op, gi, grad_input, c, chunks, n, 0, s.H * s.W);
-      }
+      const auto [begin, end] = chunk_range(c, chunks, s.N);
+      for (int64_t n = begin; n < end; ++n) run_image(c, n);
     });
+  } else {
+    const int64_t tiles_per_pass = (plan.tiles_per_image + passes - 1) / passes;
+    for (int64_t pass = 0; pass < passes; ++pass) {
+      // Task t of this pass is tile (t % tiles_per_pass) * passes + pass of image t / tiles_per_pass.
+      const int64_t tasks = s.N * tiles_per_pass;
+      for_each_chunk_raw(chunks, [&](int64_t c) {
+        const auto [begin, end] = chunk_range(c, chunks, tasks);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t tile = (t % tiles_per_pass) * passes + pass;
+          if (tile < plan.tiles_per_image)
+            backward_tile<T>(s, op, plan, gy, g, c, (t / tiles_per_pass) * plan.tiles_per_image + tile, windows);
+        }
+      });
+    }
   }
   if (wino && g.core) {
     // The transformed core gradients back to taps, per chunk:
     // acc_core (pairs x 9) += dU^T (pairs x 16) * kron(G, G) (16 x 9).
-    constexpr WinogradCore<T> wc;
     const int64_t pairs = s.R_out * s.R_in;
     for (int64_t c = 0; c < chunks; ++c)
-      gemm_nn<T>(pairs, 9, kWinogradElems, g.acc_u + c * kWinogradElems * pairs, 1, pairs, &wc.kron[0][0], 9,
+      gemm_nn<T>(pairs, 9, wino->elems, g.acc_u + c * wino->elems * pairs, 1, pairs, wino->kron, 9,
                  g.acc_core + c * pairs * 9, 9, true);
   }
-  if (!need_back || (!op.first && shared_gp) || g.gp_per_image) return;
+  if (!need_back || (!op.first && shared_gp) || g.gp_per_image || wino) return;
   // Pass 2 over (image, pixel range) pieces of about 4096 pixels, at least
   // one per chunk (a single image must not leave threads idle), at most two
   // per chunk.
@@ -1005,10 +1040,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
   // images each), summed per pixel in pass 2, rather than the tiles
   // scattering in two passes with a barrier between (threads idle at batch 1).
   const bool private_gp = need_back && chunks > 1 && s.N < 2 * at::get_num_threads();
-  // Whole-image tiles (conv_backward's plan): pass 2 runs per image right
-  // after its tile, on a projection gradient in thread scratch.
+  // Images as the tasks (whole-image tiles, or Winograd): pass 2 runs per
+  // image right after it, on a projection gradient in thread scratch.
+  const int64_t tile = private_gp ? 0 : winograd_tile(s);
   const bool gp_per_image = need_back && s.has_first && !private_gp &&
-      plan_tiles(s, at::get_num_threads(), input.element_size(), true).tiles_per_image == 1;
+      (tile || plan_tiles(s, at::get_num_threads(), input.element_size(), true).tiles_per_image == 1);
   Tensor gp;
   if (private_gp) {
     gp = at::zeros({chunks, s.N, s.R_in, s.H, s.W}, opts);
@@ -1030,15 +1066,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
     Tensor acc_first_t;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_conv2d_backward_cpu", [&] {
       using T = scalar_t;
-      const bool shared_gp = need_back && !private_gp;  // as conv_backward plans its tiles
       WinogradTensors wt;
       std::optional<WinogradOperands<T>> wino;
       Tensor acc_u;
-      if (!private_gp && use_winograd(s, plan_tiles(s, at::get_num_threads(), sizeof(T), shared_gp)) &&
-          all_finite(G.const_data_ptr<T>(), G.numel())) {
-        wt = winograd_tensors(s, G);
-        wino = winograd_operands<T>(s, wt);
-        if (need.core) acc_u = at::zeros({chunks, kWinogradElems, s.R_out, s.R_in}, opts);
+      if (tile && all_finite(G.const_data_ptr<T>(), G.numel())) {
+        wt = winograd_tensors(s, tile, G);
+        wino = winograd_operands<T>(s, tile, wt);
+        if (need.core) acc_u = at::zeros({chunks, winograd_elems(tile), s.R_out, s.R_in}, opts);
         if (need.first && !nhwc) acc_first_t = at::zeros({chunks, s.C_in, s.R_in}, opts);
       }
       const ConvOperands<T> op{
