@@ -13,6 +13,9 @@ choice, bands, thread counts and the ReLU + pool epilogue.
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -249,3 +252,44 @@ def test_bad_environment_value(monkeypatch):
     x, params, padding = _inputs(CASES[0], torch.float32, "nchw")
     with _core("fast", monkeypatch), pytest.raises(RuntimeError, match="TUCKER_OPS_CONV_CORE must be 'auto', 'direct'"):
         ops.tucker_conv2d(x, *params, ONE, padding, ONE)
+
+
+_ISA_CHECK = """
+import torch, tucker_ops
+from tucker_ops import reference
+ops = torch.ops.tucker_ops
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+for algo in ("winograd2", "winograd4"):
+    import os; os.environ["TUCKER_OPS_CONV_CORE"] = algo
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 2e-4)):
+        # 19 and 21 channels: whole vectors and a tail for every ISA's width
+        x = torch.randn(4, 7, 11, 10, dtype=dtype, generator=g, requires_grad=True)
+        f, c, l, b = (
+            (torch.randn(*s, dtype=dtype, generator=g) / (s[1] * (9 if len(s) > 2 else 1)) ** 0.5).requires_grad_()
+            for s in ((19, 7), (21, 19, 3, 3), (6, 21), (6, 1))
+        )
+        b = b.detach().view(6).requires_grad_()
+        y = ops.tucker_conv2d(x, f, c, l, b, (1, 1), (1, 1), (1, 1))
+        grads = torch.autograd.grad(y.sum(), (x, f, c, l, b))
+        y_ref = reference.tucker_conv2d(x, f, c, l, b, (1, 1), (1, 1), (1, 1))
+        grads_ref = torch.autograd.grad(y_ref.sum(), (x, f, c, l, b))
+        torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+        for a, r in zip(grads, grads_ref):
+            torch.testing.assert_close(a, r, rtol=tol, atol=tol)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_every_instruction_set(isa):
+    """The transforms (and transposes) compiled for each ISA (one the CPU lacks falls back to
+    the best it has), both tile sizes, with channel counts that leave vector tails."""
+    result = subprocess.run(
+        [sys.executable, "-c", _ISA_CHECK],
+        env={**os.environ, "TUCKER_OPS_ISA": isa, "TUCKER_OPS_GEMM": "kernel"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -957,6 +957,13 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
     for_each_chunk_raw(chunks, [&](int64_t c) {
       const auto [begin, end] = chunk_range(c, chunks, s.N);
       for (int64_t n = begin; n < end; ++n) run_image(c, n);
+      if (wino && g.core) {
+        // The chunk's transformed core gradient back to taps:
+        // acc_core (pairs x 9) += dU^T (pairs x alpha^2) * kron(G, G) (alpha^2 x 9).
+        const int64_t pairs = s.R_out * s.R_in;
+        gemm_nn<T>(pairs, 9, wino->elems, g.acc_u + c * wino->elems * pairs, 1, pairs, wino->kron, 9,
+                   g.acc_core + c * pairs * 9, 9, true);
+      }
     });
   } else {
     const int64_t tiles_per_pass = (plan.tiles_per_image + passes - 1) / passes;
@@ -972,14 +979,6 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
         }
       });
     }
-  }
-  if (wino && g.core) {
-    // The transformed core gradients back to taps, per chunk:
-    // acc_core (pairs x 9) += dU^T (pairs x 16) * kron(G, G) (16 x 9).
-    const int64_t pairs = s.R_out * s.R_in;
-    for (int64_t c = 0; c < chunks; ++c)
-      gemm_nn<T>(pairs, 9, wino->elems, g.acc_u + c * wino->elems * pairs, 1, pairs, wino->kron, 9,
-                 g.acc_core + c * pairs * 9, 9, true);
   }
   if (!need_back || (!op.first && shared_gp) || g.gp_per_image || wino) return;
   // Pass 2 over (image, pixel range) pieces of about 4096 pixels, at least
