@@ -1,7 +1,8 @@
 """The Winograd core of the CPU conv (csrc/cpu/winograd.h) against the reference.
 
-A 3x3 stride-1 undilated core runs by Winograd, F(2x2, 3x3) or F(4x4, 3x3), with whole
-images as the parallel tasks (a batch of at least two images per thread).
+A 3x3 stride-1 undilated core runs by Winograd, F(2x2, 3x3) or F(4x4, 3x3): the forward
+per tile (bands of whole tile rows), the backward with whole images as the parallel tasks
+(a batch of at least two images per thread).
 TUCKER_OPS_CONV_CORE=winograd2 / winograd4 force a tile size at any rank (auto needs 16
 channels on both sides of the core and picks the tile with fewer multiply-adds), =direct
 turns it off. Every case is checked with both tiles, forward and backward (every
@@ -38,6 +39,11 @@ CASES = [
     (4, 7, 10, 9, 3, 4, 3, (1, 1), True, False),  # Tucker-1, input side: the output is Q
     (4, 3, 7, 8, 3, 5, 5, (1, 0), False, False),  # neither side
     (4, 20, 12, 12, 17, 19, 18, (1, 1), True, True),  # vector tails (17 and 19 channels)
+    # fewer than two images per thread: the forward runs Winograd per band of tile rows
+    # (the last band of an image shorter), the backward the direct core
+    (1, 6, 23, 9, 5, 7, 4, (1, 1), True, True),
+    (2, 5, 17, 12, 4, 6, 5, (2, 0), False, True),
+    (1, 4, 30, 7, 6, 4, 3, (1, 1), True, False),
 ]
 
 
@@ -153,15 +159,34 @@ def test_auto_choice(ranks, size, expect, monkeypatch):
         assert same == (algo == expect), algo
 
 
-def test_whole_images_only(monkeypatch, tile):
-    """Banded tiles (fewer than two images per thread) keep the direct core, forced or not."""
+@pytest.mark.parametrize("height, expect", [(14, "direct"), (64, "winograd4")])
+def test_auto_forward_bands(height, expect, monkeypatch):
+    """At batch 1 the forward's tiles are bands of an image: auto runs Winograd only on bands
+    of at least four tile rows (two threads: four bands of 4 rows on 14 rows, of 16 on 64)."""
+    x, params, padding = _inputs((1, 32, height, 16, 32, 32, 32, (1, 1), True, True), torch.float32, "nchw")
+    with _num_threads(2), torch.no_grad():
+        results = {}
+        for algo in ("auto", "winograd4", "direct"):
+            with _core(algo, monkeypatch):
+                results[algo] = ops.tucker_conv2d(x, *params, ONE, padding, ONE)
+    for algo in ("winograd4", "direct"):
+        assert torch.equal(results["auto"], results[algo]) == (algo == expect), algo
+
+
+def test_backward_needs_images_as_tasks(monkeypatch, tile):
+    """With fewer than two images per thread the backward keeps the direct core (its tiles
+    are bands whose halos overlap): forced or not, its results are the direct path's."""
     x, params, padding = _inputs((2, 8, 10, 10, 4, 4, 8, (1, 1), True, True), torch.float32, "nchw")
+    first, core, last, _ = params
+    gy = torch.randn(2, 8, 10, 10, generator=torch.Generator().manual_seed(1))
+    results = {}
     with _num_threads(2):
-        with _core(tile, monkeypatch):
-            forced = _run_all(x, params, padding)
-        with _core("direct", monkeypatch):
-            direct = _run_all(x, params, padding)
-    assert all(torch.equal(a, b) for a, b in zip(forced, direct))
+        for algo in (tile, "direct"):
+            with _core(algo, monkeypatch):
+                results[algo] = ops.tucker_conv2d_backward(
+                    gy, x, first, core, last, ONE, padding, ONE, [True] * 5, None, None
+                )
+    assert all(torch.equal(a, b) for a, b in zip(results[tile], results["direct"]))
 
 
 @pytest.mark.parametrize(
@@ -195,16 +220,21 @@ def test_non_finite_images_take_the_direct_path(case, monkeypatch, tile):
     assert torch.isfinite(y[0]).all() and not torch.isfinite(y[1]).all() and not torch.isfinite(y[3]).all()
 
 
-def test_large_images_keep_the_direct_core(monkeypatch, tile):
+def test_large_images_keep_the_direct_core_in_the_backward(monkeypatch, tile):
     """Above 2^21 elements of an image's pixel-major buffers (here 256 x 256 pixels x 33
-    channels: R_in + R_out) the core stays direct, forced or not."""
+    channels: R_in + R_out) the backward's core stays direct, forced or not (the forward
+    runs per band and has no such limit)."""
     x, params, padding = _inputs((4, 4, 256, 256, 16, 17, 4, (1, 1), True, True), torch.float32, "nchw")
+    first, core, last, _ = params
+    gy = torch.ones(4, 4, 256, 256)
+    results = {}
     with _num_threads(2):
-        with _core(tile, monkeypatch):
-            forced = ops.tucker_conv2d(x, *params, ONE, padding, ONE)
-        with _core("direct", monkeypatch):
-            direct = ops.tucker_conv2d(x, *params, ONE, padding, ONE)
-    assert torch.equal(forced, direct)
+        for algo in (tile, "direct"):
+            with _core(algo, monkeypatch):
+                results[algo] = ops.tucker_conv2d_backward(
+                    gy, x, first, core, last, ONE, padding, ONE, [True] * 5, None, None
+                )
+    assert all(torch.equal(a, b) for a, b in zip(results[tile], results["direct"]))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -233,9 +263,12 @@ def test_bands(layout, keep, monkeypatch, tile):
         )
 
 
-@pytest.mark.parametrize("pool", [1, 2])
-def test_relu_pool_epilogue(pool, monkeypatch, tile):
-    x, params, padding = _inputs((4, 6, 12, 10, 5, 4, 7, (1, 1), True, True), torch.float64, "nchw")
+@pytest.mark.parametrize("batch", [4, 1], ids=["images", "bands"])
+@pytest.mark.parametrize("pool", [1, 2, 3])
+def test_relu_pool_epilogue(pool, batch, monkeypatch, tile):
+    """Tiles a whole number of both pooling windows and Winograd tiles high (with 3 and 4:
+    12), rows the floor mode drops never computed."""
+    x, params, padding = _inputs((batch, 6, 27, 10, 5, 4, 7, (1, 1), True, True), torch.float64, "nchw")
     with _num_threads(2), _core(tile, monkeypatch):
         fused = [t.detach().clone().requires_grad_() for t in (x, *params)]
         ref = [t.detach().clone().requires_grad_() for t in (x, *params)]

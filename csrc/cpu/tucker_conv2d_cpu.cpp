@@ -23,6 +23,8 @@
 // one buffer the even and then the odd tiles scattered into. Weight gradients
 // are summed per thread chunk, then over chunks in order: results depend on
 // the thread count only, never on scheduling.
+#include <numeric>
+
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -219,19 +221,23 @@ CoreChoice core_choice() {
 }
 
 // The Winograd tile size m for this call, or 0 for the direct core. Winograd
-// needs a 3x3 stride-1 undilated core, and whole images as the parallel tasks
+// needs a 3x3 stride-1 undilated core. The forward runs it per tile (bands of
+// whole tile rows); the backward needs whole images as the parallel tasks
 // (the batch keeps every thread busy, as for plan_tiles' whole-image tiles)
 // whose pixel-major buffers (thread scratch, kept for the next call) stay
-// within 2^21 elements. auto also needs 16 channels on both sides of the core:
-// below that the tile transforms, which do not shrink with the ranks'
+// within 2^21 elements. auto also needs 16 channels on both sides of the
+// core: below that the tile transforms, which do not shrink with the ranks'
 // product, cost more than the multiply-adds they save. The tile size by rule
 // is the one with fewer multiply-adds per image (tiles x alpha^2: F(4x4) on
 // 14 x 14 outputs, 16 x 36 against F(2x2)'s 49 x 16).
-int64_t winograd_tile(const Conv2dSizes& s) {
+int64_t winograd_tile(const Conv2dSizes& s, bool backward) {
   if (s.kh != 3 || s.kw != 3 || s.stride_h != 1 || s.stride_w != 1 || s.dil_h != 1 || s.dil_w != 1) return 0;
-  if (s.N < 2 * at::get_num_threads() || s.H_out < 2 || s.W_out < 2) return 0;
-  const int64_t widest = std::max({s.R_in + s.R_out, s.C_in, s.C_out});
-  if (s.H * s.W * widest > (int64_t(1) << 21)) return 0;
+  if (s.H_out < 2 || s.W_out < 2) return 0;
+  if (backward) {
+    if (s.N < 2 * at::get_num_threads()) return 0;
+    const int64_t widest = std::max({s.R_in + s.R_out, s.C_in, s.C_out});
+    if (s.H * s.W * widest > (int64_t(1) << 21)) return 0;
+  }
   const CoreChoice choice = core_choice();
   if (choice.direct || (choice.automatic && (s.R_in < 16 || s.R_out < 16))) return 0;
   if (choice.tile) return choice.tile;
@@ -282,32 +288,31 @@ WinogradOperands<T> winograd_operands(const Conv2dSizes& s, int64_t m, const Win
           tiles_h, tiles_w, band};
 }
 
-// Image n's projection pixel-major, (H*W, R_in): the saved one, the input
-// itself without first, or projected into buf. From NCHW input the
-// projection is computed channel-major, into cm (the kept projection, or
-// scratch) and transposed: first * X on the hand kernel ran about twice as
-// fast as X^T * first^T, which reads X a column at a time.
+// The projection of input rows [ih_lo, ih_hi) of image n (project_rows:
+// computed channel-major from NCHW input, where first * X runs on the hand
+// kernel about twice as fast as X^T * first^T, which reads X a column at a
+// time), and the same rows pixel-major, (rows * W, R_in), as the Winograd
+// transforms read them: transposed into scratch where it is channel-major.
 template <typename T>
-const T* projection_pixel_major(const Conv2dSizes& s, const ConvOperands<T>& op, int64_t n, T* buf, T* cm) {
-  const int64_t HW = s.H * s.W;
-  const T* src = nullptr;  // channel-major (R_in, HW) to transpose
-  if (op.saved_p) {
-    if (op.saved_p_nhwc) return op.saved_p + n * HW * s.R_in;
-    src = op.saved_p + n * s.R_in * HW;
-  } else if (!op.first) {
-    if (op.nhwc) return op.x + n * HW * s.C_in;
-    src = op.x + n * s.C_in * HW;
-  } else if (op.nhwc) {
-    // P^T (HW x R_in) = X (HW x C_in) * first^T
-    gemm_nt<T>(HW, s.R_in, s.C_in, op.x + n * HW * s.C_in, s.C_in, op.first, s.C_in, buf, s.R_in, false);
-    return buf;
-  } else {
-    // P (R_in x HW) = first (R_in x C_in) * X (C_in x HW)
-    gemm_nn<T>(s.R_in, HW, s.C_in, op.first, s.C_in, 1, op.x + n * s.C_in * HW, HW, cm, HW, false);
-    src = cm;
+struct PixelMajorProjection {
+  Projection pr;
+  const T* p;   // as project_rows returns it
+  const T* pm;  // pixel-major
+};
+
+template <typename T>
+PixelMajorProjection<T> project_pixel_major(const Conv2dSizes& s, const ConvOperands<T>& op, int64_t n, int64_t ih_lo,
+                                            int64_t ih_hi) {
+  const int64_t px = (ih_hi - ih_lo) * s.W;
+  PixelMajorProjection<T> r{};
+  r.pr = project_rows<T>(s, op, n, ih_lo, ih_hi, scratch<T>(0, s.R_in * px), &r.p);
+  r.pm = r.p;
+  if (r.pr.ps == 1) {
+    T* buf = scratch<T>(1, px * s.R_in);
+    transpose_columns<T>(s.R_in, r.p, r.pr.cs, buf, s.R_in, 0, px);
+    r.pm = buf;
   }
-  transpose_columns<T>(s.R_in, src, HW, buf, s.R_in, 0, HW);
-  return buf;
+  return r;
 }
 
 // C zeros (read for pixels outside the image) and a C-element sink (written
@@ -325,54 +330,58 @@ std::pair<T*, T*> winograd_band_buffers(const Conv2dSizes& s, const WinogradOper
   return {scratch<T>(9, w.elems * w.band_tiles() * s.R_in), scratch<T>(10, w.elems * w.band_tiles() * s.R_out)};
 }
 
-// Z (H_out*W_out, R_out) pixel-major = the core applied to image n's
-// projection p (pixel-major), band by band: input transform into v, 16 GEMMs
-// into m, output transform into z.
+// Output rows [oh0, oh1) of the core by Winograd (oh0 a multiple of the tile
+// size), pixel-major into z, from the projection p of input rows `in`
+// (pixel-major), in bands of w.band tile rows: input transform into v, one
+// GEMM per transformed element into m, output transform into z.
 template <typename T>
-void winograd_core_forward(const Conv2dSizes& s, const WinogradOperands<T>& w, const T* p, T* z) {
+void winograd_core_forward(const Conv2dSizes& s, const WinogradOperands<T>& w, const T* p, const PixelRows& in,
+                           int64_t oh0, int64_t oh1, T* z) {
   const auto [v, m] = winograd_band_buffers<T>(s, w);
   const auto [zeros, sink] = winograd_edges<T>(std::max(s.R_in, s.R_out));
-  for (int64_t ty0 = 0; ty0 < w.tiles_h; ty0 += w.band) {
-    const int64_t ty1 = std::min(w.tiles_h, ty0 + w.band), tiles = (ty1 - ty0) * w.tiles_w;
+  const PixelRows out{oh0, oh1, s.W_out, s.R_out};
+  const int64_t ty_end = (oh1 + w.m - 1) / w.m;
+  for (int64_t ty0 = oh0 / w.m; ty0 < ty_end; ty0 += w.band) {
+    const int64_t ty1 = std::min(ty_end, ty0 + w.band), tiles = (ty1 - ty0) * w.tiles_w;
     const int64_t xs_in = tiles * s.R_in, xs_out = tiles * s.R_out;
-    winograd_input_transform<T>(w.m, p, s.R_in, s.H, s.W, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, zeros, v,
-                                xs_in);
+    winograd_input_transform<T>(w.m, p, in, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, zeros, v, xs_in);
     for (int64_t xi = 0; xi < w.elems; ++xi)
       gemm_nn<T>(tiles, s.R_out, s.R_in, v + xi * xs_in, s.R_in, 1, w.ut + xi * s.R_in * s.R_out, s.R_out,
                  m + xi * xs_out, s.R_out, false);
-    winograd_output_transform<T>(w.m, m, xs_out, s.H_out, s.W_out, s.R_out, ty0, ty1, w.tiles_w, sink, z, s.R_out);
+    winograd_output_transform<T>(w.m, m, xs_out, out, s.R_out, ty0, ty1, w.tiles_w, sink, z);
   }
 }
 
-// The whole of image n with the core by Winograd: output (C_out, H_out*W_out)
-// at yn with channel stride ldy, on top of the bias, and the intermediates
-// when kept. Returns false, having written nothing, when the projection is
-// not all finite (the caller then runs the direct path).
+// Output rows [oh0, oh1) of image n with the core by Winograd (a forward
+// tile; oh0 a multiple of the tile size): output (C_out, rows * W_out) at yn
+// with channel stride ldy, on top of the bias, and the intermediates when
+// kept (the projection's rows up to own_hi, as the direct tile saves them).
+// Returns false, having written nothing but kept projection rows, when the
+// projection is not all finite (the caller then runs the direct tile).
 template <typename T>
-bool forward_image_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, const WinogradOperands<T>& w, int64_t n,
-                            const T* bias, T* yn, int64_t ldy, SavedIntermediates<T> keep) {
-  const int64_t HW = s.H * s.W, HWo = s.H_out * s.W_out;
-  // The kept projection is written by the projection itself (NCHW) or copied (NHWC).
-  T* kept_p = keep.p ? keep.p + n * s.R_in * HW : nullptr;
-  T* cm = kept_p && !op.nhwc ? kept_p : scratch<T>(1, HW * s.R_in);
-  const T* p = projection_pixel_major<T>(s, op, n, scratch<T>(0, HW * s.R_in), cm);
-  if (!all_finite(p, HW * s.R_in)) return false;
-  if (kept_p && op.nhwc) std::copy(p, p + HW * s.R_in, kept_p);
-  T* z = scratch<T>(11, HWo * s.R_out);
-  winograd_core_forward<T>(s, w, p, z);
+bool forward_tile_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, const WinogradOperands<T>& w, int64_t n,
+                           int64_t oh0, int64_t oh1, int64_t own_hi, const T* bias, T* yn, int64_t ldy,
+                           SavedIntermediates<T> keep) {
+  const int64_t HWo = s.H_out * s.W_out, npx = (oh1 - oh0) * s.W_out;
+  const auto [ih_lo, ih_hi] = input_rows(s, oh0, oh1);
+  const PixelMajorProjection<T> proj = project_pixel_major<T>(s, op, n, ih_lo, ih_hi);
+  if (!all_finite(proj.pm, (ih_hi - ih_lo) * s.W * s.R_in)) return false;
+  if (keep.p) save_projection_rows<T>(s, op.nhwc, proj.p, proj.pr, n, own_hi, keep.p);
+  T* z = scratch<T>(11, npx * s.R_out);
+  winograd_core_forward<T>(s, w, proj.pm, PixelRows{ih_lo, ih_hi, s.W, s.R_in}, oh0, oh1, z);
   // The core output channel-major, as the expansion (and the kept tensor) wants it.
-  T* q = !op.last ? yn : keep.q ? keep.q + n * s.R_out * HWo : scratch<T>(2, s.R_out * HWo);
-  const int64_t ldq = op.last ? HWo : ldy;
-  transpose_columns<T>(HWo, z, s.R_out, q, ldq, 0, s.R_out);
+  T* q = !op.last ? yn : keep.q ? keep.q + n * s.R_out * HWo + oh0 * s.W_out : scratch<T>(2, s.R_out * npx);
+  const int64_t ldq = !op.last ? ldy : keep.q ? HWo : npx;
+  transpose_columns<T>(npx, z, s.R_out, q, ldq, 0, s.R_out);
   if (!op.last) {
     if (bias)
       for (int64_t c = 0; c < s.C_out; ++c)
-        for (int64_t i = 0; i < HWo; ++i) yn[c * ldy + i] += bias[c];
+        for (int64_t i = 0; i < npx; ++i) yn[c * ldy + i] += bias[c];
     return true;
   }
   if (bias)
-    for (int64_t c = 0; c < s.C_out; ++c) std::fill(yn + c * ldy, yn + c * ldy + HWo, bias[c]);
-  gemm_nn<T>(s.C_out, HWo, s.R_out, op.last, s.R_out, 1, q, HWo, yn, ldy, bias != nullptr);
+    for (int64_t c = 0; c < s.C_out; ++c) std::fill(yn + c * ldy, yn + c * ldy + npx, bias[c]);
+  gemm_nn<T>(s.C_out, npx, s.R_out, op.last, s.R_out, 1, q, ldq, yn, ldy, bias != nullptr);
   return true;
 }
 
@@ -411,14 +420,27 @@ void relu_pool_tile(const Conv2dSizes& s, int64_t pool, const T* tile, int64_t r
 
 // The forward's tiles; with pool, a whole number of pooling windows high, over
 // the rows the floor mode keeps.
-TilePlan forward_plan(const Conv2dSizes& s, int64_t pool, int64_t elem_size) {
+TilePlan forward_plan(const Conv2dSizes& s, int64_t pool, int64_t elem_size, int64_t winograd_tile) {
   TilePlan plan = plan_tiles(s, at::get_num_threads(), elem_size, false);
-  if (pool > 0) {
-    const int64_t rows_used = s.H_out / pool * pool;
-    plan.rows = std::min((plan.rows + pool - 1) / pool * pool, rows_used);
-    plan.tiles_per_image = (rows_used + plan.rows - 1) / plan.rows;
-  }
+  // With Winograd, a whole number of its tiles high too (only the last tile
+  // of an image may end inside one).
+  const int64_t unit = std::lcm(std::max<int64_t>(pool, 1), std::max<int64_t>(winograd_tile, 1));
+  const int64_t rows_used = pool > 0 ? s.H_out / pool * pool : s.H_out;
+  plan.rows = std::min((plan.rows + unit - 1) / unit * unit, rows_used);
+  plan.tiles_per_image = (rows_used + plan.rows - 1) / plan.rows;
   return plan;
+}
+
+// winograd_tile for the forward, which runs it per tile: by rule (auto) only
+// on whole images or bands of at least four tile rows. Thinner bands (batch 1 on a 14 x 14
+// layer: four bands of four rows) recompute half their projection again for
+// the halo and run GEMMs over a handful of tiles: slower than the direct core
+// (resnet50_3x3 at batch 1, 0.24 against 0.20 ms, dev A/B).
+int64_t winograd_forward_tile(const Conv2dSizes& s, int64_t pool, int64_t elem_size) {
+  const int64_t tile = winograd_tile(s, /*backward=*/false);
+  if (!tile) return 0;
+  const TilePlan plan = forward_plan(s, pool, elem_size, tile);
+  return !core_choice().automatic || plan.tiles_per_image == 1 || plan.rows >= 4 * tile ? tile : 0;
 }
 
 // The forward. pool == 0 writes the conv output to out (N, C_out, H_out,
@@ -430,11 +452,12 @@ TilePlan forward_plan(const Conv2dSizes& s, int64_t pool, int64_t elem_size) {
 template <typename T>
 void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias, T* out, int64_t pool = 0,
                   SavedIntermediates<T> keep = {}, const WinogradOperands<T>* wino = nullptr) {
-  const TilePlan plan = forward_plan(s, pool, sizeof(T));
+  const TilePlan plan = forward_plan(s, pool, sizeof(T), wino ? wino->m : 0);
   const int64_t rows_used = pool > 0 ? s.H_out / pool * pool : s.H_out;
   const int64_t HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
   const int64_t HWp = pool > 0 ? (s.H_out / pool) * (s.W_out / pool) : 0;
-  // Tile `tile` of image n.
+  // Tile `tile` of image n: by Winograd, or (also where that finds the
+  // projection not finite) directly.
   auto run_tile = [&](int64_t n, int64_t tile) {
     const int64_t oh0 = tile * plan.rows;
     const int64_t oh1 = std::min(rows_used, oh0 + plan.rows);
@@ -443,15 +466,18 @@ void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias
     // the epilogue reads while it is still in cache.
     T* yn = pool > 0 ? scratch<T>(4, s.C_out * npx) : out + n * s.C_out * HWo + oh0 * s.W_out;
     const int64_t ldy = pool > 0 ? npx : HWo;
+    // The kept projection's rows this tile writes: up to the next tile's
+    // first input row (output row oh1's first tap).
+    const int64_t own_hi = oh1 >= rows_used ? s.H : std::clamp<int64_t>(oh1 * s.stride_h - s.pad_h, 0, s.H);
+    if (wino && forward_tile_winograd<T>(s, op, *wino, n, oh0, oh1, own_hi, bias, yn, ldy, keep)) {
+      if (pool > 0) relu_pool_tile<T>(s, pool, yn, oh1 - oh0, out + n * s.C_out * HWp + (oh0 / pool) * (s.W_out / pool), HWp);
+      return;
+    }
     const auto [ih_lo, ih_hi] = input_rows(s, oh0, oh1);
     const T* p = nullptr;
     const Projection pr = project_rows<T>(s, op, n, ih_lo, ih_hi, scratch<T>(0, s.R_in * (ih_hi - ih_lo) * s.W), &p);
     const bool direct = reads_projection_directly(s, pr.ps);
-    if (keep.p) {
-      // Up to the next tile's first input row (output row oh1's first tap).
-      const int64_t own_hi = oh1 >= rows_used ? s.H : std::clamp<int64_t>(oh1 * s.stride_h - s.pad_h, 0, s.H);
-      save_projection_rows<T>(s, op.nhwc, p, pr, n, own_hi, keep.p);
-    }
+    if (keep.p) save_projection_rows<T>(s, op.nhwc, p, pr, n, own_hi, keep.p);
     T* qn = keep.q ? keep.q + n * s.R_out * HWo + oh0 * s.W_out : nullptr;
     if (!direct) {
       forward_tile_windows<T>(s, op, pr, p, oh0, oh1, plan.block, bias, yn, ldy, qn);
@@ -479,26 +505,11 @@ void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias
       relu_pool_tile<T>(s, pool, yn, oh1 - oh0, out + n * s.C_out * HWp + (oh0 / pool) * (s.W_out / pool), HWp);
     }
   };
-  // Image n by Winograd, or false (nothing written) where it is not finite.
-  auto run_image_winograd = [&](int64_t n) {
-    T* yn = pool > 0 ? scratch<T>(4, s.C_out * HWo) : out + n * s.C_out * HWo;
-    if (!forward_image_winograd<T>(s, op, *wino, n, bias, yn, HWo, keep)) return false;
-    if (pool > 0) relu_pool_tile<T>(s, pool, yn, rows_used, out + n * s.C_out * HWp, HWp);
-    return true;
-  };
-  // Tasks: tiles, or with Winograd whole images (one thread runs all of an
-  // image's tiles where it falls back to them).
-  const int64_t tasks = wino ? s.N : s.N * plan.tiles_per_image;
+  const int64_t tasks = s.N * plan.tiles_per_image;
   const int64_t chunks = chunks_for_work(tasks, chain_macs(s));
   for_each_chunk_raw(chunks, [&](int64_t chunk) {
     const auto [begin, end] = chunk_range(chunk, chunks, tasks);
-    for (int64_t task = begin; task < end; ++task) {
-      if (!wino) {
-        run_tile(task / plan.tiles_per_image, task % plan.tiles_per_image);
-      } else if (!run_image_winograd(task)) {
-        for (int64_t tile = 0; tile < plan.tiles_per_image; ++tile) run_tile(task, tile);
-      }
-    }
+    for (int64_t task = begin; task < end; ++task) run_tile(task / plan.tiles_per_image, task % plan.tiles_per_image);
   });
 }
 
@@ -535,7 +546,7 @@ void run_forward(const Conv2dSizes& s, const Tensor& input, const std::optional<
     if (keep && s.has_last) kept.q = keep->core_output.mutable_data_ptr<scalar_t>();
     WinogradTensors wt;
     std::optional<WinogradOperands<scalar_t>> wino;
-    const int64_t tile = winograd_tile(s);
+    const int64_t tile = winograd_forward_tile(s, pool, sizeof(scalar_t));
     if (tile && all_finite(op.core, G.numel())) {
       wt = winograd_tensors(s, tile, G);
       wino = winograd_operands<scalar_t>(s, tile, wt);
@@ -837,11 +848,11 @@ bool backward_image_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, co
   const T* gyn = gy + n * s.C_out * HWo;
   const T* p = nullptr;
   if (g.core || recompute_q) {
-    p = projection_pixel_major<T>(s, op, n, scratch<T>(0, HW * s.R_in), scratch<T>(1, HW * s.R_in));
+    p = project_pixel_major<T>(s, op, n, 0, s.H).pm;
     if (!all_finite(p, HW * s.R_in)) return false;
   }
   // The core output's gradient, pixel-major (HWo, R_out): computed
-  // channel-major and transposed (as the projection, see projection_pixel_major).
+  // channel-major and transposed (as the projection, see project_pixel_major).
   T* gq = nullptr;
   if (need_gq) {
     gq = scratch<T>(11, HWo * s.R_out);
@@ -866,7 +877,7 @@ bool backward_image_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, co
     if (op.saved_q)
       transpose_columns<T>(s.R_out, op.saved_q + n * s.R_out * HWo, HWo, z, s.R_out, 0, HWo);
     else
-      winograd_core_forward<T>(s, w, p, z);
+      winograd_core_forward<T>(s, w, p, PixelRows{0, s.H, s.W, s.R_in}, 0, s.H_out, z);
     gemm_nn<T>(s.C_out, s.R_out, HWo, gyn, HWo, 1, z, s.R_out, acc, s.R_out, true);
   }
   if (!need_gq) return true;
@@ -877,11 +888,11 @@ bool backward_image_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, co
   for (int64_t ty0 = 0; ty0 < w.tiles_h; ty0 += w.band) {
     const int64_t ty1 = std::min(w.tiles_h, ty0 + w.band), tiles = (ty1 - ty0) * w.tiles_w;
     const int64_t xs_in = tiles * s.R_in, xs_out = tiles * s.R_out;
-    winograd_output_transform_adjoint<T>(w.m, gq, s.R_out, s.H_out, s.W_out, s.R_out, ty0, ty1, w.tiles_w, zeros,
-                                         m, xs_out);
+    winograd_output_transform_adjoint<T>(w.m, gq, PixelRows{0, s.H_out, s.W_out, s.R_out}, s.R_out, ty0, ty1,
+                                         w.tiles_w, zeros, m, xs_out);
     if (g.core) {
-      winograd_input_transform<T>(w.m, p, s.R_in, s.H, s.W, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, zeros,
-                                  v, xs_in);
+      winograd_input_transform<T>(w.m, p, PixelRows{0, s.H, s.W, s.R_in}, s.R_in, s.pad_h, s.pad_w, ty0, ty1,
+                                  w.tiles_w, zeros, v, xs_in);
       // dU[xi] (R_out x R_in) += M[xi]^T (R_out x tiles) * V[xi] (tiles x R_in)
       T* acc = g.acc_u + chunk * w.elems * s.R_out * s.R_in;
       for (int64_t xi = 0; xi < w.elems; ++xi)
@@ -893,8 +904,8 @@ bool backward_image_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, co
     for (int64_t xi = 0; xi < w.elems; ++xi)
       gemm_nn<T>(tiles, s.R_in, s.R_out, m + xi * xs_out, s.R_out, 1, w.u + xi * s.R_out * s.R_in, s.R_in,
                  v + xi * xs_in, s.R_in, false);
-    winograd_input_transform_adjoint<T>(w.m, v, xs_in, s.H, s.W, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, sink,
-                                        gp_pm, s.R_in);
+    winograd_input_transform_adjoint<T>(w.m, v, xs_in, PixelRows{0, s.H, s.W, s.R_in}, s.R_in, s.pad_h, s.pad_w, ty0,
+                                        ty1, w.tiles_w, sink, gp_pm);
   }
   if (!need_back) return true;
   if (!op.first) {  // the projection gradient is the input gradient
@@ -1041,7 +1052,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
   const bool private_gp = need_back && chunks > 1 && s.N < 2 * at::get_num_threads();
   // Images as the tasks (whole-image tiles, or Winograd): pass 2 runs per
   // image right after it, on a projection gradient in thread scratch.
-  const int64_t tile = private_gp ? 0 : winograd_tile(s);
+  const int64_t tile = private_gp ? 0 : winograd_tile(s, /*backward=*/true);
   const bool gp_per_image = need_back && s.has_first && !private_gp &&
       (tile || plan_tiles(s, at::get_num_threads(), input.element_size(), true).tiles_per_image == 1);
   Tensor gp;

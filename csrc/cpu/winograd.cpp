@@ -139,66 +139,62 @@ TUCKER_INLINE void output_tile_adjoint(const T* const* src, int64_t c, T* dst, i
     for (; c < C; ++c) TILE<T, T, M>(__VA_ARGS__);                        \
   } while (0)
 
-// Pixel (h, w) of an H x W image, or the fallback buffer outside it.
+// Pixel (h, w) of rows, or the fallback buffer outside them.
 template <typename T>
-TUCKER_INLINE T* pixel(T* x, int64_t ld, int64_t H, int64_t W, int64_t h, int64_t w, T* outside) {
-  return h >= 0 && h < H && w >= 0 && w < W ? x + (h * W + w) * ld : outside;
+TUCKER_INLINE T* pixel(T* x, const PixelRows& rows, int64_t h, int64_t w, T* outside) {
+  return h >= rows.h_lo && h < rows.h_hi && w >= 0 && w < rows.W ? x + ((h - rows.h_lo) * rows.W + w) * rows.ld
+                                                                   : outside;
 }
 
 template <typename T, typename V, int M>
-TUCKER_INLINE void input_transform(const T* p, int64_t ldp, int64_t H, int64_t W, int64_t C, int64_t pad_h,
-                                   int64_t pad_w, int64_t ty0, int64_t ty1, int64_t tiles_w, const T* zeros, T* v,
-                                   int64_t xs) {
+TUCKER_INLINE void input_transform(const T* p, const PixelRows& rows, int64_t C, int64_t pad_h, int64_t pad_w,
+                                   int64_t ty0, int64_t ty1, int64_t tiles_w, const T* zeros, T* v, int64_t xs) {
   constexpr int A = M + 2;
   for (int64_t ty = ty0; ty < ty1; ++ty)
     for (int64_t tx = 0; tx < tiles_w; ++tx) {
       const T* src[A * A];
       for (int i = 0; i < A; ++i)
-        for (int j = 0; j < A; ++j)
-          src[i * A + j] = pixel(p, ldp, H, W, M * ty - pad_h + i, M * tx - pad_w + j, zeros);
+        for (int j = 0; j < A; ++j) src[i * A + j] = pixel(p, rows, M * ty - pad_h + i, M * tx - pad_w + j, zeros);
       T* dst = v + ((ty - ty0) * tiles_w + tx) * C;
       TUCKER_OVER_CHANNELS(input_tile, src, c, dst, xs);
     }
 }
 
 template <typename T, typename V, int M>
-TUCKER_INLINE void input_transform_adjoint(const T* gv, int64_t xs, int64_t H, int64_t W, int64_t C, int64_t pad_h,
-                                           int64_t pad_w, int64_t ty0, int64_t ty1, int64_t tiles_w, T* sink, T* gp,
-                                           int64_t ldp) {
+TUCKER_INLINE void input_transform_adjoint(const T* gv, int64_t xs, const PixelRows& rows, int64_t C, int64_t pad_h,
+                                           int64_t pad_w, int64_t ty0, int64_t ty1, int64_t tiles_w, T* sink, T* gp) {
   constexpr int A = M + 2;
   for (int64_t ty = ty0; ty < ty1; ++ty)
     for (int64_t tx = 0; tx < tiles_w; ++tx) {
       T* dst[A * A];
       for (int i = 0; i < A; ++i)
-        for (int j = 0; j < A; ++j)
-          dst[i * A + j] = pixel(gp, ldp, H, W, M * ty - pad_h + i, M * tx - pad_w + j, sink);
+        for (int j = 0; j < A; ++j) dst[i * A + j] = pixel(gp, rows, M * ty - pad_h + i, M * tx - pad_w + j, sink);
       const T* src = gv + ((ty - ty0) * tiles_w + tx) * C;
       TUCKER_OVER_CHANNELS(input_tile_adjoint, src, xs, c, dst);
     }
 }
 
 template <typename T, typename V, int M>
-TUCKER_INLINE void output_transform(const T* mt, int64_t xs, int64_t H_out, int64_t W_out, int64_t C, int64_t ty0,
-                                    int64_t ty1, int64_t tiles_w, T* sink, T* z, int64_t ldz) {
+TUCKER_INLINE void output_transform(const T* mt, int64_t xs, const PixelRows& rows, int64_t C, int64_t ty0,
+                                    int64_t ty1, int64_t tiles_w, T* sink, T* z) {
   for (int64_t ty = ty0; ty < ty1; ++ty)
     for (int64_t tx = 0; tx < tiles_w; ++tx) {
       T* dst[M * M];
       for (int i = 0; i < M; ++i)
-        for (int j = 0; j < M; ++j) dst[i * M + j] = pixel(z, ldz, H_out, W_out, M * ty + i, M * tx + j, sink);
+        for (int j = 0; j < M; ++j) dst[i * M + j] = pixel(z, rows, M * ty + i, M * tx + j, sink);
       const T* src = mt + ((ty - ty0) * tiles_w + tx) * C;
       TUCKER_OVER_CHANNELS(output_tile, src, xs, c, dst);
     }
 }
 
 template <typename T, typename V, int M>
-TUCKER_INLINE void output_transform_adjoint(const T* gz, int64_t ldz, int64_t H_out, int64_t W_out, int64_t C,
-                                            int64_t ty0, int64_t ty1, int64_t tiles_w, const T* zeros, T* mt,
-                                            int64_t xs) {
+TUCKER_INLINE void output_transform_adjoint(const T* gz, const PixelRows& rows, int64_t C, int64_t ty0, int64_t ty1,
+                                            int64_t tiles_w, const T* zeros, T* mt, int64_t xs) {
   for (int64_t ty = ty0; ty < ty1; ++ty)
     for (int64_t tx = 0; tx < tiles_w; ++tx) {
       const T* src[M * M];
       for (int i = 0; i < M; ++i)
-        for (int j = 0; j < M; ++j) src[i * M + j] = pixel(gz, ldz, H_out, W_out, M * ty + i, M * tx + j, zeros);
+        for (int j = 0; j < M; ++j) src[i * M + j] = pixel(gz, rows, M * ty + i, M * tx + j, zeros);
       T* dst = mt + ((ty - ty0) * tiles_w + tx) * C;
       TUCKER_OVER_CHANNELS(output_tile_adjoint, src, c, dst, xs);
     }
@@ -210,34 +206,29 @@ TUCKER_INLINE void output_transform_adjoint(const T* gz, int64_t ldz, int64_t H_
 #define TUCKER_BY_TILE(FN, V, ...) (m == 4 ? FN<T, V, 4>(__VA_ARGS__) : FN<T, V, 2>(__VA_ARGS__))
 #define TUCKER_VARIANT(NAME, TARGET, BYTES)                                                                          \
   template <typename T>                                                                                              \
-  TARGET void input_##NAME(int64_t m, const T* p, int64_t ldp, int64_t H, int64_t W, int64_t C, int64_t pad_h,       \
-                           int64_t pad_w, int64_t ty0, int64_t ty1, int64_t tiles_w, const T* zeros, T* v,           \
-                           int64_t xs) {                                                                             \
-    using V = typename Vec<T, BYTES>::type;                                                                         \
-    TUCKER_BY_TILE(input_transform, V, p, ldp, H, W, C, pad_h, pad_w, ty0, ty1, tiles_w,  \
-                   zeros, v, xs);                                                                                    \
+  TARGET void input_##NAME(int64_t m, const T* p, const PixelRows& rows, int64_t C, int64_t pad_h, int64_t pad_w,    \
+                           int64_t ty0, int64_t ty1, int64_t tiles_w, const T* zeros, T* v, int64_t xs) {            \
+    using V = typename Vec<T, BYTES>::type;                                                                          \
+    TUCKER_BY_TILE(input_transform, V, p, rows, C, pad_h, pad_w, ty0, ty1, tiles_w, zeros, v, xs);                   \
   }                                                                                                                  \
   template <typename T>                                                                                              \
-  TARGET void input_adjoint_##NAME(int64_t m, const T* gv, int64_t xs, int64_t H, int64_t W, int64_t C,              \
+  TARGET void input_adjoint_##NAME(int64_t m, const T* gv, int64_t xs, const PixelRows& rows, int64_t C,             \
                                    int64_t pad_h, int64_t pad_w, int64_t ty0, int64_t ty1, int64_t tiles_w, T* sink, \
-                                   T* gp, int64_t ldp) {                                                             \
-    using V = typename Vec<T, BYTES>::type;                                                                         \
-    TUCKER_BY_TILE(input_transform_adjoint, V, gv, xs, H, W, C, pad_h, pad_w, ty0, ty1,   \
-                   tiles_w, sink, gp, ldp);                                                                          \
+                                   T* gp) {                                                                          \
+    using V = typename Vec<T, BYTES>::type;                                                                          \
+    TUCKER_BY_TILE(input_transform_adjoint, V, gv, xs, rows, C, pad_h, pad_w, ty0, ty1, tiles_w, sink, gp);          \
   }                                                                                                                  \
   template <typename T>                                                                                              \
-  TARGET void output_##NAME(int64_t m, const T* mt, int64_t xs, int64_t H_out, int64_t W_out, int64_t C,             \
-                            int64_t ty0, int64_t ty1, int64_t tiles_w, T* sink, T* z, int64_t ldz) {                 \
-    using V = typename Vec<T, BYTES>::type;                                                                         \
-    TUCKER_BY_TILE(output_transform, V, mt, xs, H_out, W_out, C, ty0, ty1, tiles_w, sink, \
-                   z, ldz);                                                                                          \
+  TARGET void output_##NAME(int64_t m, const T* mt, int64_t xs, const PixelRows& rows, int64_t C, int64_t ty0,       \
+                            int64_t ty1, int64_t tiles_w, T* sink, T* z) {                                           \
+    using V = typename Vec<T, BYTES>::type;                                                                          \
+    TUCKER_BY_TILE(output_transform, V, mt, xs, rows, C, ty0, ty1, tiles_w, sink, z);                                \
   }                                                                                                                  \
   template <typename T>                                                                                              \
-  TARGET void output_adjoint_##NAME(int64_t m, const T* gz, int64_t ldz, int64_t H_out, int64_t W_out, int64_t C,    \
-                                    int64_t ty0, int64_t ty1, int64_t tiles_w, const T* zeros, T* mt, int64_t xs) {  \
-    using V = typename Vec<T, BYTES>::type;                                                                         \
-    TUCKER_BY_TILE(output_transform_adjoint, V, gz, ldz, H_out, W_out, C, ty0, ty1,       \
-                   tiles_w, zeros, mt, xs);                                                                          \
+  TARGET void output_adjoint_##NAME(int64_t m, const T* gz, const PixelRows& rows, int64_t C, int64_t ty0,           \
+                                    int64_t ty1, int64_t tiles_w, const T* zeros, T* mt, int64_t xs) {               \
+    using V = typename Vec<T, BYTES>::type;                                                                          \
+    TUCKER_BY_TILE(output_transform_adjoint, V, gz, rows, C, ty0, ty1, tiles_w, zeros, mt, xs);                      \
   }
 
 TUCKER_VARIANT(baseline, , 16)
@@ -266,42 +257,40 @@ void winograd_kron(int64_t m, T* kron) {
 }
 
 template <typename T>
-void winograd_input_transform(int64_t m, const T* p, int64_t ldp, int64_t H, int64_t W, int64_t C, int64_t pad_h,
-                              int64_t pad_w, int64_t ty0, int64_t ty1, int64_t tiles_w, const T* zeros, T* v,
-                              int64_t xs) {
-  TUCKER_CALL_ISA(input, m, p, ldp, H, W, C, pad_h, pad_w, ty0, ty1, tiles_w, zeros, v, xs)
+void winograd_input_transform(int64_t m, const T* p, const PixelRows& rows, int64_t C, int64_t pad_h, int64_t pad_w,
+                              int64_t ty0, int64_t ty1, int64_t tiles_w, const T* zeros, T* v, int64_t xs) {
+  TUCKER_CALL_ISA(input, m, p, rows, C, pad_h, pad_w, ty0, ty1, tiles_w, zeros, v, xs)
 }
 
 template <typename T>
-void winograd_input_transform_adjoint(int64_t m, const T* gv, int64_t xs, int64_t H, int64_t W, int64_t C,
+void winograd_input_transform_adjoint(int64_t m, const T* gv, int64_t xs, const PixelRows& rows, int64_t C,
                                       int64_t pad_h, int64_t pad_w, int64_t ty0, int64_t ty1, int64_t tiles_w,
-                                      T* sink, T* gp, int64_t ldp) {
-  TUCKER_CALL_ISA(input_adjoint, m, gv, xs, H, W, C, pad_h, pad_w, ty0, ty1, tiles_w, sink, gp, ldp)
+                                      T* sink, T* gp) {
+  TUCKER_CALL_ISA(input_adjoint, m, gv, xs, rows, C, pad_h, pad_w, ty0, ty1, tiles_w, sink, gp)
 }
 
 template <typename T>
-void winograd_output_transform(int64_t m, const T* mt, int64_t xs, int64_t H_out, int64_t W_out, int64_t C,
-                               int64_t ty0, int64_t ty1, int64_t tiles_w, T* sink, T* z, int64_t ldz) {
-  TUCKER_CALL_ISA(output, m, mt, xs, H_out, W_out, C, ty0, ty1, tiles_w, sink, z, ldz)
+void winograd_output_transform(int64_t m, const T* mt, int64_t xs, const PixelRows& rows, int64_t C, int64_t ty0,
+                               int64_t ty1, int64_t tiles_w, T* sink, T* z) {
+  TUCKER_CALL_ISA(output, m, mt, xs, rows, C, ty0, ty1, tiles_w, sink, z)
 }
 
 template <typename T>
-void winograd_output_transform_adjoint(int64_t m, const T* gz, int64_t ldz, int64_t H_out, int64_t W_out, int64_t C,
-                                       int64_t ty0, int64_t ty1, int64_t tiles_w, const T* zeros, T* mt,
-                                       int64_t xs) {
-  TUCKER_CALL_ISA(output_adjoint, m, gz, ldz, H_out, W_out, C, ty0, ty1, tiles_w, zeros, mt, xs)
+void winograd_output_transform_adjoint(int64_t m, const T* gz, const PixelRows& rows, int64_t C, int64_t ty0,
+                                       int64_t ty1, int64_t tiles_w, const T* zeros, T* mt, int64_t xs) {
+  TUCKER_CALL_ISA(output_adjoint, m, gz, rows, C, ty0, ty1, tiles_w, zeros, mt, xs)
 }
 
-#define TUCKER_INSTANTIATE(T)                                                                                       \
-  template void winograd_kron<T>(int64_t, T*);                                                                      \
-  template void winograd_input_transform<T>(int64_t, const T*, int64_t, int64_t, int64_t, int64_t, int64_t,         \
-                                            int64_t, int64_t, int64_t, int64_t, const T*, T*, int64_t);             \
-  template void winograd_input_transform_adjoint<T>(int64_t, const T*, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                                                    int64_t, int64_t, int64_t, int64_t, T*, T*, int64_t);           \
-  template void winograd_output_transform<T>(int64_t, const T*, int64_t, int64_t, int64_t, int64_t, int64_t,        \
-                                             int64_t, int64_t, T*, T*, int64_t);                                    \
-  template void winograd_output_transform_adjoint<T>(int64_t, const T*, int64_t, int64_t, int64_t, int64_t,         \
-                                                     int64_t, int64_t, int64_t, const T*, T*, int64_t);
+#define TUCKER_INSTANTIATE(T)                                                                                      \
+  template void winograd_kron<T>(int64_t, T*);                                                                     \
+  template void winograd_input_transform<T>(int64_t, const T*, const PixelRows&, int64_t, int64_t, int64_t,        \
+                                            int64_t, int64_t, int64_t, const T*, T*, int64_t);                     \
+  template void winograd_input_transform_adjoint<T>(int64_t, const T*, int64_t, const PixelRows&, int64_t,         \
+                                                    int64_t, int64_t, int64_t, int64_t, int64_t, T*, T*);          \
+  template void winograd_output_transform<T>(int64_t, const T*, int64_t, const PixelRows&, int64_t, int64_t,       \
+                                             int64_t, int64_t, T*, T*);                                            \
+  template void winograd_output_transform_adjoint<T>(int64_t, const T*, const PixelRows&, int64_t, int64_t,        \
+                                                     int64_t, int64_t, const T*, T*, int64_t);
 TUCKER_INSTANTIATE(float)
 TUCKER_INSTANTIATE(double)
 #undef TUCKER_INSTANTIATE

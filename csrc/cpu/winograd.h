@@ -18,8 +18,8 @@
 // columns m*tx - pad_w + j, i, j in [0, alpha), zeros outside the image, and
 // writes outputs beyond H_out / W_out nowhere. Each transform runs over the
 // tile rows [ty0, ty1) of one image (a band, to keep its buffers in cache).
-// Pixel data is the whole image, pixel-major (pixel q's C channels at
-// x + q * ld, ld >= C); transformed data is the band's,
+// Pixel data is pixel-major (a pixel's C channels contiguous, PixelRows);
+// transformed data is the band's,
 // v[xi * xs + t * C + c] with t = (ty - ty0) * tiles_w + tx: every transform
 // runs vectorised over channels.
 //
@@ -51,30 +51,36 @@ inline int64_t winograd_tiles(int64_t out, int64_t m) {
 template <typename T>
 void winograd_kron(int64_t m, T* kron);
 
-// v = B^T d B for every tile of the band; zeros: C readable zeros.
-template <typename T>
-void winograd_input_transform(int64_t m, const T* p, int64_t ldp, int64_t H, int64_t W, int64_t C, int64_t pad_h,
-                              int64_t pad_w, int64_t ty0, int64_t ty1, int64_t tiles_w, const T* zeros, T* v,
-                              int64_t xs);
+// Rows [h_lo, h_hi) of an image W pixels wide (input or output), stored
+// pixel-major from row h_lo: pixel (h, w) at x + ((h - h_lo) * W + w) * ld.
+// The transforms read zeros for pixels outside it and drop writes to them.
+struct PixelRows {
+  int64_t h_lo, h_hi, W, ld;
+};
 
-// Adjoint: gp (H x W pixels) += B gv B^T of every tile of the band, scattered
-// onto the input pixels the tile read (those outside the image are dropped:
-// sink, C writable elements, receives them).
+// v = B^T d B for every tile of the band, d from p; zeros: C readable zeros.
 template <typename T>
-void winograd_input_transform_adjoint(int64_t m, const T* gv, int64_t xs, int64_t H, int64_t W, int64_t C,
+void winograd_input_transform(int64_t m, const T* p, const PixelRows& rows, int64_t C, int64_t pad_h, int64_t pad_w,
+                              int64_t ty0, int64_t ty1, int64_t tiles_w, const T* zeros, T* v, int64_t xs);
+
+// Adjoint: gp += B gv B^T of every tile of the band, scattered onto the input
+// pixels the tile read (those outside rows are dropped: sink, C writable
+// elements, receives them).
+template <typename T>
+void winograd_input_transform_adjoint(int64_t m, const T* gv, int64_t xs, const PixelRows& rows, int64_t C,
                                       int64_t pad_h, int64_t pad_w, int64_t ty0, int64_t ty1, int64_t tiles_w,
-                                      T* sink, T* gp, int64_t ldp);
+                                      T* sink, T* gp);
 
-// z (H_out x W_out pixels) = A^T m A of every tile of the band; sink as above.
+// z = A^T mt A of every tile of the band, z's pixels as rows says (outputs
+// outside them dropped into sink).
 template <typename T>
-void winograd_output_transform(int64_t m, const T* mt, int64_t xs, int64_t H_out, int64_t W_out, int64_t C,
-                               int64_t ty0, int64_t ty1, int64_t tiles_w, T* sink, T* z, int64_t ldz);
+void winograd_output_transform(int64_t m, const T* mt, int64_t xs, const PixelRows& rows, int64_t C, int64_t ty0,
+                               int64_t ty1, int64_t tiles_w, T* sink, T* z);
 
-// Adjoint: mt = A gz A^T of every tile of the band (gz is H_out x W_out
-// pixels; zeros: C readable zeros stand for the outputs past the edge).
+// Adjoint: mt = A gz A^T of every tile of the band (zeros stand for the
+// outputs outside rows).
 template <typename T>
-void winograd_output_transform_adjoint(int64_t m, const T* gz, int64_t ldz, int64_t H_out, int64_t W_out, int64_t C,
-                                       int64_t ty0, int64_t ty1, int64_t tiles_w, const T* zeros, T* mt,
-                                       int64_t xs);
+void winograd_output_transform_adjoint(int64_t m, const T* gz, const PixelRows& rows, int64_t C, int64_t ty0,
+                                       int64_t ty1, int64_t tiles_w, const T* zeros, T* mt, int64_t xs);
 
 }  // namespace tucker_ops::cpu
