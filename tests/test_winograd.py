@@ -221,12 +221,12 @@ def test_non_finite_images_take_the_direct_path(case, monkeypatch, tile):
 
 
 def test_large_images_keep_the_direct_core_in_the_backward(monkeypatch, tile):
-    """Above 2^21 elements of an image's pixel-major buffers (here 256 x 256 pixels x 33
+    """Above 2^19 elements of an image's pixel-major buffers (here 128 x 128 pixels x 33
     channels: R_in + R_out) the backward's core stays direct, forced or not (the forward
     runs per band and has no such limit)."""
-    x, params, padding = _inputs((4, 4, 256, 256, 16, 17, 4, (1, 1), True, True), torch.float32, "nchw")
+    x, params, padding = _inputs((4, 4, 128, 128, 16, 17, 4, (1, 1), True, True), torch.float32, "nchw")
     first, core, last, _ = params
-    gy = torch.ones(4, 4, 256, 256)
+    gy = torch.ones(4, 4, 128, 128)
     results = {}
     with _num_threads(2):
         for algo in (tile, "direct"):

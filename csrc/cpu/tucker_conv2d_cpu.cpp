@@ -224,8 +224,8 @@ CoreChoice core_choice() {
 // needs a 3x3 stride-1 undilated core. The forward runs it per tile (bands of
 // whole tile rows); the backward needs whole images as the parallel tasks
 // (the batch keeps every thread busy, as for plan_tiles' whole-image tiles)
-// whose pixel-major buffers (thread scratch, kept for the next call) stay
-// within 2^21 elements. auto also needs 16 channels on both sides of the
+// whose pixel-major buffers (thread scratch, kept for the next call: about
+// seven of them) stay within 2^19 elements. auto also needs 16 channels on both sides of the
 // core: below that the tile transforms, which do not shrink with the ranks'
 // product, cost more than the multiply-adds they save. The tile size by rule
 // is the one with fewer multiply-adds per image (tiles x alpha^2: F(4x4) on
@@ -236,7 +236,7 @@ int64_t winograd_tile(const Conv2dSizes& s, bool backward) {
   if (backward) {
     if (s.N < 2 * at::get_num_threads()) return 0;
     const int64_t widest = std::max({s.R_in + s.R_out, s.C_in, s.C_out});
-    if (s.H * s.W * widest > (int64_t(1) << 21)) return 0;
+    if (s.H * s.W * widest > (int64_t(1) << 19)) return 0;
   }
   const CoreChoice choice = core_choice();
   if (choice.direct || (choice.automatic && (s.R_in < 16 || s.R_out < 16))) return 0;
