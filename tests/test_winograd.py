@@ -2,15 +2,15 @@
 
 A 3x3 stride-1 undilated core runs by Winograd, F(2x2, 3x3) or F(4x4, 3x3): the forward
 per tile (bands of whole tile rows), the backward with whole images as the parallel tasks
-(a batch of at least two images per thread).
-TUCKER_OPS_CONV_CORE=winograd2 / winograd4 force a tile size at any rank (auto needs 16
-channels on both sides of the core and picks the tile with fewer multiply-adds), =direct
-turns it off. Every case is checked with both tiles, forward and backward (every
-gradient), with the forward's intermediates kept and recomputed, in float64 to 1e-9 and
-float32 to 2e-4; then gradcheck, the non-finite fallback to the direct path, the automatic
-choice, bands, thread counts and the ReLU + pool epilogue.
+(a batch of at least two images per thread). TUCKER_OPS_CONV_CORE=winograd2 / winograd4
+force a tile size at any rank (auto needs 16 channels on both sides of the core and picks
+the tile with fewer multiply-adds), =direct turns it off. Every case is checked with both
+tiles, forward and backward (every gradient), with the forward's intermediates kept and
+recomputed, against the reference run in float64 (to 1e-10 and 2e-5 of each tensor's
+largest value in float64 and float32); then gradcheck and opcheck, the non-finite
+fallback to the direct path, the automatic choices, bands, thread counts, the ReLU + pool
+epilogue and every instruction set.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +20,7 @@ import sys
 
 import pytest
 import torch
-from test_ops_fused_paths import _check, _factors, _num_threads
+from test_ops_fused_paths import _factors, _num_threads
 
 from tucker_ops import reference
 from tucker_ops._epilogue_op import tucker_conv2d_relu_pool
@@ -45,6 +45,28 @@ CASES = [
     (2, 5, 17, 12, 4, 6, 5, (2, 0), False, True),
     (1, 4, 30, 7, 6, 4, 3, (1, 1), True, False),
 ]
+
+
+def _check(x, params, padding, dtype):
+    """Output and every gradient against the reference chain (run in float64). Tolerances
+    scale with each tensor's largest value: F(4x4, 3x3)'s transforms (coefficients up to 8
+    and 1/24) round a few times more than the direct sum, about 5e-6 of the largest
+    gradient in float32 (the direct core: about 1e-6)."""
+    fused = [t.clone().requires_grad_() if t is not None else None for t in (x, *params)]
+    ref = [t.double().requires_grad_() if t is not None else None for t in (x, *params)]
+    y = ops.tucker_conv2d(*fused, ONE, padding, ONE)
+    y_ref = reference.tucker_conv2d(*ref, ONE, padding, ONE)
+    assert y.is_contiguous() and y.dtype == dtype
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y.backward(gy.to(dtype))
+    y_ref.backward(gy)
+    scale = 1e-10 if dtype == torch.float64 else 2e-5
+    for name, a, r in zip(("output", "input", "first", "core", "last", "bias"), [y, *fused], [y_ref, *ref]):
+        if a is None:
+            continue
+        got, want = (a if name == "output" else a.grad).double(), (r if name == "output" else r.grad).detach()
+        atol = scale * max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got, want, rtol=10 * scale, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 @contextlib.contextmanager
@@ -85,12 +107,7 @@ def _inputs(case, dtype, layout, seed=0):
 def test_winograd_matches_reference(case, dtype, layout, keep, monkeypatch, tile):
     x, params, padding = _inputs(case, dtype, layout)
     with _num_threads(2), _core(tile, monkeypatch):
-        _check(
-            lambda *t: ops.tucker_conv2d(*t, ONE, padding, ONE),
-            lambda *t: reference.tucker_conv2d(*t, ONE, padding, ONE),
-            (x, *params),
-            dtype,
-        )
+        _check(x, params, padding, dtype)
 
 
 MASKS = [(1, 0, 0, 0, 0), (0, 1, 0, 0, 0), (0, 0, 1, 0, 0), (0, 0, 0, 1, 0), (0, 0, 0, 0, 1), (1, 1, 1, 1, 1)]
@@ -173,12 +190,10 @@ def test_auto_forward_bands(height, expect, monkeypatch):
         assert torch.equal(results["auto"], results[algo]) == (algo == expect), algo
 
 
-def test_backward_needs_images_as_tasks(monkeypatch, tile):
-    """With fewer than two images per thread the backward keeps the direct core (its tiles
-    are bands whose halos overlap): forced or not, its results are the direct path's."""
-    x, params, padding = _inputs((2, 8, 10, 10, 4, 4, 8, (1, 1), True, True), torch.float32, "nchw")
+def _assert_backward_is_direct(x, params, padding, gy, tile, monkeypatch):
+    """The backward op (every gradient, nothing kept) forced to `tile` gives exactly the
+    direct core's results: it did not run Winograd."""
     first, core, last, _ = params
-    gy = torch.randn(2, 8, 10, 10, generator=torch.Generator().manual_seed(1))
     results = {}
     with _num_threads(2):
         for algo in (tile, "direct"):
@@ -187,6 +202,14 @@ def test_backward_needs_images_as_tasks(monkeypatch, tile):
                     gy, x, first, core, last, ONE, padding, ONE, [True] * 5, None, None
                 )
     assert all(torch.equal(a, b) for a, b in zip(results[tile], results["direct"]))
+
+
+def test_backward_needs_images_as_tasks(monkeypatch, tile):
+    """With fewer than two images per thread the backward keeps the direct core (its tiles
+    are bands whose halos overlap): forced or not, its results are the direct path's."""
+    x, params, padding = _inputs((2, 8, 10, 10, 4, 4, 8, (1, 1), True, True), torch.float32, "nchw")
+    gy = torch.randn(2, 8, 10, 10, generator=torch.Generator().manual_seed(1))
+    _assert_backward_is_direct(x, params, padding, gy, tile, monkeypatch)
 
 
 @pytest.mark.parametrize(
@@ -225,16 +248,7 @@ def test_large_images_keep_the_direct_core_in_the_backward(monkeypatch, tile):
     channels: R_in + R_out) the backward's core stays direct, forced or not (the forward
     runs per band and has no such limit)."""
     x, params, padding = _inputs((4, 4, 128, 128, 16, 17, 4, (1, 1), True, True), torch.float32, "nchw")
-    first, core, last, _ = params
-    gy = torch.ones(4, 4, 128, 128)
-    results = {}
-    with _num_threads(2):
-        for algo in (tile, "direct"):
-            with _core(algo, monkeypatch):
-                results[algo] = ops.tucker_conv2d_backward(
-                    gy, x, first, core, last, ONE, padding, ONE, [True] * 5, None, None
-                )
-    assert all(torch.equal(a, b) for a, b in zip(results[tile], results["direct"]))
+    _assert_backward_is_direct(x, params, padding, torch.ones(4, 4, 128, 128), tile, monkeypatch)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -255,12 +269,7 @@ def test_bands(layout, keep, monkeypatch, tile):
     512 KiB of transformed data per band), the last one shorter."""
     x, params, padding = _inputs((4, 16, 38, 21, 40, 30, 12, (1, 1), True, True), torch.float64, layout)
     with _num_threads(2), _core(tile, monkeypatch):
-        _check(
-            lambda *t: ops.tucker_conv2d(*t, ONE, padding, ONE),
-            lambda *t: reference.tucker_conv2d(*t, ONE, padding, ONE),
-            (x, *params),
-            torch.float64,
-        )
+        _check(x, params, padding, torch.float64)
 
 
 @pytest.mark.parametrize("batch", [4, 1], ids=["images", "bands"])

@@ -283,11 +283,7 @@ TUCKER_INLINE void gemm_nt_impl(int64_t M, int64_t N, int64_t K, const T* a, int
     gemm_nt_impl<T, typename Vec<T, BYTES>::type>(M, N, K, a, lda, b, ldb, c, ldc, accumulate);                    \
   }
 
-TUCKER_VARIANT(baseline, , 16)
-#ifdef TUCKER_HAVE_X86_VARIANTS
-TUCKER_VARIANT(avx2, TUCKER_TARGET_AVX2, 32)
-TUCKER_VARIANT(avx512, TUCKER_TARGET_AVX512, 64)
-#endif
+TUCKER_FOR_EACH_ISA(TUCKER_VARIANT)
 #undef TUCKER_VARIANT
 
 // ---- selection -------------------------------------------------------------------

@@ -61,8 +61,15 @@ Isa kernel_isa();
     case ::tucker_ops::cpu::Isa::kAvx2: return NAME##_avx2<T>(__VA_ARGS__);     \
     default: return NAME##_baseline<T>(__VA_ARGS__);                    \
   }
+// Expands VARIANT(name, target attribute, vector bytes) once per ISA: the
+// variants TUCKER_CALL_ISA picks from.
+#define TUCKER_FOR_EACH_ISA(VARIANT)     \
+  VARIANT(baseline, , 16)                \
+  VARIANT(avx2, TUCKER_TARGET_AVX2, 32)  \
+  VARIANT(avx512, TUCKER_TARGET_AVX512, 64)
 #else
 #define TUCKER_CALL_ISA(NAME, ...) return NAME##_baseline<T>(__VA_ARGS__);
+#define TUCKER_FOR_EACH_ISA(VARIANT) VARIANT(baseline, , 16)
 #endif
 
 }  // namespace tucker_ops::cpu

@@ -57,11 +57,7 @@ TUCKER_INLINE void transpose_impl(int64_t rows, int64_t cols, const T* src, int6
   TARGET void transpose_##NAME(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) { \
     transpose_impl<T, typename Vec<T, BYTES>::type>(rows, cols, src, lds, dst, ldd);                          \
   }
-TUCKER_VARIANT(baseline, , 16)
-#ifdef TUCKER_HAVE_X86_VARIANTS
-TUCKER_VARIANT(avx2, TUCKER_TARGET_AVX2, 32)
-TUCKER_VARIANT(avx512, TUCKER_TARGET_AVX512, 64)
-#endif
+TUCKER_FOR_EACH_ISA(TUCKER_VARIANT)
 #undef TUCKER_VARIANT
 
 }  // namespace

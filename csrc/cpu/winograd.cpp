@@ -231,11 +231,7 @@ TUCKER_INLINE void output_transform_adjoint(const T* gz, const PixelRows& rows, 
     TUCKER_BY_TILE(output_transform_adjoint, V, gz, rows, C, ty0, ty1, tiles_w, zeros, mt, xs);                      \
   }
 
-TUCKER_VARIANT(baseline, , 16)
-#ifdef TUCKER_HAVE_X86_VARIANTS
-TUCKER_VARIANT(avx2, TUCKER_TARGET_AVX2, 32)
-TUCKER_VARIANT(avx512, TUCKER_TARGET_AVX512, 64)
-#endif
+TUCKER_FOR_EACH_ISA(TUCKER_VARIANT)
 #undef TUCKER_VARIANT
 #undef TUCKER_BY_TILE
 
