@@ -357,7 +357,8 @@ def _winograd_calls(draw):
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
 
     def randn(*shape):
-        return (torch.randn(*shape, dtype=torch.float64, generator=gen) / (shape[-1] if len(shape) > 1 else 1) ** 0.5).to(dtype)
+        fan_in = shape[-1] if len(shape) > 1 else 1
+        return (torch.randn(*shape, dtype=torch.float64, generator=gen) / fan_in**0.5).to(dtype)
 
     x = randn(n, c_in, h, w)
     if draw(st.booleans()):
@@ -395,7 +396,8 @@ def test_random_configurations(call):
                 x = flat.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
             with torch.no_grad():
                 y = ops.tucker_conv2d(x, *params, ONE, pad, ONE)
-                y_ref = reference.tucker_conv2d(x.double(), *[p.double() if p is not None else None for p in params], ONE, pad, ONE)
+                wide = [p.double() if p is not None else None for p in params]
+                y_ref = reference.tucker_conv2d(x.double(), *wide, ONE, pad, ONE)
             for mask in (torch.isnan, torch.isposinf, torch.isneginf):
                 assert torch.equal(mask(y), mask(y_ref)), mask.__name__
     finally:

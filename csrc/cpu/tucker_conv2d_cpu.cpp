@@ -225,11 +225,11 @@ CoreChoice core_choice() {
 // whole tile rows); the backward needs whole images as the parallel tasks
 // (the batch keeps every thread busy, as for plan_tiles' whole-image tiles)
 // whose pixel-major buffers (thread scratch, kept for the next call: about
-// seven of them) stay within 2^19 elements. auto also needs 16 channels on both sides of the
-// core: below that the tile transforms, which do not shrink with the ranks'
-// product, cost more than the multiply-adds they save. The tile size by rule
-// is the one with fewer multiply-adds per image (tiles x alpha^2: F(4x4) on
-// 14 x 14 outputs, 16 x 36 against F(2x2)'s 49 x 16).
+// seven of them) stay within 2^19 elements. auto also needs 16 channels on
+// both sides of the core: below that the tile transforms, which do not shrink
+// with the ranks' product, cost more than the multiply-adds they save. The
+// tile size by rule is the one with fewer multiply-adds per image (tiles x
+// alpha^2: F(4x4) on 14 x 14 outputs, 16 x 36 against F(2x2)'s 49 x 16).
 int64_t winograd_tile(const Conv2dSizes& s, bool backward) {
   if (s.kh != 3 || s.kw != 3 || s.stride_h != 1 || s.stride_w != 1 || s.dil_h != 1 || s.dil_w != 1) return 0;
   if (s.H_out < 2 || s.W_out < 2) return 0;
@@ -469,35 +469,33 @@ void conv_forward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* bias
     // The kept projection's rows this tile writes: up to the next tile's
     // first input row (output row oh1's first tap).
     const int64_t own_hi = oh1 >= rows_used ? s.H : std::clamp<int64_t>(oh1 * s.stride_h - s.pad_h, 0, s.H);
-    if (wino && forward_tile_winograd<T>(s, op, *wino, n, oh0, oh1, own_hi, bias, yn, ldy, keep)) {
-      if (pool > 0) relu_pool_tile<T>(s, pool, yn, oh1 - oh0, out + n * s.C_out * HWp + (oh0 / pool) * (s.W_out / pool), HWp);
-      return;
-    }
-    const auto [ih_lo, ih_hi] = input_rows(s, oh0, oh1);
-    const T* p = nullptr;
-    const Projection pr = project_rows<T>(s, op, n, ih_lo, ih_hi, scratch<T>(0, s.R_in * (ih_hi - ih_lo) * s.W), &p);
-    const bool direct = reads_projection_directly(s, pr.ps);
-    if (keep.p) save_projection_rows<T>(s, op.nhwc, p, pr, n, own_hi, keep.p);
-    T* qn = keep.q ? keep.q + n * s.R_out * HWo + oh0 * s.W_out : nullptr;
-    if (!direct) {
-      forward_tile_windows<T>(s, op, pr, p, oh0, oh1, plan.block, bias, yn, ldy, qn);
-    } else {
-      // Pointwise core on a channel-major projection: the core reads it in place.
-      T* q = op.last && !qn ? scratch<T>(2, s.R_out * plan.block) : nullptr;
-      const int64_t block = balanced_block(npx, plan.block);
-      for (int64_t q0 = 0; q0 < npx; q0 += block) {
-        const int64_t nb = std::min(block, npx - q0);
-        const T* col = p + (oh0 * s.W_out + q0 - pr.ih_lo * s.W);  // same pixel index in and out
-        T* y = yn + q0;
-        if (bias)
-          for (int64_t c = 0; c < s.C_out; ++c) std::fill(y + c * ldy, y + c * ldy + nb, bias[c]);
-        if (op.last) {
-          T* qb = qn ? qn + q0 : q;
-          const int64_t ldq = qn ? HWo : nb;
-          gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, qb, ldq, false);
-          gemm_nn<T>(s.C_out, nb, s.R_out, op.last, s.R_out, 1, qb, ldq, y, ldy, bias != nullptr);
-        } else {
-          gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, y, ldy, bias != nullptr);
+    if (!wino || !forward_tile_winograd<T>(s, op, *wino, n, oh0, oh1, own_hi, bias, yn, ldy, keep)) {
+      const auto [ih_lo, ih_hi] = input_rows(s, oh0, oh1);
+      const T* p = nullptr;
+      const Projection pr = project_rows<T>(s, op, n, ih_lo, ih_hi, scratch<T>(0, s.R_in * (ih_hi - ih_lo) * s.W), &p);
+      const bool direct = reads_projection_directly(s, pr.ps);
+      if (keep.p) save_projection_rows<T>(s, op.nhwc, p, pr, n, own_hi, keep.p);
+      T* qn = keep.q ? keep.q + n * s.R_out * HWo + oh0 * s.W_out : nullptr;
+      if (!direct) {
+        forward_tile_windows<T>(s, op, pr, p, oh0, oh1, plan.block, bias, yn, ldy, qn);
+      } else {
+        // Pointwise core on a channel-major projection: the core reads it in place.
+        T* q = op.last && !qn ? scratch<T>(2, s.R_out * plan.block) : nullptr;
+        const int64_t block = balanced_block(npx, plan.block);
+        for (int64_t q0 = 0; q0 < npx; q0 += block) {
+          const int64_t nb = std::min(block, npx - q0);
+          const T* col = p + (oh0 * s.W_out + q0 - pr.ih_lo * s.W);  // same pixel index in and out
+          T* y = yn + q0;
+          if (bias)
+            for (int64_t c = 0; c < s.C_out; ++c) std::fill(y + c * ldy, y + c * ldy + nb, bias[c]);
+          if (op.last) {
+            T* qb = qn ? qn + q0 : q;
+            const int64_t ldq = qn ? HWo : nb;
+            gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, qb, ldq, false);
+            gemm_nn<T>(s.C_out, nb, s.R_out, op.last, s.R_out, 1, qb, ldq, y, ldy, bias != nullptr);
+          } else {
+            gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, pr.cs, y, ldy, bias != nullptr);
+          }
         }
       }
     }
@@ -831,7 +829,7 @@ void backward_pixels(const Conv2dSizes& s, const ConvOperands<T>& op, const Conv
   }
 }
 
-// The whole of image n by Winograd (the backward of forward_image_winograd):
+// The whole of image n by Winograd (the backward of forward_tile_winograd):
 // bias, last, core (into acc_u, transformed), projection, then input and first
 // gradients. Returns false, having done nothing, when the projection or the
 // core output's gradient is not all finite (the caller then runs the direct
