@@ -293,8 +293,14 @@ print("ok")
 )
 def test_gemm_variants(env):
     """Each GEMM implementation (an ISA the CPU lacks falls back to the best it has) gives the reference result."""
+    run_check_in_subprocess(_SUBPROCESS_CHECK, env)
+
+
+def run_check_in_subprocess(code: str, env: dict[str, str]) -> None:
+    """Runs `code` (which prints "ok" when its checks pass) in a fresh interpreter with `env`
+    added: the variables the extension reads once, at load time."""
     result = subprocess.run(
-        [sys.executable, "-c", _SUBPROCESS_CHECK],
+        [sys.executable, "-c", code],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

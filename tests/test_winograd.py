@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from test_ops_fused_paths import _factors, _num_threads
+from test_ops_fused_paths import _factors, _num_threads, run_check_in_subprocess
 
 from tucker_ops import reference
 from tucker_ops._epilogue_op import tucker_conv2d_relu_pool
@@ -327,14 +325,7 @@ print("ok")
 def test_every_instruction_set(isa):
     """The transforms (and transposes) compiled for each ISA (one the CPU lacks falls back to
     the best it has), both tile sizes, with channel counts that leave vector tails."""
-    result = subprocess.run(
-        [sys.executable, "-c", _ISA_CHECK],
-        env={**os.environ, "TUCKER_OPS_ISA": isa, "TUCKER_OPS_GEMM": "kernel"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    run_check_in_subprocess(_ISA_CHECK, {"TUCKER_OPS_ISA": isa, "TUCKER_OPS_GEMM": "kernel"})
 
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed")

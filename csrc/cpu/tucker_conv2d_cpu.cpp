@@ -356,8 +356,8 @@ void winograd_core_forward(const Conv2dSizes& s, const WinogradOperands<T>& w, c
 // tile; oh0 a multiple of the tile size): output (C_out, rows * W_out) at yn
 // with channel stride ldy, on top of the bias, and the intermediates when
 // kept (the projection's rows up to own_hi, as the direct tile saves them).
-// Returns false, having written nothing but kept projection rows, when the
-// projection is not all finite (the caller then runs the direct tile).
+// Returns false, having written nothing, when the projection is not all
+// finite (the caller then runs the direct tile).
 template <typename T>
 bool forward_tile_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, const WinogradOperands<T>& w, int64_t n,
                            int64_t oh0, int64_t oh1, int64_t own_hi, const T* bias, T* yn, int64_t ldy,
@@ -432,10 +432,11 @@ TilePlan forward_plan(const Conv2dSizes& s, int64_t pool, int64_t elem_size, int
 }
 
 // winograd_tile for the forward, which runs it per tile: by rule (auto) only
-// on whole images or bands of at least four tile rows. Thinner bands (batch 1 on a 14 x 14
-// layer: four bands of four rows) recompute half their projection again for
-// the halo and run GEMMs over a handful of tiles: slower than the direct core
-// (resnet50_3x3 at batch 1, 0.24 against 0.20 ms, dev A/B).
+// on whole images or bands of at least four tile rows. Thinner bands (batch 1
+// on a 14 x 14 layer: four bands of four rows) recompute half their
+// projection again for the halo and run GEMMs over a handful of tiles: slower
+// than the direct core (resnet50_3x3 at batch 1, 0.24 against 0.20 ms, dev
+// A/B).
 int64_t winograd_forward_tile(const Conv2dSizes& s, int64_t pool, int64_t elem_size) {
   const int64_t tile = winograd_tile(s, /*backward=*/false);
   if (!tile) return 0;
@@ -625,8 +626,9 @@ struct ConvGrads {
   T* acc_core;   // (chunks, R_out, K)
   T* acc_last;   // (chunks, C_out, R_out)
   T* acc_bias;   // (chunks, C_out)
-  // Winograd images only: the core gradient transformed, (chunks, 16, R_out,
-  // R_in), and from NCHW input first's gradient transposed, (chunks, C_in, R_in).
+  // Winograd images only: the core gradient transformed, (chunks, alpha^2,
+  // R_out, R_in), and from NCHW input first's gradient transposed, (chunks,
+  // C_in, R_in).
   T* acc_u = nullptr;
   T* acc_first_t = nullptr;
 };
