@@ -214,6 +214,10 @@ def test_linear_paths(case, dtype, keep):
         (32, 4100, 300, 200, 2300, True, True),
         (16, 3000, 90, 70, 2500, True, True),
         (17, 2100, 300, 120, 40, True, False),
+        # weight gradients of megabytes with rows aligned to the vector width: written with
+        # streaming stores (csrc/cpu/gemm.h OutputStore) by every thread whose slice is
+        # large enough (at 3 threads some slices of the last's gradient are not)
+        (24, 4096, 256, 192, 4096, True, True),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -277,6 +281,15 @@ for dtype in (torch.float64, torch.float32):
     xl = torch.randn(200, 70, dtype=dtype, generator=g)
     fl, cl, ll = (torch.randn(*s, dtype=dtype, generator=g) for s in ((20, 70), (30, 20), (50, 30)))
     torch.testing.assert_close(ops.tucker_linear(xl, fl, cl, ll, None), reference.tucker_linear(xl, fl, cl, ll, None), rtol=tol, atol=tol)
+    # Weights outweighing the rows, gradients of 1-4 MB with aligned rows: streaming stores.
+    gw = torch.Generator().manual_seed(1)
+    xw = torch.randn(8, 4096, dtype=dtype, generator=gw)
+    fw, cw, lw = (torch.randn(*s, dtype=dtype, generator=gw) for s in ((128, 4096), (96, 128), (4096, 96)))
+    inputs = [t.requires_grad_() for t in (xw, fw, cw, lw)]
+    got = torch.autograd.grad(ops.tucker_linear(*inputs, None).square().sum(), inputs)
+    want = torch.autograd.grad(reference.tucker_linear(*inputs, None).square().sum(), inputs)
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r, rtol=tol, atol=tol * r.abs().max().item())
 print("ok")
 """
 

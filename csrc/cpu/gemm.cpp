@@ -58,7 +58,7 @@ struct OffsetRows {
 
 // MR rows x NV vectors of C; B rows are read NV vectors at a time, A
 // broadcast one element at a time. Accumulators stay in registers.
-template <typename T, typename V, int MR, int NV, typename Rows>
+template <typename T, typename V, int MR, int NV, bool Stream, typename Rows>
 TUCKER_INLINE void nn_micro(int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const Rows& b, T* c, int64_t ldc,
                             bool accumulate) {
   constexpr int L = sizeof(V) / sizeof(T);
@@ -75,23 +75,29 @@ TUCKER_INLINE void nn_micro(int64_t K, const T* a, int64_t a_rs, int64_t a_cs, c
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NV; ++j) store(c + m * ldc + j * L, acc[m][j]);
+    for (int j = 0; j < NV; ++j) {
+      if constexpr (Stream)
+        store_streaming(c + m * ldc + j * L, acc[m][j]);
+      else
+        store(c + m * ldc + j * L, acc[m][j]);
+    }
 }
 
-template <typename T, typename V, int MR, int NV, typename Rows>
+template <typename T, typename V, int MR, int NV, bool Stream = false, typename Rows>
 TUCKER_INLINE void nn_rows(int64_t M, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const Rows& b, T* c,
                            int64_t ldc, bool accumulate) {
   int64_t m = 0;
-  for (; m + MR <= M; m += MR) nn_micro<T, V, MR, NV>(K, a + m * a_rs, a_rs, a_cs, b, c + m * ldc, ldc, accumulate);
+  for (; m + MR <= M; m += MR)
+    nn_micro<T, V, MR, NV, Stream>(K, a + m * a_rs, a_rs, a_cs, b, c + m * ldc, ldc, accumulate);
   const T* am = a + m * a_rs;
   T* cm = c + m * ldc;
   switch (M - m) {
     case 0: break;
-    case 1: nn_micro<T, V, 1, NV>(K, am, a_rs, a_cs, b, cm, ldc, accumulate); break;
-    case 2: nn_micro<T, V, 2, NV>(K, am, a_rs, a_cs, b, cm, ldc, accumulate); break;
-    case 3: nn_micro<T, V, 3, NV>(K, am, a_rs, a_cs, b, cm, ldc, accumulate); break;
-    case 4: nn_micro<T, V, 4, NV>(K, am, a_rs, a_cs, b, cm, ldc, accumulate); break;
-    default: nn_micro<T, V, 5, NV>(K, am, a_rs, a_cs, b, cm, ldc, accumulate); break;
+    case 1: nn_micro<T, V, 1, NV, Stream>(K, am, a_rs, a_cs, b, cm, ldc, accumulate); break;
+    case 2: nn_micro<T, V, 2, NV, Stream>(K, am, a_rs, a_cs, b, cm, ldc, accumulate); break;
+    case 3: nn_micro<T, V, 3, NV, Stream>(K, am, a_rs, a_cs, b, cm, ldc, accumulate); break;
+    case 4: nn_micro<T, V, 4, NV, Stream>(K, am, a_rs, a_cs, b, cm, ldc, accumulate); break;
+    default: nn_micro<T, V, 5, NV, Stream>(K, am, a_rs, a_cs, b, cm, ldc, accumulate); break;
   }
 }
 
@@ -103,14 +109,16 @@ std::vector<T>& tail_buffer() {
   return buf;
 }
 
-template <typename T, typename V, typename Rows>
+template <typename T, typename V, bool Stream = false, typename Rows>
 TUCKER_INLINE void gemm_nn_impl(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
                                 const Rows& b, T* c, int64_t ldc, bool accumulate) {
   constexpr int L = sizeof(V) / sizeof(T);
   constexpr int MR = 6;
   int64_t n = 0;
-  for (; n + 2 * L <= N; n += 2 * L) nn_rows<T, V, MR, 2>(M, K, a, a_rs, a_cs, b.shifted(n), c + n, ldc, accumulate);
-  for (; n + L <= N; n += L) nn_rows<T, V, MR, 1>(M, K, a, a_rs, a_cs, b.shifted(n), c + n, ldc, accumulate);
+  for (; n + 2 * L <= N; n += 2 * L)
+    nn_rows<T, V, MR, 2, Stream>(M, K, a, a_rs, a_cs, b.shifted(n), c + n, ldc, accumulate);
+  for (; n + L <= N; n += L) nn_rows<T, V, MR, 1, Stream>(M, K, a, a_rs, a_cs, b.shifted(n), c + n, ldc, accumulate);
+  if constexpr (Stream) streaming_fence();
   const int64_t rem = N - n;
   if (rem == 0) return;
   std::vector<T>& buf = tail_buffer<T>();
@@ -266,6 +274,12 @@ TUCKER_INLINE void gemm_nt_impl(int64_t M, int64_t N, int64_t K, const T* a, int
                                                   accumulate);                                                     \
   }                                                                                                                \
   template <typename T>                                                                                            \
+  TARGET void nn_streaming_##NAME(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,         \
+                                  const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {                   \
+    gemm_nn_impl<T, typename Vec<T, BYTES>::type, true>(M, N, K, a, a_rs, a_cs, StridedRows<T>{b, ldb}, c, ldc,    \
+                                                        accumulate);                                               \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
   TARGET void nt_offsets_##NAME(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b,              \
                                 const int64_t* b_offsets, T* c, int64_t ldc, bool accumulate) {                    \
     gemm_nt_dots<T, typename Vec<T, BYTES>::type>(M, N, K, a, lda, OffsetRows<T>{b, b_offsets}, c, ldc,            \
@@ -362,6 +376,15 @@ bool nn_uses_blas(int64_t M, int64_t N, int64_t K, bool a_row_major) {
   return use_blas<T>(M, N, K);
 }
 
+// Whether gemm_nn's kernel may write C with streaming stores (gemm.h,
+// OutputStore): they need every row of C aligned to the vector width.
+template <typename T>
+bool streams_output(int64_t M, int64_t N, T* c, int64_t ldc, bool accumulate, OutputStore store) {
+  if (store != OutputStore::kStreamed || accumulate || M * N * int64_t(sizeof(T)) < kStreamedMinBytes) return false;
+  const int64_t vector_bytes = kIsa == Isa::kAvx512 ? 64 : kIsa == Isa::kAvx2 ? 32 : 16;
+  return reinterpret_cast<uintptr_t>(c) % vector_bytes == 0 && (ldc * int64_t(sizeof(T))) % vector_bytes == 0;
+}
+
 // Runs the BLAS single-threaded on the calling thread, restoring its setting.
 struct SingleThreadedBlas {
   int previous = 0;
@@ -402,7 +425,7 @@ bool nothing_to_multiply(int64_t M, int64_t N, int64_t K, T* c, int64_t ldc, boo
 
 template <typename T>
 void gemm_nn(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb, T* c,
-             int64_t ldc, bool accumulate) {
+             int64_t ldc, bool accumulate, OutputStore store) {
   if (nothing_to_multiply(M, N, K, c, ldc, accumulate)) return;
   if (nn_uses_blas<T>(M, N, K, a_cs == 1)) {
     // Row-major C = A B is column-major C^T = B^T A^T: B goes first, untransposed.
@@ -414,6 +437,9 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t 
                 accumulate ? T(1) : T(0), c, int(ldc));
       return;
     }
+  }
+  if (streams_output<T>(M, N, c, ldc, accumulate, store)) {
+    TUCKER_CALL_ISA(nn_streaming, M, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate)
   }
   TUCKER_CALL_ISA(nn, M, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate)
 }
@@ -476,9 +502,9 @@ template void gemm_nt_offsets<double>(int64_t, int64_t, int64_t, const double*, 
                                       const int64_t*, double*, int64_t, bool);
 
 template void gemm_nn<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
-                             int64_t, bool);
+                             int64_t, bool, OutputStore);
 template void gemm_nn<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t, const double*, int64_t,
-                              double*, int64_t, bool);
+                              double*, int64_t, bool, OutputStore);
 template void gemm_nt<float>(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
                              bool);
 template void gemm_nt<double>(int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t, double*,

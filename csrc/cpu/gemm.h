@@ -19,6 +19,15 @@
 
 namespace tucker_ops::cpu {
 
+// How gemm_nn writes C. kStreamed: non-temporal stores, for a large
+// write-once output nobody reads soon (a weight gradient the optimizer reads
+// after the rest of the backward): its lines are not read from memory first
+// nor evict the operands. Honoured by the hand kernel when C is overwritten
+// (not accumulated), at least kStreamedMinBytes, and its rows are aligned to
+// the vector width; otherwise C is written as usual.
+enum class OutputStore { kCached, kStreamed };
+constexpr int64_t kStreamedMinBytes = int64_t(1) << 20;
+
 // C (M x N, row stride ldc) = [C +] A * B.
 // A element (m, k) is a[m * a_rs + k * a_cs] (so a transposed matrix is just
 // swapped strides); B is row-major (K x N) with row stride ldb.
@@ -26,7 +35,8 @@ template <typename T>
 void gemm_nn(int64_t M, int64_t N, int64_t K,
              const T* a, int64_t a_rs, int64_t a_cs,
              const T* b, int64_t ldb,
-             T* c, int64_t ldc, bool accumulate);
+             T* c, int64_t ldc, bool accumulate,
+             OutputStore store = OutputStore::kCached);
 
 // C (M x N, row stride ldc) = [C +] A * B^T, with A (M x K, row stride lda) and
 // B (N x K, row stride ldb) both contiguous along K: the weight-gradient form.

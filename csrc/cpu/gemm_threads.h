@@ -52,12 +52,12 @@ void for_each_gemm_slice(int64_t M, int64_t N, int64_t K, const F& slice) {
 // gemm_nn over all threads (same arguments and result as gemm_nn).
 template <typename T>
 void gemm_nn_threads(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb,
-                     T* c, int64_t ldc, bool accumulate) {
+                     T* c, int64_t ldc, bool accumulate, OutputStore store = OutputStore::kCached) {
   for_each_gemm_slice(M, N, K, [&](int64_t lo, int64_t hi, bool columns) {
     if (columns)
-      gemm_nn<T>(M, hi - lo, K, a, a_rs, a_cs, b + lo, ldb, c + lo, ldc, accumulate);
+      gemm_nn<T>(M, hi - lo, K, a, a_rs, a_cs, b + lo, ldb, c + lo, ldc, accumulate, store);
     else
-      gemm_nn<T>(hi - lo, N, K, a + lo * a_rs, a_rs, a_cs, b, ldb, c + lo * ldc, ldc, accumulate);
+      gemm_nn<T>(hi - lo, N, K, a + lo * a_rs, a_rs, a_cs, b, ldb, c + lo * ldc, ldc, accumulate, store);
   });
 }
 

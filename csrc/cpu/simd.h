@@ -45,6 +45,39 @@ TUCKER_INLINE void store(T* p, const V& v) {
   __builtin_memcpy(p, &v, sizeof(V));
 }
 
+// A non-temporal (streaming) store: the line goes to memory without being
+// read first or kept in cache. p must be aligned to sizeof(V). Inline
+// assembly rather than intrinsics: the helper is inlined into each ISA's
+// wrapper, and the operand constraint picks that ISA's register width (SSE2's
+// movnt for the 16-byte baseline vectors, VEX/EVEX vmovnt for wider ones).
+template <typename V, typename T>
+TUCKER_INLINE void store_streaming(T* p, const V& v) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8);
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (sizeof(V) == 16) {
+    if constexpr (sizeof(T) == 4)
+      asm("movntps %1, %0" : "=m"(*reinterpret_cast<V*>(p)) : "x"(v));
+    else
+      asm("movntpd %1, %0" : "=m"(*reinterpret_cast<V*>(p)) : "x"(v));
+  } else {
+    if constexpr (sizeof(T) == 4)
+      asm("vmovntps %1, %0" : "=m"(*reinterpret_cast<V*>(p)) : "v"(v));
+    else
+      asm("vmovntpd %1, %0" : "=m"(*reinterpret_cast<V*>(p)) : "v"(v));
+  }
+#else
+  store(p, v);
+#endif
+}
+
+// Streaming stores are weakly ordered: this orders them before every later
+// store (the thread's "done" signal to the others included).
+TUCKER_INLINE void streaming_fence() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  asm volatile("sfence" ::: "memory");
+#endif
+}
+
 // The instruction set the hand kernels run with: the best the CPU has, capped
 // by TUCKER_OPS_ISA = auto | avx512 | avx2 | baseline (read once, at load).
 enum class Isa { kBaseline, kAvx2, kAvx512 };

@@ -486,7 +486,10 @@ void linear_backward_rows(const LinearSizes& s, const T* x, const T* gy, const T
 // Backward when the weights dominate (see weights_dominate): each product is
 // one whole-batch GEMM split over the threads (gemm_threads.h). The
 // rank-sized intermediates (M x R) are small here; the weight gradients are
-// written once, with no per-thread accumulators to zero and sum.
+// written once, with no per-thread accumulators to zero and sum, and with
+// streaming stores (OutputStore::kStreamed): each is megabytes of outer
+// products of inner dimension M, bound by its stores, and read next by the
+// optimizer, after the rest of the backward.
 template <typename T>
 void linear_backward_whole_batch(const LinearSizes& s, const T* x, const T* gy, const T* A, const T* G, const T* B,
                                  const LinearGrads<T>& g, const at::TensorOptions& opts) {
@@ -512,7 +515,7 @@ void linear_backward_whole_batch(const LinearSizes& s, const T* x, const T* gy, 
       gemm_nt_threads<T>(M, ro, ri, p, ri, G, ri, q_buf.template mutable_data_ptr<T>(), ro, false);
       q = q_buf.template const_data_ptr<T>();
     }
-    gemm_nn_threads<T>(out, ro, M, gy, 1, out, q, ro, g.acc_last, ro, false);  // gy^T q
+    gemm_nn_threads<T>(out, ro, M, gy, 1, out, q, ro, g.acc_last, ro, false, OutputStore::kStreamed);  // gy^T q
   }
   if (g.bias) {
     // Column sums of gy, split over columns.
@@ -538,7 +541,7 @@ void linear_backward_whole_batch(const LinearSizes& s, const T* x, const T* gy, 
     gp = gp_buf.template mutable_data_ptr<T>();
   }
   gemm_nn_threads<T>(M, ri, ro, gq, ro, 1, G, ri, gp, ri, false);
-  if (g.first) gemm_nn_threads<T>(ri, in, M, gp, 1, ri, x, in, g.acc_first, in, false);  // gp^T x
+  if (g.first) gemm_nn_threads<T>(ri, in, M, gp, 1, ri, x, in, g.acc_first, in, false, OutputStore::kStreamed);
   if (A && g.input) gemm_nn_threads<T>(M, in, ri, gp, ri, 1, A, in, g.gx, in, false);
 }
 
