@@ -2,9 +2,10 @@
 
 A 3x3 stride-1 undilated core runs by Winograd, F(2x2, 3x3) or F(4x4, 3x3): the forward
 per tile (bands of whole tile rows), the backward with whole images as the parallel tasks
-(a batch of at least two images per thread). TUCKER_OPS_CONV_CORE=winograd2 / winograd4
-force a tile size at any rank (auto needs 16 channels on both sides of the core and picks
-the tile with fewer multiply-adds), =direct turns it off. Every case is checked with both
+(a batch of at least two images per thread) or, for smaller batches, bands of the images.
+TUCKER_OPS_CONV_CORE=winograd2 / winograd4 force a tile size at any rank (auto needs 16
+channels on both sides of the core and picks the tile with fewer multiply-adds), =direct
+turns it off. Every case is checked with both
 tiles, forward and backward (every gradient), with the forward's intermediates kept and
 recomputed, against the reference run in float64 (to 1e-10 and 2e-5 of each tensor's
 largest value in float64 and float32); then gradcheck and opcheck, the non-finite
@@ -37,8 +38,8 @@ CASES = [
     (4, 7, 10, 9, 3, 4, 3, (1, 1), True, False),  # Tucker-1, input side: the output is Q
     (4, 3, 7, 8, 3, 5, 5, (1, 0), False, False),  # neither side
     (4, 20, 12, 12, 17, 19, 18, (1, 1), True, True),  # vector tails (17 and 19 channels)
-    # fewer than two images per thread: the forward runs Winograd per band of tile rows
-    # (the last band of an image shorter), the backward the direct core
+    # fewer than two images per thread: forward and backward run Winograd per band of tile
+    # rows (the last band of an image shorter)
     (1, 6, 23, 9, 5, 7, 4, (1, 1), True, True),
     (2, 5, 17, 12, 4, 6, 5, (2, 0), False, True),
     (1, 4, 30, 7, 6, 4, 3, (1, 1), True, False),
@@ -202,12 +203,70 @@ def _assert_backward_is_direct(x, params, padding, gy, tile, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(results[tile], results["direct"]))
 
 
-def test_backward_needs_images_as_tasks(monkeypatch, tile):
-    """With fewer than two images per thread the backward keeps the direct core (its tiles
-    are bands whose halos overlap): forced or not, its results are the direct path's."""
-    x, params, padding = _inputs((2, 8, 10, 10, 4, 4, 8, (1, 1), True, True), torch.float32, "nchw")
-    gy = torch.randn(2, 8, 10, 10, generator=torch.Generator().manual_seed(1))
-    _assert_backward_is_direct(x, params, padding, gy, tile, monkeypatch)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    "batch, threads", [(1, 2), (1, 3), (2, 3), (3, 2)], ids=["1x2", "1x3", "2x3", "3x2"]
+)
+def test_backward_in_bands(batch, threads, layout, keep, monkeypatch, tile):
+    """Fewer images than two per thread: the backward runs Winograd on bands of the images
+    (lcm(batch, threads) tasks; each band's projection gradient, halo rows included, added
+    into its chunk's copy and the copies summed), against the reference in float64; in
+    float32 its results are not the direct core's (Winograd ran). The layer has the work
+    for a chunk per thread (csrc/cpu/parallel_chunks.h), else one chunk runs whole images."""
+    case = (batch, 16, 26, 20, 16, 16, 16, (1, 1), True, True)
+    x, params, padding = _inputs(case, torch.float64, layout)
+    with _num_threads(threads), _core(tile, monkeypatch):
+        _check(x, params, padding, torch.float64)
+    x, params, padding = _inputs(case, torch.float32, layout)
+    with _num_threads(threads):
+        results = {}
+        for algo in (tile, "direct"):
+            with _core(algo, monkeypatch):
+                results[algo] = _run_all(x, params, padding)
+    for name, a, b in zip(("input", "first", "core", "last", "bias"), results[tile][1:], results["direct"][1:]):
+        assert name == "bias" or not torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("height, expect", [(14, "direct"), (34, "winograd4")])
+def test_auto_backward_bands(height, expect, monkeypatch):
+    """At batch 1 auto runs the backward's bands by Winograd only when they are at least four
+    tile rows high (two threads, F(4x4): two bands of 2 tile rows on 14 rows, of 5 on 34)."""
+    x, params, padding = _inputs((1, 32, height, 16, 32, 32, 32, (1, 1), True, True), torch.float32, "nchw")
+    first, core, last, _ = params
+    gy = torch.randn(1, 32, height, 16, generator=torch.Generator().manual_seed(3))
+    with _num_threads(2):
+        results = {}
+        for algo in ("auto", "winograd4", "direct"):
+            with _core(algo, monkeypatch):
+                results[algo] = ops.tucker_conv2d_backward(
+                    gy, x, first, core, last, ONE, padding, ONE, [True] * 5, None, None
+                )
+    for algo in ("winograd4", "direct"):
+        same = all(torch.equal(a, b) for a, b in zip(results["auto"], results[algo]))
+        assert same == (algo == expect), algo
+
+
+def test_non_finite_bands_take_the_direct_path(monkeypatch, tile):
+    """At batch 1 (bands): the band holding an Inf input pixel, and the one whose output
+    gradient holds an Inf, run the direct core; every result, NaN and Inf included, is the
+    direct path's."""
+    x, params, padding = _inputs((1, 16, 40, 12, 16, 16, 16, (1, 1), True, True), torch.float64, "nchw")
+    x = x.clone()
+    x[0, 2, 3, 6] = float("inf")
+    inputs = [t.detach() for t in (x, *params)]
+    results = {}
+    with _num_threads(2):
+        for algo in (tile, "direct"):
+            with _core(algo, monkeypatch):
+                ts = [t.clone().requires_grad_() for t in inputs]
+                y = ops.tucker_conv2d(*ts, ONE, padding, ONE)
+                gy = torch.ones_like(y)
+                gy[0, 1, 30, 3] = float("inf")
+                y.backward(gy)
+                results[algo] = [y.detach()] + [t.grad for t in ts]
+    for a, b in zip(results[tile], results["direct"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, equal_nan=True)
+    assert not torch.isfinite(results[tile][1]).all()
 
 
 @pytest.mark.parametrize(
@@ -335,7 +394,8 @@ from hypothesis import given, strategies as st  # noqa: E402
 @st.composite
 def _winograd_calls(draw):
     """A random 3x3 stride-1 conv call the Winograd core applies to (forward in tiles at any
-    batch; backward from two images per thread), with its tile size and thread count."""
+    batch; backward in images from two per thread, else in bands), with its tile size and
+    thread count."""
     pad = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
     h = draw(st.integers(max(1, 3 - 2 * pad[0]), 17))
     w = draw(st.integers(max(1, 3 - 2 * pad[1]), 17))

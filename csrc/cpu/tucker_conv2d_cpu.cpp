@@ -222,10 +222,10 @@ CoreChoice core_choice() {
 
 // The Winograd tile size m for this call, or 0 for the direct core. Winograd
 // needs a 3x3 stride-1 undilated core. The forward runs it per tile (bands of
-// whole tile rows); the backward needs whole images as the parallel tasks
-// (the batch keeps every thread busy, as for plan_tiles' whole-image tiles)
-// whose pixel-major buffers (thread scratch, kept for the next call: about
-// seven of them) stay within 2^19 elements. auto also needs 16 channels on
+// whole tile rows); the backward per image (at least two per thread) or per
+// band of an image (winograd_backward_band_rows), its pixel-major buffers
+// (thread scratch, kept for the next call: about seven of them) within 2^19
+// elements for a whole image. auto also needs 16 channels on
 // both sides of the core: below that the tile transforms, which do not shrink
 // with the ranks' product, cost more than the multiply-adds they save. The
 // tile size by rule is the one with fewer multiply-adds per image (tiles x
@@ -234,7 +234,6 @@ int64_t winograd_tile(const Conv2dSizes& s, bool backward) {
   if (s.kh != 3 || s.kw != 3 || s.stride_h != 1 || s.stride_w != 1 || s.dil_h != 1 || s.dil_w != 1) return 0;
   if (s.H_out < 2 || s.W_out < 2) return 0;
   if (backward) {
-    if (s.N < 2 * at::get_num_threads()) return 0;
     const int64_t widest = std::max({s.R_in + s.R_out, s.C_in, s.C_out});
     if (s.H * s.W * widest > (int64_t(1) << 19)) return 0;
   }
@@ -245,6 +244,21 @@ int64_t winograd_tile(const Conv2dSizes& s, bool backward) {
     return winograd_tiles(s.H_out, m) * winograd_tiles(s.W_out, m) * winograd_elems(m);
   };
   return work(4) < work(2) ? 4 : 2;
+}
+
+// Tile rows per band for the Winograd backward of a batch with fewer images
+// than two per chunk (images as the tasks would leave threads idle): lcm(N,
+// chunks) tasks, the same number per chunk; or -1, the direct core, where
+// auto finds the bands thinner than four tile rows. As in the forward
+// (winograd_forward_tile), thin bands recompute much of their projection for
+// the halo and run GEMMs over a handful of tiles (dev A/B at batch 1, two
+// threads: resnet50_3x3's bands of two F(4x4) tile rows 1.5x the direct
+// core's backward time, vgg_128's of seven 0.75x).
+int64_t winograd_backward_band_rows(const Conv2dSizes& s, int64_t m, int64_t chunks) {
+  const int64_t tiles_h = winograd_tiles(s.H_out, m);
+  const int64_t bands = std::min(tiles_h, chunks / std::gcd(s.N, chunks));
+  const int64_t rows = (tiles_h + bands - 1) / bands;
+  return core_choice().automatic && rows < 4 ? -1 : rows;
 }
 
 // The core in the forms the Winograd images read: U (alpha^2, R_out, R_in)
@@ -831,68 +845,77 @@ void backward_pixels(const Conv2dSizes& s, const ConvOperands<T>& op, const Conv
   }
 }
 
-// The whole of image n by Winograd (the backward of forward_tile_winograd):
-// bias, last, core (into acc_u, transformed), projection, then input and first
-// gradients. Returns false, having done nothing, when the projection or the
-// core output's gradient is not all finite (the caller then runs the direct
-// path). The weight gradients over pixels run as A * B on the hand kernel
-// (activations pixel-major), not as A * B^T on the BLAS: 0.75-0.8x the time
-// at these sizes (benchmarks/gemm_crossover.py, 256 x 64 x 196).
+// Output rows [oh0, oh1) of image n by Winograd (the backward of
+// forward_tile_winograd; oh0 a multiple of the tile size): bias, last, core
+// (into acc_u, transformed) and projection gradients. A whole image (image
+// tasks) then runs its input and first gradients too; a band (band tasks,
+// small batches) adds its projection gradient, halo rows included, into the
+// chunk's own copy (g.gp_of) for pass 2. Returns false, having done nothing,
+// when the projection or the core output's gradient is not all finite (the
+// caller then runs the direct path). The weight gradients over pixels run as
+// A * B on the hand kernel (activations pixel-major), not as A * B^T on the
+// BLAS: 0.75-0.8x the time at these sizes (benchmarks/gemm_crossover.py,
+// 256 x 64 x 196).
 template <typename T>
-bool backward_image_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, const WinogradOperands<T>& w,
-                             const T* gy, const ConvGrads<T>& g, T* grad_input, int64_t chunk, int64_t n) {
-  const int64_t HW = s.H * s.W, HWo = s.H_out * s.W_out;
+bool backward_rows_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, const WinogradOperands<T>& w,
+                            const T* gy, const ConvGrads<T>& g, T* grad_input, int64_t chunk, int64_t n,
+                            int64_t oh0, int64_t oh1, bool band) {
+  const int64_t HW = s.H * s.W, HWo = s.H_out * s.W_out, npx = (oh1 - oh0) * s.W_out;
+  const auto [ih_lo, ih_hi] = input_rows(s, oh0, oh1);
+  const int64_t px = (ih_hi - ih_lo) * s.W;
+  const PixelRows in{ih_lo, ih_hi, s.W, s.R_in}, out{oh0, oh1, s.W_out, s.R_out};
   const bool need_back = g.input || g.first;
   const bool need_gq = g.core || need_back;
   const bool recompute_q = g.last && !op.saved_q;
-  const T* gyn = gy + n * s.C_out * HWo;
+  const T* gyn = gy + n * s.C_out * HWo + oh0 * s.W_out;  // (C_out x npx), channel stride HWo
   const T* p = nullptr;
   if (g.core || recompute_q) {
-    p = project_pixel_major<T>(s, op, n, 0, s.H).pm;
-    if (!all_finite(p, HW * s.R_in)) return false;
+    p = project_pixel_major<T>(s, op, n, ih_lo, ih_hi).pm;
+    if (!all_finite(p, px * s.R_in)) return false;
   }
-  // The core output's gradient, pixel-major (HWo, R_out): computed
+  // The core output's gradient, pixel-major (npx, R_out): computed
   // channel-major and transposed (as the projection, see project_pixel_major).
   T* gq = nullptr;
   if (need_gq) {
-    gq = scratch<T>(11, HWo * s.R_out);
+    gq = scratch<T>(11, npx * s.R_out);
     const T* gq_cm = gyn;
+    int64_t ld = HWo;
     if (op.last) {
-      // gQ (R_out x HWo) = last^T (R_out x C_out) * gY (C_out x HWo)
-      T* buf = scratch<T>(3, s.R_out * HWo);
-      gemm_nn<T>(s.R_out, HWo, s.C_out, op.last, 1, s.R_out, gyn, HWo, buf, HWo, false);
+      // gQ (R_out x npx) = last^T (R_out x C_out) * gY (C_out x npx)
+      T* buf = scratch<T>(3, s.R_out * npx);
+      gemm_nn<T>(s.R_out, npx, s.C_out, op.last, 1, s.R_out, gyn, HWo, buf, npx, false);
       gq_cm = buf;
+      ld = npx;
     }
-    transpose_columns<T>(s.R_out, gq_cm, HWo, gq, s.R_out, 0, HWo);
-    if (!all_finite(gq, HWo * s.R_out)) return false;
+    transpose_columns<T>(s.R_out, gq_cm, ld, gq, s.R_out, 0, npx);
+    if (!all_finite(gq, npx * s.R_out)) return false;
   }
   if (g.bias) {
     T* acc = g.acc_bias + chunk * s.C_out;
-    for (int64_t c = 0; c < s.C_out; ++c) acc[c] += sum_contiguous(gyn + c * HWo, HWo);
+    for (int64_t c = 0; c < s.C_out; ++c) acc[c] += sum_contiguous(gyn + c * HWo, npx);
   }
   if (g.last) {
-    // last's gradient (C_out x R_out) += gY (C_out x HWo) * Q^T (HWo x R_out)
+    // last's gradient (C_out x R_out) += gY (C_out x npx) * Q^T (npx x R_out)
     T* acc = g.acc_last + chunk * s.C_out * s.R_out;
-    T* z = scratch<T>(2, HWo * s.R_out);
+    T* z = scratch<T>(2, npx * s.R_out);
     if (op.saved_q)
-      transpose_columns<T>(s.R_out, op.saved_q + n * s.R_out * HWo, HWo, z, s.R_out, 0, HWo);
+      transpose_columns<T>(s.R_out, op.saved_q + n * s.R_out * HWo + oh0 * s.W_out, HWo, z, s.R_out, 0, npx);
     else
-      winograd_core_forward<T>(s, w, p, PixelRows{0, s.H, s.W, s.R_in}, 0, s.H_out, z);
-    gemm_nn<T>(s.C_out, s.R_out, HWo, gyn, HWo, 1, z, s.R_out, acc, s.R_out, true);
+      winograd_core_forward<T>(s, w, p, in, oh0, oh1, z);
+    gemm_nn<T>(s.C_out, s.R_out, npx, gyn, HWo, 1, z, s.R_out, acc, s.R_out, true);
   }
   if (!need_gq) return true;
-  T* gp_pm = need_back ? scratch<T>(6, HW * s.R_in) : nullptr;
-  if (need_back) std::fill(gp_pm, gp_pm + HW * s.R_in, T(0));
+  T* gp_pm = need_back ? scratch<T>(6, px * s.R_in) : nullptr;
+  if (need_back) std::fill(gp_pm, gp_pm + px * s.R_in, T(0));
   const auto [v, m] = winograd_band_buffers<T>(s, w);
   const auto [zeros, sink] = winograd_edges<T>(std::max(s.R_in, s.R_out));
-  for (int64_t ty0 = 0; ty0 < w.tiles_h; ty0 += w.band) {
-    const int64_t ty1 = std::min(w.tiles_h, ty0 + w.band), tiles = (ty1 - ty0) * w.tiles_w;
+  const int64_t ty_end = (oh1 + w.m - 1) / w.m;
+  for (int64_t ty0 = oh0 / w.m; ty0 < ty_end; ty0 += w.band) {
+    const int64_t ty1 = std::min(ty_end, ty0 + w.band), tiles = (ty1 - ty0) * w.tiles_w;
     const int64_t xs_in = tiles * s.R_in, xs_out = tiles * s.R_out;
-    winograd_output_transform_adjoint<T>(w.m, gq, PixelRows{0, s.H_out, s.W_out, s.R_out}, s.R_out, ty0, ty1,
-                                         w.tiles_w, zeros, m, xs_out);
+    winograd_output_transform_adjoint<T>(w.m, gq, out, s.R_out, ty0, ty1, w.tiles_w, zeros, m, xs_out);
     if (g.core) {
-      winograd_input_transform<T>(w.m, p, PixelRows{0, s.H, s.W, s.R_in}, s.R_in, s.pad_h, s.pad_w, ty0, ty1,
-                                  w.tiles_w, zeros, v, xs_in);
+      winograd_input_transform<T>(w.m, p, in, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, zeros, v, xs_in);
       // dU[xi] (R_out x R_in) += M[xi]^T (R_out x tiles) * V[xi] (tiles x R_in)
       T* acc = g.acc_u + chunk * w.elems * s.R_out * s.R_in;
       for (int64_t xi = 0; xi < w.elems; ++xi)
@@ -904,10 +927,20 @@ bool backward_image_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, co
     for (int64_t xi = 0; xi < w.elems; ++xi)
       gemm_nn<T>(tiles, s.R_in, s.R_out, m + xi * xs_out, s.R_out, 1, w.u + xi * s.R_out * s.R_in, s.R_in,
                  v + xi * xs_in, s.R_in, false);
-    winograd_input_transform_adjoint<T>(w.m, v, xs_in, PixelRows{0, s.H, s.W, s.R_in}, s.R_in, s.pad_h, s.pad_w, ty0,
-                                        ty1, w.tiles_w, sink, gp_pm);
+    winograd_input_transform_adjoint<T>(w.m, v, xs_in, in, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, sink,
+                                        gp_pm);
   }
   if (!need_back) return true;
+  if (band) {
+    // Onto the chunk's copy, channel-major (R_in, H, W): the halo rows add to
+    // what the image's neighbouring band (if this chunk ran it) put there.
+    T* gp = scratch<T>(8, s.R_in * px);
+    transpose_columns<T>(px, gp_pm, s.R_in, gp, px, 0, s.R_in);
+    T* dst = g.gp_of(chunk, n) + ih_lo * s.W;
+    for (int64_t c = 0; c < s.R_in; ++c)
+      for (int64_t i = 0; i < px; ++i) dst[c * HW + i] += gp[c * px + i];
+    return true;
+  }
   if (!op.first) {  // the projection gradient is the input gradient
     transpose_columns<T>(HW, gp_pm, s.R_in, grad_input + n * s.C_in * HW, HW, 0, s.R_in);
     return true;
@@ -934,7 +967,7 @@ bool backward_image_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, co
 
 template <typename T>
 void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy, const ConvGrads<T>& g,
-                   T* grad_input, int64_t chunks, const WinogradOperands<T>* wino) {
+                   T* grad_input, int64_t chunks, const WinogradOperands<T>* wino, int64_t wino_band_rows) {
   const bool need_back = g.input || g.first;
   const bool shared_gp = need_back && g.gp_chunk_stride == 0;
   const TilePlan plan = plan_tiles(s, at::get_num_threads(), sizeof(T), shared_gp);
@@ -953,7 +986,7 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
   // gp_per_image its projection gradient in thread scratch, then its input and
   // first gradients while that is still in cache.
   auto run_image = [&](int64_t c, int64_t n) {
-    if (wino && backward_image_winograd<T>(s, op, *wino, gy, g, grad_input, c, n)) return;
+    if (wino && backward_rows_winograd<T>(s, op, *wino, gy, g, grad_input, c, n, 0, s.H_out, false)) return;
     ConvGrads<T> gi = g;
     if (g.gp_per_image) {
       gi.gp = scratch<T>(8, s.R_in * s.H * s.W);
@@ -964,10 +997,27 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
       backward_tile<T>(s, op, plan, gy, gi, c, n * plan.tiles_per_image + tile, windows);
     if (g.gp_per_image) backward_pixels<T>(s, op, gi, grad_input, c, chunks, n, 0, s.H * s.W);
   };
+  // Winograd in bands of wino_band_rows tile rows (small batches): band b of
+  // image n is task n * bands + b; one that is not all finite runs as a
+  // direct tile of the same rows.
+  const int64_t band_rows = wino_band_rows * (wino ? wino->m : 0);
+  const int64_t bands = band_rows ? (s.H_out + band_rows - 1) / band_rows : 0;
+  const TilePlan band_plan{band_rows, bands, plan.block};
+  auto run_band = [&](int64_t c, int64_t task) {
+    const int64_t n = task / bands, oh0 = (task % bands) * band_rows;
+    if (!backward_rows_winograd<T>(s, op, *wino, gy, g, grad_input, c, n, oh0, std::min(s.H_out, oh0 + band_rows),
+                                   true))
+      backward_tile<T>(s, op, band_plan, gy, g, c, task, windows);
+  };
   if (wino || g.gp_per_image) {
     for_each_chunk_raw(chunks, [&](int64_t c) {
-      const auto [begin, end] = chunk_range(c, chunks, s.N);
-      for (int64_t n = begin; n < end; ++n) run_image(c, n);
+      if (bands) {
+        const auto [begin, end] = chunk_range(c, chunks, s.N * bands);
+        for (int64_t t = begin; t < end; ++t) run_band(c, t);
+      } else {
+        const auto [begin, end] = chunk_range(c, chunks, s.N);
+        for (int64_t n = begin; n < end; ++n) run_image(c, n);
+      }
       if (wino && g.core) {
         // The chunk's transformed core gradient back to taps:
         // acc_core (pairs x 9) += dU^T (pairs x alpha^2) * kron(G, G) (alpha^2 x 9).
@@ -991,7 +1041,7 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
       });
     }
   }
-  if (!need_back || (!op.first && shared_gp) || g.gp_per_image || wino) return;
+  if (!need_back || (!op.first && shared_gp) || g.gp_per_image || (wino && !bands)) return;
   // Pass 2 over (image, pixel range) pieces of about 4096 pixels, at least
   // one per chunk (a single image must not leave threads idle), at most two
   // per chunk.
@@ -1052,7 +1102,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
   const bool private_gp = need_back && chunks > 1 && s.N < 2 * at::get_num_threads();
   // Images as the tasks (whole-image tiles, or Winograd): pass 2 runs per
   // image right after it, on a projection gradient in thread scratch.
-  const int64_t tile = private_gp ? 0 : winograd_tile(s, /*backward=*/true);
+  int64_t tile = winograd_tile(s, /*backward=*/true);
+  // Winograd with fewer images than two per chunk runs in bands of images
+  // (winograd_backward_band_rows), the images' projection gradients in the
+  // chunks' copies as for the direct tiles.
+  const int64_t wino_band_rows =
+      tile && chunks > 1 && s.N < 2 * at::get_num_threads() ? winograd_backward_band_rows(s, tile, chunks) : 0;
+  if (wino_band_rows < 0) tile = 0;
   const bool gp_per_image = need_back && s.has_first && !private_gp &&
       (tile || plan_tiles(s, at::get_num_threads(), input.element_size(), true).tiles_per_image == 1);
   Tensor gp;
@@ -1083,7 +1139,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
         wt = winograd_tensors(s, tile, G);
         wino = winograd_operands<T>(s, tile, wt);
         if (need.core) acc_u = at::zeros({chunks, winograd_elems(tile), s.R_out, s.R_in}, opts);
-        if (need.first && !nhwc) acc_first_t = at::zeros({chunks, s.C_in, s.R_in}, opts);
+        if (need.first && !nhwc && !wino_band_rows) acc_first_t = at::zeros({chunks, s.C_in, s.R_in}, opts);
       }
       const ConvOperands<T> op{
           x.const_data_ptr<T>(), nhwc, s.has_first ? A.const_data_ptr<T>() : nullptr, G.const_data_ptr<T>(),
@@ -1102,7 +1158,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
           acc_u.defined() ? acc_u.mutable_data_ptr<T>() : nullptr,
           acc_first_t.defined() ? acc_first_t.mutable_data_ptr<T>() : nullptr};
       conv_backward<T>(s, op, gy.const_data_ptr<T>(), g, need.input ? grad_input.mutable_data_ptr<T>() : nullptr,
-                       chunks, wino ? &*wino : nullptr);
+                       chunks, wino ? &*wino : nullptr, wino ? wino_band_rows : 0);
     });
     if (acc_first_t.defined()) acc_first.add_(acc_first_t.transpose(1, 2));
   }
