@@ -33,6 +33,7 @@
 
 #include "checks.h"
 #include "cpu/conv_tiles.h"
+#include "cpu/fresh_tensors.h"
 #include "cpu/gemm.h"
 #include "cpu/gemm_threads.h"
 #include "cpu/parallel_chunks.h"
@@ -542,8 +543,8 @@ void run_forward(const Conv2dSizes& s, const Tensor& input, const std::optional<
     const auto opts = input.options();
     const auto layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
     keep->projection =
-        s.has_first ? at::empty({s.N, s.R_in, s.H, s.W}, opts.memory_format(layout)) : at::empty({0}, opts);
-    keep->core_output = s.has_last ? at::empty({s.N, s.R_out, s.H_out, s.W_out}, opts) : at::empty({0}, opts);
+        s.has_first ? empty_fresh({s.N, s.R_in, s.H, s.W}, opts.memory_format(layout)) : at::empty({0}, opts);
+    keep->core_output = s.has_last ? empty_fresh({s.N, s.R_out, s.H_out, s.W_out}, opts) : at::empty({0}, opts);
   }
   if (s.N == 0) return;
   const Tensor A = s.has_first ? first->contiguous() : Tensor();
@@ -579,7 +580,7 @@ Tensor tucker_conv2d_cpu(
     c10::IntArrayRef padding,
     c10::IntArrayRef dilation) {
   const Conv2dSizes s = check_tucker_conv2d_args(input, first, core, last, bias, stride, padding, dilation, kCpuDtypes);
-  Tensor out = at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options());
+  Tensor out = empty_fresh({s.N, s.C_out, s.H_out, s.W_out}, input.options());
   if (s.N > 0) run_forward(s, input, first, core, last, bias, out, 0);
   return out;
 }
@@ -597,7 +598,7 @@ std::tuple<Tensor, Tensor, Tensor> tucker_conv2d_with_intermediates_cpu(
     c10::IntArrayRef padding,
     c10::IntArrayRef dilation) {
   const Conv2dSizes s = check_tucker_conv2d_args(input, first, core, last, bias, stride, padding, dilation, kCpuDtypes);
-  Tensor out = at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options());
+  Tensor out = empty_fresh({s.N, s.C_out, s.H_out, s.W_out}, input.options());
   KeptTensors keep;
   run_forward(s, input, first, core, last, bias, out, 0, &keep);
   return {out, keep.projection, keep.core_output};
@@ -615,7 +616,7 @@ Tensor tucker_conv2d_relu_pool_cpu(
     int64_t pool) {
   const Conv2dSizes s = check_tucker_conv2d_relu_pool_args(input, first, core, last, bias, stride, padding, dilation,
                                                            pool, kCpuDtypes);
-  Tensor out = at::empty({s.N, s.C_out, s.H_out / pool, s.W_out / pool}, input.options());
+  Tensor out = empty_fresh({s.N, s.C_out, s.H_out / pool, s.W_out / pool}, input.options());
   if (out.numel() > 0) run_forward(s, input, first, core, last, bias, out, pool);
   return out;
 }
@@ -1089,7 +1090,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
   // One accumulator slice per chunk of work (at most one chunk per thread);
   // the backward does about twice the forward's multiply-adds.
   const int64_t chunks = std::max<int64_t>(1, chunks_for_work(s.N * s.H_out, 2 * chain_macs(s)));
-  Tensor grad_input = need.input ? at::empty({s.N, s.C_in, s.H, s.W}, opts) : Tensor();
+  Tensor grad_input = need.input ? empty_fresh({s.N, s.C_in, s.H, s.W}, opts) : Tensor();
   Tensor acc_first = need.first ? at::zeros({chunks, s.R_in, s.C_in}, opts) : Tensor();
   Tensor acc_core = need.core ? at::zeros({chunks, s.R_out, K}, opts) : Tensor();
   Tensor acc_last = need.last ? at::zeros({chunks, s.C_out, s.R_out}, opts) : Tensor();
@@ -1113,9 +1114,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
       (tile || plan_tiles(s, at::get_num_threads(), input.element_size(), true).tiles_per_image == 1);
   Tensor gp;
   if (private_gp) {
-    gp = at::zeros({chunks, s.N, s.R_in, s.H, s.W}, opts);
+    gp = zeros_fresh({chunks, s.N, s.R_in, s.H, s.W}, opts);
   } else if (need_back && s.has_first) {
-    if (!gp_per_image) gp = at::zeros({s.N, s.R_in, s.H, s.W}, opts);
+    if (!gp_per_image) gp = zeros_fresh({s.N, s.R_in, s.H, s.W}, opts);
   } else if (need_back) {
     grad_input.zero_();
     gp = grad_input;

@@ -25,6 +25,7 @@
 
 #include "checks.h"
 #include "cpu/conv_tiles.h"
+#include "cpu/fresh_tensors.h"
 #include "cpu/gemm.h"
 #include "cpu/gemm_threads.h"
 #include "cpu/intermediates.h"
@@ -373,7 +374,7 @@ Tensor tucker_linear_cpu(
     const std::optional<Tensor>& bias) {
   const LinearSizes s = check_tucker_linear_args(input, first, core, last, bias, kCpuDtypes);
   const auto opts = input.options();
-  Tensor out = at::empty(output_shape(input, s.out), opts);
+  Tensor out = empty_fresh(output_shape(input, s.out), opts);
   if (s.M == 0) return out;
 
   const Tensor x = input.contiguous();
@@ -404,9 +405,9 @@ std::tuple<Tensor, Tensor, Tensor> tucker_linear_with_intermediates_cpu(
   const auto opts = input.options();
   const Tensor x = input.reshape({s.M, s.in}).contiguous();
   // (M x R_in), (M x R_out), (M x out)
-  Tensor p = s.has_first ? at::empty({s.M, s.R_in}, opts) : Tensor();
-  Tensor q = s.has_last ? at::empty({s.M, s.R_out}, opts) : Tensor();
-  Tensor y = at::empty({s.M, s.out}, opts);
+  Tensor p = s.has_first ? empty_fresh({s.M, s.R_in}, opts) : Tensor();
+  Tensor q = s.has_last ? empty_fresh({s.M, s.R_out}, opts) : Tensor();
+  Tensor y = empty_fresh({s.M, s.out}, opts);
   if (s.M > 0) {
     const Factors f = contiguous_factors(first, core, last, bias);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_linear_with_intermediates_cpu", [&] {
@@ -645,9 +646,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_linear_backward_cpu(
     if (!needed) return Tensor();
     std::vector<int64_t> sizes{whole_batch || two_phase ? 1 : chunks};
     sizes.insert(sizes.end(), shape);
-    return s.M == 0 ? at::zeros(sizes, opts) : at::empty(sizes, opts);  // no rows: zero gradients
+    return s.M == 0 ? at::zeros(sizes, opts) : empty_fresh(sizes, opts);  // no rows: zero gradients
   };
-  Tensor grad_input = need.input ? at::empty(input.sizes(), opts) : Tensor();
+  Tensor grad_input = need.input ? empty_fresh(input.sizes(), opts) : Tensor();
   Tensor acc_first = accumulator(need.first, {s.R_in, s.in});
   Tensor acc_core = accumulator(need.core, {s.R_out, s.R_in});
   Tensor acc_last = accumulator(need.last, {s.out, s.R_out});
