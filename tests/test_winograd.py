@@ -246,6 +246,25 @@ def test_auto_backward_bands(height, expect, monkeypatch):
         assert same == (algo == expect), algo
 
 
+def _against_direct(x, params, padding, inf_at, algo, monkeypatch):
+    """Output and every gradient with the core `algo` (2 threads; an Inf in the output
+    gradient at `inf_at`) equal the direct core's, NaN and Inf included; returns them."""
+    inputs = [t.detach() for t in (x, *params)]
+    results = {}
+    with _num_threads(2):
+        for core in (algo, "direct"):
+            with _core(core, monkeypatch):
+                ts = [t.clone().requires_grad_() for t in inputs]
+                y = ops.tucker_conv2d(*ts, ONE, padding, ONE)
+                gy = torch.ones_like(y)
+                gy[inf_at] = float("inf")
+                y.backward(gy)
+                results[core] = [y.detach()] + [t.grad for t in ts]
+    for a, b in zip(results[algo], results["direct"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, equal_nan=True)
+    return results[algo]
+
+
 def test_non_finite_bands_take_the_direct_path(monkeypatch, tile):
     """At batch 1 (bands): the band holding an Inf input pixel, and the one whose output
     gradient holds an Inf, run the direct core; every result, NaN and Inf included, is the
@@ -253,20 +272,8 @@ def test_non_finite_bands_take_the_direct_path(monkeypatch, tile):
     x, params, padding = _inputs((1, 16, 40, 12, 16, 16, 16, (1, 1), True, True), torch.float64, "nchw")
     x = x.clone()
     x[0, 2, 3, 6] = float("inf")
-    inputs = [t.detach() for t in (x, *params)]
-    results = {}
-    with _num_threads(2):
-        for algo in (tile, "direct"):
-            with _core(algo, monkeypatch):
-                ts = [t.clone().requires_grad_() for t in inputs]
-                y = ops.tucker_conv2d(*ts, ONE, padding, ONE)
-                gy = torch.ones_like(y)
-                gy[0, 1, 30, 3] = float("inf")
-                y.backward(gy)
-                results[algo] = [y.detach()] + [t.grad for t in ts]
-    for a, b in zip(results[tile], results["direct"]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, equal_nan=True)
-    assert not torch.isfinite(results[tile][1]).all()
+    results = _against_direct(x, params, padding, (0, 1, 30, 3), tile, monkeypatch)
+    assert not torch.isfinite(results[1]).all()
 
 
 @pytest.mark.parametrize(
@@ -283,20 +290,7 @@ def test_non_finite_images_take_the_direct_path(case, monkeypatch, tile):
     x = x.clone()
     x[1, 2, 5, 6] = float("inf")
     x[3, 0, 0, 0] = float("nan")
-    inputs = [t.detach() for t in (x, *params)]
-    results = {}
-    with _num_threads(2):
-        for algo in ("winograd", "direct"):
-            with _core(algo, monkeypatch):
-                ts = [t.clone().requires_grad_() for t in inputs]
-                y = ops.tucker_conv2d(*ts, ONE, padding, ONE)
-                gy = torch.ones_like(y)
-                gy[2, 1, 3, 3] = float("inf")
-                y.backward(gy)
-                results[algo] = [y.detach()] + [t.grad for t in ts]
-    for a, b in zip(results["winograd"], results["direct"]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, equal_nan=True)
-    y = results["winograd"][0]
+    y = _against_direct(x, params, padding, (2, 1, 3, 3), "winograd", monkeypatch)[0]
     assert torch.isfinite(y[0]).all() and not torch.isfinite(y[1]).all() and not torch.isfinite(y[3]).all()
 
 
