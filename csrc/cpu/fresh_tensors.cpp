@@ -22,6 +22,7 @@ bool read_env() {
 
 const bool kHugePages = read_env();
 
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
 // Whether the 2 MiB at lo have no page in memory yet: fresh from mmap (or
 // returned to the kernel), so every touch would fault. Memory the allocator
 // reuses (its pages still mapped) is left alone: there is no fault to save,
@@ -34,6 +35,7 @@ bool untouched(uintptr_t lo) {
     if (r & 1) return false;
   return true;
 }
+#endif
 
 // Only the whole 2 MiB pages inside the storage: the advice is per page
 // range, and the storage's first and last pages may hold other allocations.
@@ -51,14 +53,6 @@ void advise_huge_pages(const at::Tensor& t) {
 }
 
 }  // namespace
-
-bool huge_pages_requested() {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  return kHugePages;
-#else
-  return false;
-#endif
-}
 
 at::Tensor empty_fresh(c10::IntArrayRef sizes, const c10::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);

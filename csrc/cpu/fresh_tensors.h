@@ -27,7 +27,4 @@ constexpr int64_t kHugePageMinBytes = int64_t(4) << 20;
 at::Tensor empty_fresh(c10::IntArrayRef sizes, const c10::TensorOptions& options);
 at::Tensor zeros_fresh(c10::IntArrayRef sizes, const c10::TensorOptions& options);
 
-// Whether huge pages are asked for (the environment allows it and madvise exists).
-bool huge_pages_requested();
-
 }  // namespace tucker_ops::cpu
