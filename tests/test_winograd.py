@@ -227,21 +227,23 @@ def test_backward_in_bands(batch, threads, layout, keep, monkeypatch, tile):
         assert name == "bias" or not torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("height, expect", [(14, "direct"), (34, "winograd4")])
+@pytest.mark.parametrize("height, expect", [(34, "winograd4"), (14, "winograd2"), (6, "direct")])
 def test_auto_backward_bands(height, expect, monkeypatch):
     """At batch 1 auto runs the backward's bands by Winograd only when they are at least four
-    tile rows high (two threads, F(4x4): two bands of 2 tile rows on 14 rows, of 5 on 34)."""
+    tile rows high, F(4x4) where its bands are (two threads: two bands of 5 tile rows on 34
+    rows), else F(2x2) where its bands are (of 2 F(4x4) rows on 14, but of 4 F(2x2) rows),
+    else the direct core (6 rows: bands of 1 F(4x4) or 2 F(2x2) rows)."""
     x, params, padding = _inputs((1, 32, height, 16, 32, 32, 32, (1, 1), True, True), torch.float32, "nchw")
     first, core, last, _ = params
     gy = torch.randn(1, 32, height, 16, generator=torch.Generator().manual_seed(3))
     with _num_threads(2):
         results = {}
-        for algo in ("auto", "winograd4", "direct"):
+        for algo in ("auto", "winograd4", "winograd2", "direct"):
             with _core(algo, monkeypatch):
                 results[algo] = ops.tucker_conv2d_backward(
                     gy, x, first, core, last, ONE, padding, ONE, [True] * 5, None, None
                 )
-    for algo in ("winograd4", "direct"):
+    for algo in ("winograd4", "winograd2", "direct"):
         same = all(torch.equal(a, b) for a, b in zip(results["auto"], results[algo]))
         assert same == (algo == expect), algo
 

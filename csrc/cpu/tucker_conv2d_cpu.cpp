@@ -249,12 +249,16 @@ int64_t winograd_tile(const Conv2dSizes& s, bool backward) {
 
 // Tile rows per band for the Winograd backward of a batch with fewer images
 // than two per chunk (images as the tasks would leave threads idle): lcm(N,
-// chunks) tasks, the same number per chunk; or -1, the direct core, where
-// auto finds the bands thinner than four tile rows. As in the forward
-// (winograd_forward_tile), thin bands recompute much of their projection for
-// the halo and run GEMMs over a handful of tiles (dev A/B at batch 1, two
-// threads: resnet50_3x3's bands of two F(4x4) tile rows 1.5x the direct
-// core's backward time, vgg_128's of seven 0.75x).
+// chunks) tasks, the same number per chunk; or -1 where auto finds the bands
+// thinner than four tile rows (the caller then tries F(2x2), else runs the
+// direct core). As in the forward (winograd_forward_tile), thin bands
+// recompute much of their projection for the halo and run GEMMs over a
+// handful of tiles. Backward at batch 1, two threads (`python
+// benchmarks/train_breakdown.py resnet50_3x3:1 resnet50_3x3:3 vgg_128:1
+// --cores`): resnet50_3x3's bands of two F(4x4) tile rows 0.70 ms against
+// the direct core's 0.57 and F(2x2)'s bands of four 0.54; at batch 3, F(2x2)
+// 1.08, F(4x4) 1.15, direct 1.32; vgg_128's bands of seven F(4x4) rows 1.51
+// against 2.02 direct.
 int64_t winograd_backward_band_rows(const Conv2dSizes& s, int64_t m, int64_t chunks) {
   const int64_t tiles_h = winograd_tiles(s.H_out, m);
   const int64_t bands = std::min(tiles_h, chunks / std::gcd(s.N, chunks));
@@ -1106,10 +1110,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
   int64_t tile = winograd_tile(s, /*backward=*/true);
   // Winograd with fewer images than two per chunk runs in bands of images
   // (winograd_backward_band_rows), the images' projection gradients in the
-  // chunks' copies as for the direct tiles.
-  const int64_t wino_band_rows =
-      tile && chunks > 1 && s.N < 2 * at::get_num_threads() ? winograd_backward_band_rows(s, tile, chunks) : 0;
-  if (wino_band_rows < 0) tile = 0;
+  // chunks' copies as for the direct tiles. Where auto finds F(4x4)'s bands
+  // too thin, F(2x2)'s (twice the tile rows) may do.
+  int64_t wino_band_rows = 0;
+  if (tile && chunks > 1 && s.N < 2 * at::get_num_threads()) {
+    wino_band_rows = winograd_backward_band_rows(s, tile, chunks);
+    if (wino_band_rows < 0 && tile == 4) {
+      tile = 2;
+      wino_band_rows = winograd_backward_band_rows(s, tile, chunks);
+    }
+    if (wino_band_rows < 0) tile = 0;
+  }
   const bool gp_per_image = need_back && s.has_first && !private_gp &&
       (tile || plan_tiles(s, at::get_num_threads(), input.element_size(), true).tiles_per_image == 1);
   Tensor gp;
