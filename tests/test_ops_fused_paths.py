@@ -263,21 +263,14 @@ def test_linear_two_phase_backward(case, threads, keep, dtype):
 _SUBPROCESS_CHECK = r"""
 import torch
 from tucker_ops import reference
+from test_ops_fused_paths import conv_matches_reference
 ops = torch.ops.tucker_ops
 g = torch.Generator().manual_seed(0)
 for dtype in (torch.float64, torch.float32):
     tol = 1e-9 if dtype == torch.float64 else 2e-4
     x = torch.randn(2, 24, 17, 19, dtype=dtype, generator=g)
     f, c, l, b = (torch.randn(*s, dtype=dtype, generator=g) for s in ((12, 24), (16, 12, 3, 3), (40, 16), (40,)))
-    for t in (x, f, c, l, b):
-        t.requires_grad_()
-    y = ops.tucker_conv2d(x, f, c, l, b, (1, 1), (1, 1), (1, 1))
-    grads = torch.autograd.grad(y.sum(), (x, f, c, l, b))
-    y_ref = reference.tucker_conv2d(x, f, c, l, b, (1, 1), (1, 1), (1, 1))
-    grads_ref = torch.autograd.grad(y_ref.sum(), (x, f, c, l, b))
-    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
-    for a, r in zip(grads, grads_ref):
-        torch.testing.assert_close(a, r, rtol=tol, atol=tol)
+    conv_matches_reference((x, f, c, l, b), tol)
     xl = torch.randn(200, 70, dtype=dtype, generator=g)
     fl, cl, ll = (torch.randn(*s, dtype=dtype, generator=g) for s in ((20, 70), (30, 20), (50, 30)))
     torch.testing.assert_close(ops.tucker_linear(xl, fl, cl, ll, None), reference.tucker_linear(xl, fl, cl, ll, None), rtol=tol, atol=tol)
@@ -309,12 +302,28 @@ def test_gemm_variants(env):
     run_check_in_subprocess(_SUBPROCESS_CHECK, env)
 
 
+def conv_matches_reference(tensors, tol: float) -> None:
+    """tucker_conv2d (3x3, stride, padding and dilation 1) of `tensors` = (x, first, core,
+    last, bias), forward and every gradient of its sum, equals the reference chain's to
+    `tol`. For the child-process checks, which import it from this module."""
+    inputs = [t.detach().requires_grad_() for t in tensors]
+    y = ops.tucker_conv2d(*inputs, (1, 1), (1, 1), (1, 1))
+    grads = torch.autograd.grad(y.sum(), inputs)
+    y_ref = reference.tucker_conv2d(*inputs, (1, 1), (1, 1), (1, 1))
+    grads_ref = torch.autograd.grad(y_ref.sum(), inputs)
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    for a, r in zip(grads, grads_ref):
+        torch.testing.assert_close(a, r, rtol=tol, atol=tol)
+
+
 def run_check_in_subprocess(code: str, env: dict[str, str]) -> None:
     """Runs `code` (which prints "ok" when its checks pass) in a fresh interpreter with `env`
-    added: the variables the extension reads once, at load time."""
+    added: the variables the extension reads once, at load time. tests/ is on its path, so
+    it may import helpers from the test modules."""
+    path = os.pathsep.join(filter(None, (os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH"))))
     result = subprocess.run(
         [sys.executable, "-c", code],
-        env={**os.environ, **env},
+        env={**os.environ, "PYTHONPATH": path, **env},
         capture_output=True,
         text=True,
         timeout=300,

@@ -350,9 +350,8 @@ def test_bad_environment_value(monkeypatch):
 
 
 _ISA_CHECK = """
-import torch, tucker_ops
-from tucker_ops import reference
-ops = torch.ops.tucker_ops
+import torch
+from test_ops_fused_paths import conv_matches_reference
 torch.set_num_threads(2)
 g = torch.Generator().manual_seed(0)
 for algo in ("winograd2", "winograd4"):
@@ -364,14 +363,7 @@ for algo in ("winograd2", "winograd4"):
             (torch.randn(*s, dtype=dtype, generator=g) / (s[1] * (9 if len(s) > 2 else 1)) ** 0.5).requires_grad_()
             for s in ((19, 7), (21, 19, 3, 3), (6, 21), (6, 1))
         )
-        b = b.detach().view(6).requires_grad_()
-        y = ops.tucker_conv2d(x, f, c, l, b, (1, 1), (1, 1), (1, 1))
-        grads = torch.autograd.grad(y.sum(), (x, f, c, l, b))
-        y_ref = reference.tucker_conv2d(x, f, c, l, b, (1, 1), (1, 1), (1, 1))
-        grads_ref = torch.autograd.grad(y_ref.sum(), (x, f, c, l, b))
-        torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
-        for a, r in zip(grads, grads_ref):
-            torch.testing.assert_close(a, r, rtol=tol, atol=tol)
+        conv_matches_reference((x, f, c, l, b.view(6)), tol)
 print("ok")
 """
 
