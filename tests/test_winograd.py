@@ -46,15 +46,15 @@ CASES = [
 ]
 
 
-def _check(x, params, padding, dtype):
+def _check(x, params, padding, dtype, stride=ONE, dilation=ONE):
     """Output and every gradient against the reference chain (run in float64). Tolerances
     scale with each tensor's largest value: F(4x4, 3x3)'s transforms (coefficients up to 8
     and 1/24) round a few times more than the direct sum, about 5e-6 of the largest
     gradient in float32 (the direct core: about 1e-6)."""
     fused = [t.clone().requires_grad_() if t is not None else None for t in (x, *params)]
     ref = [t.double().requires_grad_() if t is not None else None for t in (x, *params)]
-    y = ops.tucker_conv2d(*fused, ONE, padding, ONE)
-    y_ref = reference.tucker_conv2d(*ref, ONE, padding, ONE)
+    y = ops.tucker_conv2d(*fused, stride, padding, dilation)
+    y_ref = reference.tucker_conv2d(*ref, stride, padding, dilation)
     assert y.is_contiguous() and y.dtype == dtype
     gy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     y.backward(gy.to(dtype))

@@ -356,6 +356,67 @@ void col2im_block_add(const Conv2dSizes& s, const T* gcols, int64_t oh0, int64_t
   }
 }
 
+// Pixel-major im2col: cols (n x K, K = kh*kw*R_in) for the output pixels
+// [q0, q0 + n) of the tile starting at output row oh0, row q the taps of
+// pixel q0 + q in tap-major order, cols[q*K + (i*kw + j)*R_in + c] =
+// P(c, ih, iw), zeros outside the image; pm is the projection of input rows
+// [ih_lo, ih_hi) pixel-major ((rows, W, R_in)), so every tap is one
+// contiguous copy of R_in values. The core reads it with its taps reordered
+// to match (tap_major_core).
+// GCC would otherwise turn the per-tap copy loops into memcpy / memset calls,
+// each costing more than its R_in values.
+#if defined(__GNUC__) && !defined(__clang__)
+#define TUCKER_NO_MEMCPY_CALLS __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define TUCKER_NO_MEMCPY_CALLS
+#endif
+
+template <typename T>
+TUCKER_NO_MEMCPY_CALLS void im2col_pixel_major(const Conv2dSizes& s, const T* pm, int64_t ih_lo, int64_t ih_hi, int64_t oh0, int64_t q0,
+                        int64_t n, T* cols) {
+  const int64_t C = s.R_in;
+  T* d = cols;
+  for (int64_t q = q0; q < q0 + n; ++q) {
+    const int64_t oh = oh0 + q / s.W_out, ow = q % s.W_out;
+    for (int64_t i = 0; i < s.kh; ++i) {
+      const int64_t ih = oh * s.stride_h - s.pad_h + i * s.dil_h;
+      const bool row_in = ih >= ih_lo && ih < ih_hi;
+      for (int64_t j = 0; j < s.kw; ++j, d += C) {
+        const int64_t iw = ow * s.stride_w - s.pad_w + j * s.dil_w;
+        if (row_in && iw >= 0 && iw < s.W) {
+          const T* src = pm + ((ih - ih_lo) * s.W + iw) * C;
+          for (int64_t c = 0; c < C; ++c) d[c] = src[c];
+        } else {
+          for (int64_t c = 0; c < C; ++c) d[c] = T(0);
+        }
+      }
+    }
+  }
+}
+
+// Adjoint of im2col_pixel_major: gp (rows from input row h_lo, W, R_in),
+// pixel-major, += the scatter of gcols (n x K); taps outside the image are
+// dropped.
+template <typename T>
+TUCKER_NO_MEMCPY_CALLS void col2im_pixel_major_add(const Conv2dSizes& s, const T* gcols, int64_t h_lo, int64_t oh0, int64_t q0, int64_t n,
+                            T* gp) {
+  const int64_t C = s.R_in;
+  const T* src = gcols;
+  for (int64_t q = q0; q < q0 + n; ++q) {
+    const int64_t oh = oh0 + q / s.W_out, ow = q % s.W_out;
+    for (int64_t i = 0; i < s.kh; ++i) {
+      const int64_t ih = oh * s.stride_h - s.pad_h + i * s.dil_h;
+      const bool row_in = ih >= 0 && ih < s.H;
+      for (int64_t j = 0; j < s.kw; ++j, src += C) {
+        const int64_t iw = ow * s.stride_w - s.pad_w + j * s.dil_w;
+        if (!row_in || iw < 0 || iw >= s.W) continue;
+        T* d = gp + ((ih - h_lo) * s.W + iw) * C;
+        for (int64_t c = 0; c < C; ++c) d[c] += src[c];
+      }
+    }
+  }
+}
+
 // Per-thread scratch, grown on demand and kept for the next call (a fresh
 // allocation per call would cost more than a small layer's arithmetic).
 template <typename T>

@@ -15,8 +15,11 @@
 // (tucker_conv2d_with_intermediates, which writes them from the forward's
 // tiles: the chain's own intermediates, as a Sequential keeps them), then the
 // gradients of last, bias, core and the projection: through the phase planes
-// for cores the hand kernels run, through an explicit im2col and the BLAS for
-// large ones. The projection gradient maps to the input and first gradients
+// for cores the hand kernels run, through an explicit im2col for large ones:
+// pixel-major where the hand kernel is the fast one (every product then in
+// its A * B form, backward_rows_pixel_major), else channel-major with the
+// weight gradients on the BLAS. A 3x3 stride-1 core may run by Winograd
+// instead (winograd.h). The projection gradient maps to the input and first gradients
 // per pixel: right after its tile for whole-image tiles (it stays in thread
 // scratch); for bands, whose projection gradients overlap their neighbours' by
 // the halo, in a second pass over per-chunk copies (small batches) or over
@@ -652,6 +655,14 @@ struct ConvGrads {
   T* acc_first_t = nullptr;
 };
 
+// bias's gradient += the sums of gY (C_out x npx, channel stride H_out*W_out).
+template <typename T>
+void add_bias_gradient(const Conv2dSizes& s, const ConvGrads<T>& g, int64_t chunk, const T* gyn, int64_t npx) {
+  if (!g.bias) return;
+  T* acc = g.acc_bias + chunk * s.C_out;
+  for (int64_t c = 0; c < s.C_out; ++c) acc[c] += sum_contiguous(gyn + c * s.H_out * s.W_out, npx);
+}
+
 // Pass 1 for one tile by the implicit im2col (PhasePlanes): the gradients of
 // last, core and the projection (bias is done by the caller). Returns false,
 // having done nothing, when the tile's projection is not all finite (a
@@ -745,10 +756,7 @@ void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePl
   const int64_t npx = (oh1 - oh0) * s.W_out;
   const T* gyn = gy + n * s.C_out * HWo + oh0 * s.W_out;
 
-  if (g.bias) {
-    T* acc = g.acc_bias + chunk * s.C_out;
-    for (int64_t c = 0; c < s.C_out; ++c) acc[c] += sum_contiguous(gyn + c * HWo, npx);
-  }
+  add_bias_gradient<T>(s, g, chunk, gyn, npx);
   if (!need_cols && !need_gq && !g.last) return;
 
   const T* p = nullptr;
@@ -850,6 +858,50 @@ void backward_pixels(const Conv2dSizes& s, const ConvOperands<T>& op, const Conv
   }
 }
 
+// The end of a pixel-major backward (Winograd or direct core): gp_pm, the
+// projection gradient of input rows [h_lo, h_hi) of image n pixel-major
+// ((rows, W, R_in)). A band adds it, halo rows included, into the chunk's
+// copy (g.gp_of) for pass 2; a whole image (h_lo = 0, h_hi = H) runs its
+// input and first gradients.
+template <typename T>
+void finish_projection_gradient(const Conv2dSizes& s, const ConvOperands<T>& op, const ConvGrads<T>& g,
+                                const T* gp_pm, int64_t h_lo, int64_t h_hi, T* grad_input, int64_t chunk, int64_t n,
+                                bool band) {
+  const int64_t HW = s.H * s.W, px = (h_hi - h_lo) * s.W;
+  if (band) {
+    // Onto the chunk's copy, channel-major (R_in, H, W): the halo rows add to
+    // what the image's neighbouring band (if this chunk ran it) put there.
+    T* gp = scratch<T>(8, s.R_in * px);
+    transpose_columns<T>(px, gp_pm, s.R_in, gp, px, 0, s.R_in);
+    T* dst = g.gp_of(chunk, n) + h_lo * s.W;
+    for (int64_t c = 0; c < s.R_in; ++c)
+      for (int64_t i = 0; i < px; ++i) dst[c * HW + i] += gp[c * px + i];
+    return;
+  }
+  TORCH_INTERNAL_ASSERT(h_lo == 0 && h_hi == s.H, "a whole image's projection gradient covers every row");
+  if (!op.first) {  // the projection gradient is the input gradient
+    transpose_columns<T>(HW, gp_pm, s.R_in, grad_input + n * s.C_in * HW, HW, 0, s.R_in);
+    return;
+  }
+  if (g.input) {
+    // gX (C_in x HW) = first^T (C_in x R_in) * gP (R_in x HW)
+    T* gp = scratch<T>(8, s.R_in * HW);
+    transpose_columns<T>(HW, gp_pm, s.R_in, gp, HW, 0, s.R_in);
+    gemm_nn<T>(s.C_in, HW, s.R_in, op.first, 1, s.C_in, gp, HW, grad_input + n * s.C_in * HW, HW, false);
+  }
+  if (g.first) {
+    if (op.nhwc) {
+      // first's gradient (R_in x C_in) += gP (R_in x HW) * X (HW x C_in)
+      gemm_nn<T>(s.R_in, s.C_in, HW, gp_pm, 1, s.R_in, op.x + n * HW * s.C_in, s.C_in,
+                 g.acc_first + chunk * s.R_in * s.C_in, s.C_in, true);
+    } else {
+      // its transpose (C_in x R_in) += X (C_in x HW) * gP^T (HW x R_in)
+      gemm_nn<T>(s.C_in, s.R_in, HW, op.x + n * s.C_in * HW, HW, 1, gp_pm, s.R_in,
+                 g.acc_first_t + chunk * s.C_in * s.R_in, s.R_in, true);
+    }
+  }
+}
+
 // Output rows [oh0, oh1) of image n by Winograd (the backward of
 // forward_tile_winograd; oh0 a multiple of the tile size): bias, last, core
 // (into acc_u, transformed) and projection gradients. A whole image (image
@@ -865,7 +917,7 @@ template <typename T>
 bool backward_rows_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, const WinogradOperands<T>& w,
                             const T* gy, const ConvGrads<T>& g, T* grad_input, int64_t chunk, int64_t n,
                             int64_t oh0, int64_t oh1, bool band) {
-  const int64_t HW = s.H * s.W, HWo = s.H_out * s.W_out, npx = (oh1 - oh0) * s.W_out;
+  const int64_t HWo = s.H_out * s.W_out, npx = (oh1 - oh0) * s.W_out;
   const auto [ih_lo, ih_hi] = input_rows(s, oh0, oh1);
   const int64_t px = (ih_hi - ih_lo) * s.W;
   const PixelRows in{ih_lo, ih_hi, s.W, s.R_in}, out{oh0, oh1, s.W_out, s.R_out};
@@ -895,10 +947,7 @@ bool backward_rows_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, con
     transpose_columns<T>(s.R_out, gq_cm, ld, gq, s.R_out, 0, npx);
     if (!all_finite(gq, npx * s.R_out)) return false;
   }
-  if (g.bias) {
-    T* acc = g.acc_bias + chunk * s.C_out;
-    for (int64_t c = 0; c < s.C_out; ++c) acc[c] += sum_contiguous(gyn + c * HWo, npx);
-  }
+  add_bias_gradient<T>(s, g, chunk, gyn, npx);
   if (g.last) {
     // last's gradient (C_out x R_out) += gY (C_out x npx) * Q^T (npx x R_out)
     T* acc = g.acc_last + chunk * s.C_out * s.R_out;
@@ -935,44 +984,108 @@ bool backward_rows_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, con
     winograd_input_transform_adjoint<T>(w.m, v, xs_in, in, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, sink,
                                         gp_pm);
   }
-  if (!need_back) return true;
-  if (band) {
-    // Onto the chunk's copy, channel-major (R_in, H, W): the halo rows add to
-    // what the image's neighbouring band (if this chunk ran it) put there.
-    T* gp = scratch<T>(8, s.R_in * px);
-    transpose_columns<T>(px, gp_pm, s.R_in, gp, px, 0, s.R_in);
-    T* dst = g.gp_of(chunk, n) + ih_lo * s.W;
-    for (int64_t c = 0; c < s.R_in; ++c)
-      for (int64_t i = 0; i < px; ++i) dst[c * HW + i] += gp[c * px + i];
-    return true;
-  }
-  if (!op.first) {  // the projection gradient is the input gradient
-    transpose_columns<T>(HW, gp_pm, s.R_in, grad_input + n * s.C_in * HW, HW, 0, s.R_in);
-    return true;
-  }
-  if (g.input) {
-    // gX (C_in x HW) = first^T (C_in x R_in) * gP (R_in x HW)
-    T* gp = scratch<T>(8, s.R_in * HW);
-    transpose_columns<T>(HW, gp_pm, s.R_in, gp, HW, 0, s.R_in);
-    gemm_nn<T>(s.C_in, HW, s.R_in, op.first, 1, s.C_in, gp, HW, grad_input + n * s.C_in * HW, HW, false);
-  }
-  if (g.first) {
-    if (op.nhwc) {
-      // first's gradient (R_in x C_in) += gP (R_in x HW) * X (HW x C_in)
-      gemm_nn<T>(s.R_in, s.C_in, HW, gp_pm, 1, s.R_in, op.x + n * HW * s.C_in, s.C_in,
-                 g.acc_first + chunk * s.R_in * s.C_in, s.C_in, true);
-    } else {
-      // its transpose (C_in x R_in) += X (C_in x HW) * gP^T (HW x R_in)
-      gemm_nn<T>(s.C_in, s.R_in, HW, op.x + n * s.C_in * HW, HW, 1, gp_pm, s.R_in,
-                 g.acc_first_t + chunk * s.C_in * s.R_in, s.R_in, true);
-    }
-  }
+  if (need_back) finish_projection_gradient<T>(s, op, g, gp_pm, ih_lo, ih_hi, grad_input, chunk, n, band);
   return true;
+}
+
+// ---- Direct core, pixel-major backward ----------------------------------------
+
+// The core with its taps reordered to the pixel-major im2col's columns
+// (conv_tiles.h, im2col_pixel_major): core_t (R_out x K), column
+// (i*kw + j)*R_in + c; its transpose core_tt (K x R_out) where the backward
+// recomputes the core output (null where it is kept); and the core gradient's
+// per-chunk accumulators in that order, (chunks, R_out, K) (null without it).
+template <typename T>
+struct PixelMajorCore {
+  const T* core_t;
+  const T* core_tt;
+  T* acc_core_t;
+};
+
+// (R_out, R_in, kh, kw) -> (R_out, kh, kw, R_in), contiguous.
+Tensor tap_major_core(const Conv2dSizes& s, const Tensor& core) {
+  return core.view({s.R_out, s.R_in, s.kh * s.kw}).transpose(1, 2).contiguous();
+}
+
+// Whether the backward runs a direct core through the pixel-major im2col
+// (backward_rows_pixel_major) rather than the channel-major one: where the
+// products over pixels are large enough that the channel-major form hands
+// them to the BLAS as A * B^T (pixels the inner dimension; MKL packs both
+// operands per call) while the hand kernel runs them as A * B faster
+// (gemm_nn_kernel_preferred). A pointwise core on a channel-major projection
+// keeps reading the projection in place.
+template <typename T>
+bool backward_uses_pixel_major_core(const Conv2dSizes& s, int64_t block) {
+  const bool pointwise = s.kh == 1 && s.kw == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0;
+  return gemm_nn_kernel_preferred<T>() && !pointwise && gemm_uses_blas<T>(s.R_out, block, s.R_in * s.kh * s.kw);
+}
+
+// Output rows [oh0, oh1) of image n with the direct core, every product in
+// the hand kernel's A * B form: the projection pixel-major
+// (project_pixel_major), its im2col pixel-major and tap-major
+// (im2col_pixel_major), per block of output pixels: last's gradient against
+// the core output pixel-major (transposed from the kept one or recomputed),
+// the core's gradient (tap-major, pc.acc_core_t) against the im2col, and the
+// im2col's gradient scattered onto the projection gradient, pixel-major. Then
+// as backward_rows_winograd: a band adds that into the chunk's copy, a whole
+// image (oh0 = 0, oh1 = H_out) runs its input and first gradients.
+template <typename T>
+void backward_rows_pixel_major(const Conv2dSizes& s, const ConvOperands<T>& op, const PixelMajorCore<T>& pc,
+                               const T* gy, const ConvGrads<T>& g, T* grad_input, int64_t block, int64_t chunk,
+                               int64_t n, int64_t oh0, int64_t oh1, bool band) {
+  const int64_t HWo = s.H_out * s.W_out, npx = (oh1 - oh0) * s.W_out, K = s.R_in * s.kh * s.kw;
+  const bool need_back = g.input || g.first;
+  const bool need_gq = g.core || need_back;
+  const bool recompute_q = g.last && !op.saved_q;
+  const T* gyn = gy + n * s.C_out * HWo + oh0 * s.W_out;  // (C_out x npx), channel stride HWo
+  add_bias_gradient<T>(s, g, chunk, gyn, npx);
+  const auto [ih_lo, ih_hi] = input_rows(s, oh0, oh1);
+  const T* p = g.core || recompute_q ? project_pixel_major<T>(s, op, n, ih_lo, ih_hi).pm : nullptr;
+  // The projection gradient: the rows read, or the whole image (rows no
+  // output reads get zeros).
+  const int64_t gp_lo = band ? ih_lo : 0, gp_hi = band ? ih_hi : s.H;
+  T* gp_pm = need_back ? scratch<T>(6, (gp_hi - gp_lo) * s.W * s.R_in) : nullptr;
+  if (need_back) std::fill(gp_pm, gp_pm + (gp_hi - gp_lo) * s.W * s.R_in, T(0));
+  const int64_t nb_max = balanced_block(npx, block);
+  T* cols = scratch<T>(4, nb_max * K);  // the im2col, then its gradient
+  T* z = g.last ? scratch<T>(2, nb_max * s.R_out) : nullptr;
+  T* gq_buf = op.last && need_gq ? scratch<T>(3, s.R_out * nb_max) : nullptr;
+  for (int64_t q0 = 0; q0 < npx; q0 += nb_max) {
+    const int64_t nb = std::min(nb_max, npx - q0);
+    const T* gyb = gyn + q0;  // (C_out x nb), row stride HWo
+    if (p) im2col_pixel_major<T>(s, p, ih_lo, ih_hi, oh0, q0, nb, cols);
+    if (g.last) {
+      // last's gradient (C_out x R_out) += gY (C_out x nb) * Q^T (nb x R_out)
+      if (op.saved_q)
+        transpose<T>(s.R_out, nb, op.saved_q + n * s.R_out * HWo + oh0 * s.W_out + q0, HWo, z, s.R_out);
+      else
+        gemm_nn<T>(nb, s.R_out, K, cols, K, 1, pc.core_tt, s.R_out, z, s.R_out, false);
+      gemm_nn<T>(s.C_out, s.R_out, nb, gyb, HWo, 1, z, s.R_out, g.acc_last + chunk * s.C_out * s.R_out, s.R_out,
+                 true);
+    }
+    if (!need_gq) continue;
+    const T* gq = gyb;  // (R_out x nb)
+    int64_t ldgq = HWo;
+    if (op.last) {
+      // gQ (R_out x nb) = last^T (R_out x C_out) * gY (C_out x nb)
+      gemm_nn<T>(s.R_out, nb, s.C_out, op.last, 1, s.R_out, gyb, HWo, gq_buf, nb, false);
+      gq = gq_buf;
+      ldgq = nb;
+    }
+    // the core's gradient, tap-major (R_out x K) += gQ (R_out x nb) * cols (nb x K)
+    if (g.core) gemm_nn<T>(s.R_out, K, nb, gq, ldgq, 1, cols, K, pc.acc_core_t + chunk * s.R_out * K, K, true);
+    if (!need_back) continue;
+    // the im2col's gradient (nb x K) = gQ^T (nb x R_out) * core_t (R_out x K), over the im2col
+    gemm_nn<T>(nb, K, s.R_out, gq, 1, ldgq, pc.core_t, K, cols, K, false);
+    col2im_pixel_major_add<T>(s, cols, gp_lo, oh0, q0, nb, gp_pm);
+  }
+  if (need_back) finish_projection_gradient<T>(s, op, g, gp_pm, gp_lo, gp_hi, grad_input, chunk, n, band);
 }
 
 template <typename T>
 void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy, const ConvGrads<T>& g,
-                   T* grad_input, int64_t chunks, const WinogradOperands<T>* wino, int64_t wino_band_rows) {
+                   T* grad_input, int64_t chunks, const WinogradOperands<T>* wino, int64_t wino_band_rows,
+                   const PixelMajorCore<T>* pixel_major) {
   const bool need_back = g.input || g.first;
   const bool shared_gp = need_back && g.gp_chunk_stride == 0;
   const TilePlan plan = plan_tiles(s, at::get_num_threads(), sizeof(T), shared_gp);
@@ -992,6 +1105,10 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
   // first gradients while that is still in cache.
   auto run_image = [&](int64_t c, int64_t n) {
     if (wino && backward_rows_winograd<T>(s, op, *wino, gy, g, grad_input, c, n, 0, s.H_out, false)) return;
+    if (pixel_major) {
+      backward_rows_pixel_major<T>(s, op, *pixel_major, gy, g, grad_input, plan.block, c, n, 0, s.H_out, false);
+      return;
+    }
     ConvGrads<T> gi = g;
     if (g.gp_per_image) {
       gi.gp = scratch<T>(8, s.R_in * s.H * s.W);
@@ -1039,9 +1156,15 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
       for_each_chunk_raw(chunks, [&](int64_t c) {
         const auto [begin, end] = chunk_range(c, chunks, tasks);
         for (int64_t t = begin; t < end; ++t) {
-          const int64_t tile = (t % tiles_per_pass) * passes + pass;
-          if (tile < plan.tiles_per_image)
-            backward_tile<T>(s, op, plan, gy, g, c, (t / tiles_per_pass) * plan.tiles_per_image + tile, windows);
+          const int64_t tile = (t % tiles_per_pass) * passes + pass, n = t / tiles_per_pass;
+          if (tile >= plan.tiles_per_image) continue;
+          if (pixel_major) {
+            const int64_t oh0 = tile * plan.rows;
+            backward_rows_pixel_major<T>(s, op, *pixel_major, gy, g, grad_input, plan.block, c, n, oh0,
+                                         std::min(s.H_out, oh0 + plan.rows), true);
+          } else {
+            backward_tile<T>(s, op, plan, gy, g, c, n * plan.tiles_per_image + tile, windows);
+          }
         }
       });
     }
@@ -1141,7 +1264,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
     const Tensor B = s.has_last ? last->contiguous() : Tensor();
     const auto [P, p_nhwc] = present(projection) ? input_layout(*projection) : std::pair<Tensor, bool>{};
     const Tensor Q = present(core_output) ? core_output->contiguous() : Tensor();
-    Tensor acc_first_t;
+    Tensor acc_first_t, acc_core_t;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_conv2d_backward_cpu", [&] {
       using T = scalar_t;
       WinogradTensors wt;
@@ -1152,6 +1275,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
         wino = winograd_operands<T>(s, tile, wt);
         if (need.core) acc_u = at::zeros({chunks, winograd_elems(tile), s.R_out, s.R_in}, opts);
         if (need.first && !nhwc && !wino_band_rows) acc_first_t = at::zeros({chunks, s.C_in, s.R_in}, opts);
+      }
+      // Or the direct core pixel-major (whole images or tiles as the direct
+      // path plans them).
+      std::optional<PixelMajorCore<T>> pixel_major;
+      Tensor core_t, core_tt;
+      if (!tile && backward_uses_pixel_major_core<T>(s, plan_tiles(s, at::get_num_threads(), sizeof(T), false).block)) {
+        core_t = tap_major_core(s, G);
+        if (need.last && !Q.defined()) core_tt = core_t.view({s.R_out, K}).t().contiguous();
+        if (need.core) acc_core_t = at::zeros({chunks, s.R_out, K}, opts);
+        if (need.first && !nhwc && gp_per_image) acc_first_t = at::zeros({chunks, s.C_in, s.R_in}, opts);
+        pixel_major = PixelMajorCore<T>{core_t.const_data_ptr<T>(),
+                                        core_tt.defined() ? core_tt.const_data_ptr<T>() : nullptr,
+                                        acc_core_t.defined() ? acc_core_t.mutable_data_ptr<T>() : nullptr};
       }
       const ConvOperands<T> op{
           x.const_data_ptr<T>(), nhwc, s.has_first ? A.const_data_ptr<T>() : nullptr, G.const_data_ptr<T>(),
@@ -1170,9 +1306,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
           acc_u.defined() ? acc_u.mutable_data_ptr<T>() : nullptr,
           acc_first_t.defined() ? acc_first_t.mutable_data_ptr<T>() : nullptr};
       conv_backward<T>(s, op, gy.const_data_ptr<T>(), g, need.input ? grad_input.mutable_data_ptr<T>() : nullptr,
-                       chunks, wino ? &*wino : nullptr, wino ? wino_band_rows : 0);
+                       chunks, wino ? &*wino : nullptr, wino ? wino_band_rows : 0,
+                       pixel_major ? &*pixel_major : nullptr);
     });
     if (acc_first_t.defined()) acc_first.add_(acc_first_t.transpose(1, 2));
+    if (acc_core_t.defined())
+      acc_core.view({chunks, s.R_out, s.R_in, s.kh * s.kw})
+          .add_(acc_core_t.view({chunks, s.R_out, s.kh * s.kw, s.R_in}).transpose(2, 3));
   }
 
   return backward_result(
