@@ -175,17 +175,18 @@ def test_auto_choice(ranks, size, expect, monkeypatch):
         assert same == (algo == expect), algo
 
 
-@pytest.mark.parametrize("height, expect", [(14, "direct"), (64, "winograd4")])
+@pytest.mark.parametrize("height, expect", [(14, "direct"), (30, "winograd2"), (64, "winograd4")])
 def test_auto_forward_bands(height, expect, monkeypatch):
     """At batch 1 the forward's tiles are bands of an image: auto runs Winograd only on bands
-    of at least four tile rows (two threads: four bands of 4 rows on 14 rows, of 16 on 64)."""
+    of at least four tile rows, F(2x2)'s where F(4x4)'s are thinner (two threads: four bands
+    of 4 rows on 14 rows, of 8 on 30, of 16 on 64)."""
     x, params, padding = _inputs((1, 32, height, 16, 32, 32, 32, (1, 1), True, True), torch.float32, "nchw")
     with _num_threads(2), torch.no_grad():
         results = {}
-        for algo in ("auto", "winograd4", "direct"):
+        for algo in ("auto", "winograd4", "winograd2", "direct"):
             with _core(algo, monkeypatch):
                 results[algo] = ops.tucker_conv2d(x, *params, ONE, padding, ONE)
-    for algo in ("winograd4", "direct"):
+    for algo in ("winograd4", "winograd2", "direct"):
         assert torch.equal(results["auto"], results[algo]) == (algo == expect), algo
 
 

@@ -454,16 +454,24 @@ TilePlan forward_plan(const Conv2dSizes& s, int64_t pool, int64_t elem_size, int
 }
 
 // winograd_tile for the forward, which runs it per tile: by rule (auto) only
-// on whole images or bands of at least four tile rows. Thinner bands (batch 1
-// on a 14 x 14 layer: four bands of four rows) recompute half their
-// projection again for the halo and run GEMMs over a handful of tiles: slower
-// than the direct core (resnet50_3x3 at batch 1, 0.24 against 0.20 ms, dev
-// A/B).
+// on whole images or bands of at least four tile rows, trying F(2x2)'s
+// (twice the tile rows of a band) where F(4x4)'s are thinner, as the backward
+// does (winograd_backward_band_rows). Thinner bands (batch 1 on a 14 x 14
+// layer: four bands of four rows) recompute half their projection again for
+// the halo and run GEMMs over a handful of tiles: slower than the direct core
+// (resnet50_3x3 at batch 1, 0.24 against 0.20 ms, dev A/B). Forward at two
+// threads, no grad (dev A/B, best of 300): resnet50_3x3 at batch 2, bands of
+// eight rows, F(2x2) 0.27 ms, F(4x4) 0.31, direct 0.31; at batch 3 0.39 /
+// 0.42 / 0.46; at batch 1 (bands of four rows) 0.195 / 0.23 / 0.20.
 int64_t winograd_forward_tile(const Conv2dSizes& s, int64_t pool, int64_t elem_size) {
   const int64_t tile = winograd_tile(s, /*backward=*/false);
-  if (!tile) return 0;
-  const TilePlan plan = forward_plan(s, pool, elem_size, tile);
-  return !core_choice().automatic || plan.tiles_per_image == 1 || plan.rows >= 4 * tile ? tile : 0;
+  if (!tile || !core_choice().automatic) return tile;
+  auto thick_enough = [&](int64_t m) {
+    const TilePlan plan = forward_plan(s, pool, elem_size, m);
+    return plan.tiles_per_image == 1 || plan.rows >= 4 * m;
+  };
+  if (thick_enough(tile)) return tile;
+  return tile == 4 && thick_enough(2) ? 2 : 0;
 }
 
 // The forward. pool == 0 writes the conv output to out (N, C_out, H_out,
