@@ -1,5 +1,5 @@
 """The direct core's pixel-major backward (backward_rows_pixel_major in
-csrc/cpu/tucker_conv2d_cpu.cpp) against the reference.
+csrc/cpu/tucker_conv2d_backward_cpu.cpp) against the reference.
 
 Where the hand GEMM kernel is the measured-fast one (float32 with AVX-512, no
 TUCKER_OPS_GEMM override), a core that does not run by Winograd (strided, dilated, not
