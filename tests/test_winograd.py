@@ -154,7 +154,8 @@ def _run_all(x, params, padding):
 @pytest.mark.parametrize(
     "ranks, size, expect",
     [
-        ((64, 64), 8, "winograd4"),  # 8 x 8 outputs: 4 tiles x 36 against 16 x 16 multiply-adds
+        ((64, 64), 16, "winograd4"),  # 16 x 16 outputs: 16 tiles x 36 against 64 x 16 multiply-adds
+        ((64, 64), 8, "winograd2"),  # 8 x 8: fewer multiply-adds with F(4x4), but only 4 tiles
         ((16, 24), 6, "winograd2"),  # 6 x 6: 9 x 16 against 4 x 36, a tie: the smaller tile
         ((16, 24), 2, "winograd2"),
         ((8, 64), 8, "direct"),  # below 16 channels on a side of the core

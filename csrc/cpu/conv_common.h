@@ -131,7 +131,15 @@ inline CoreChoice core_choice() {
 // both sides of the core: below that the tile transforms, which do not shrink
 // with the ranks' product, cost more than the multiply-adds they save. The
 // tile size by rule is the one with fewer multiply-adds per image (tiles x
-// alpha^2: F(4x4) on 14 x 14 outputs, 16 x 36 against F(2x2)'s 49 x 16).
+// alpha^2: F(4x4) on 14 x 14 outputs, 16 x 36 against F(2x2)'s 49 x 16), but
+// F(4x4) only with at least 16 tiles per image: its GEMMs run over an image's
+// (or band's) tiles, and with fewer (4 on 7 x 7 outputs) they are too small
+// for the kernel, the core gradient's an outer product of inner dimension 4.
+// 512 -> 512 at 7 x 7 with ranks 128 (`python benchmarks/layer_sweep.py --only
+// r18_512 --batches 8 32`; dev A/B of the forced cores, two threads): at
+// batch 8 F(2x2) forward 1.49 ms, backward 3.14, F(4x4) 1.75 / 3.83, direct
+// 1.62 / 3.14, Sequential 1.66 / 2.99; at batch 32 4.82 / 9.62, 4.67 / 10.13,
+// 5.97 / 11.44, Sequential 5.04 / 10.22.
 inline int64_t winograd_tile(const Conv2dSizes& s, bool backward) {
   if (s.kh != 3 || s.kw != 3 || s.stride_h != 1 || s.stride_w != 1 || s.dil_h != 1 || s.dil_w != 1) return 0;
   if (s.H_out < 2 || s.W_out < 2) return 0;
@@ -145,7 +153,8 @@ inline int64_t winograd_tile(const Conv2dSizes& s, bool backward) {
   auto work = [&](int64_t m) {
     return winograd_tiles(s.H_out, m) * winograd_tiles(s.W_out, m) * winograd_elems(m);
   };
-  return work(4) < work(2) ? 4 : 2;
+  const bool enough_tiles = winograd_tiles(s.H_out, 4) * winograd_tiles(s.W_out, 4) >= 16;
+  return work(4) < work(2) && enough_tiles ? 4 : 2;
 }
 
 // The core in the forms the Winograd images read: U (alpha^2, R_out, R_in)

@@ -1,0 +1,88 @@
+"""Fused op against the ``nn.Sequential`` chain on typical ResNet layers beyond the benchmark set.
+
+    python benchmarks/layer_sweep.py                 # batches 1, 8, 32
+    python benchmarks/layer_sweep.py --batches 8 --rounds 20 --only r18_512 c5x5
+
+ResNet-18's 3x3 layers at their real sizes (stride 1, and the stride-2 downsamples) with
+ranks a quarter of the channels, a ResNet-50 1x1 layer, a 5x5 layer and a 3x3 layer at
+half ranks: the shapes a user compressing a torchvision model meets, where the suite
+(``make bench``) covers a few. For each layer and batch the two implementations alternate,
+one forward (no grad) and one training step (forward + backward of ``output.sum()``) per
+round, and each reports its minimum over the rounds: a burst of contention on a shared
+machine hits both alike. Prints a markdown table of Sequential time / fused time (> 1:
+fused faster). Ratios at batch 32 move by 10-30% between runs on the shared 2-core
+machine; rerun with more rounds before trusting one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from cases import CASES, ConvCase, build
+
+LAYERS = (
+    ConvCase("r18_64", 64, 64, 3, 56, (16, 16), padding=1),
+    ConvCase("r18_128", 128, 128, 3, 28, (32, 32), padding=1),
+    ConvCase("r18_256", 256, 256, 3, 14, (64, 64), padding=1),
+    ConvCase("r18_512", 512, 512, 3, 7, (128, 128), padding=1),
+    ConvCase("r18_down_128", 64, 128, 3, 56, (16, 32), stride=2, padding=1),
+    ConvCase("r18_down_256", 128, 256, 3, 28, (32, 64), stride=2, padding=1),
+    ConvCase("r18_down_512", 256, 512, 3, 14, (64, 128), stride=2, padding=1),
+    ConvCase("r50_1x1", 256, 64, 1, 56, (64, 16)),
+    ConvCase("k5_64", 64, 64, 5, 28, (32, 32), padding=2),
+    ConvCase("half_ranks_128", 128, 128, 3, 28, (64, 64), padding=1),
+)
+
+
+def _sweep(name: str, batch: int, rounds: int) -> tuple[float, float, float, float]:
+    layer = build(name)
+    x = layer.input(batch).requires_grad_()
+    impls = {
+        "sequential": (layer.sequential, list(layer.sequential.parameters())),
+        "fused": (layer.impls()["fused"], layer.params()),
+    }
+    best = {k: [float("inf"), float("inf")] for k in impls}
+    for _ in range(rounds + 2):  # the first two rounds warm up
+        for key, (fn, params) in impls.items():
+            with torch.no_grad():
+                start = time.perf_counter()
+                fn(x)
+                forward = time.perf_counter() - start
+            x.grad = None
+            for p in params:
+                p.grad = None
+            start = time.perf_counter()
+            fn(x).sum().backward()
+            step = time.perf_counter() - start
+            best[key] = [min(best[key][0], forward), min(best[key][1], step)]
+    seq, fused = best["sequential"], best["fused"]
+    return seq[0] / fused[0], seq[1] / fused[1], fused[0], fused[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--only", nargs="+", choices=[c.name for c in LAYERS], help="a subset of the layers")
+    args = parser.parse_args()
+    for case in LAYERS:
+        CASES[case.name] = case
+    print(f"threads {torch.get_num_threads()}, {args.rounds} rounds; Sequential time / fused time\n")
+    print("| layer | batch | forward | training step | fused forward | fused step |")
+    print("|---|---|---|---|---|---|")
+    for case in LAYERS:
+        if args.only and case.name not in args.only:
+            continue
+        for batch in args.batches:
+            fwd, step, fused_fwd, fused_step = _sweep(case.name, batch, args.rounds)
+            print(
+                f"| {case.name} | {batch} | {fwd:.2f}x | {step:.2f}x | {fused_fwd * 1e3:.3f} ms | {fused_step * 1e3:.3f} ms |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
