@@ -20,6 +20,8 @@ import torch
 from test_ops_fused_paths import _factors, _num_threads
 from test_winograd import _check
 
+from tucker_ops import reference
+
 ops = torch.ops.tucker_ops
 
 CASES = [
@@ -123,3 +125,30 @@ def test_random_configurations(call):
     x, params, stride, padding, dilation = _inputs(case, layout, seed)
     with _num_threads(threads):
         _check(x, params, padding, torch.float32, stride, dilation)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("where", ["input", "core"])
+def test_non_finite_lands_where_the_reference_puts_it(where, threads):
+    """An Inf in the input or the core: every gradient is NaN / +Inf / -Inf exactly where the
+    reference's is (a padded tap of the im2col is a true zero, as in the reference), and
+    matches it elsewhere."""
+    x, params, stride, padding, dilation = _inputs(CASES[0], "nchw")
+    first, core, last, bias = (p.clone() if p is not None else None for p in params)
+    if where == "input":
+        x[1, 3, 0, 27] = float("inf")  # a corner pixel: some of its taps fall in the padding
+    else:
+        core[5, 2, 0, 0] = float("-inf")
+    with _num_threads(threads):
+        y = ops.tucker_conv2d(x, first, core, last, bias, stride, padding, dilation)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+        got = ops.tucker_conv2d_backward(gy, x, first, core, last, stride, padding, dilation, [True] * 5)
+    ins = [t.double().requires_grad_() for t in (x, first, core, last, bias)]
+    reference.tucker_conv2d(*ins, stride, padding, dilation).backward(gy.double())
+    for name, a, t in zip(("input", "first", "core", "last", "bias"), got, ins):
+        for mask in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(mask(a), mask(t.grad)), f"grad of {name}: {mask.__name__} differs"
+        finite = torch.isfinite(t.grad)
+        want = t.grad[finite]
+        atol = 2e-5 * max(1.0, want.abs().max().item() if want.numel() else 0.0)
+        torch.testing.assert_close(a[finite].double(), want, rtol=2e-4, atol=atol, msg=lambda m: f"{name}: {m}")
