@@ -93,6 +93,18 @@ void add_bias_gradient(const Conv2dSizes& s, const ConvGrads<T>& g, int64_t chun
   for (int64_t c = 0; c < s.C_out; ++c) acc[c] += sum_contiguous(gyn + c * s.H_out * s.W_out, npx);
 }
 
+// The core output's gradient for npx pixels, channel-major (R_out x npx):
+// gQ = last^T (R_out x C_out) * gY (C_out x npx, row stride H_out*W_out) into
+// buf, or gY itself without last. Returns it and its row stride.
+template <typename T>
+std::pair<const T*, int64_t> core_output_gradient(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
+                                                  int64_t npx, T* buf) {
+  const int64_t HWo = s.H_out * s.W_out;
+  if (!op.last) return {gy, HWo};
+  gemm_nn<T>(s.R_out, npx, s.C_out, op.last, 1, s.R_out, gy, HWo, buf, npx, false);
+  return {buf, npx};
+}
+
 // Pass 1 for one tile by the implicit im2col (PhasePlanes): the gradients of
 // last, core and the projection (bias is done by the caller). Returns false,
 // having done nothing, when the tile's projection is not all finite (a
@@ -137,13 +149,7 @@ bool backward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, cons
       gemm_nt<T>(s.C_out, s.R_out, npx, gyb, HWo, q, npx, g.acc_last + chunk * s.C_out * s.R_out, s.R_out, true);
     }
     if (!g.core && !need_back) continue;
-    const T* gq = gyb;  // (R_out x npx)
-    int64_t ldgq = HWo;
-    if (op.last) {
-      gemm_nn<T>(s.R_out, npx, s.C_out, op.last, 1, s.R_out, gyb, HWo, gq_buf, npx, false);
-      gq = gq_buf;
-      ldgq = npx;
-    }
+    const auto [gq, ldgq] = core_output_gradient<T>(s, op, gyb, npx, gq_buf);  // (R_out x npx)
     // gQ on the extended grid, zero in the discarded columns.
     for (int64_t r = 0; r < s.R_out; ++r) {
       for (int64_t row = 0; row < nr; ++row) {
@@ -232,14 +238,7 @@ void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePl
       gemm_nt<T>(s.C_out, s.R_out, nb, gyb, HWo, qb, ldq, g.acc_last + chunk * s.C_out * s.R_out, s.R_out, true);
     }
     if (!need_gq) continue;
-    const T* gq = gyb;
-    int64_t ldgq = HWo;
-    if (op.last) {
-      // gQ (R_out x nb) = last^T (R_out x C_out) * gY (C_out x nb)
-      gemm_nn<T>(s.R_out, nb, s.C_out, op.last, 1, s.R_out, gyb, HWo, gq_buf, nb, false);
-      gq = gq_buf;
-      ldgq = nb;
-    }
+    const auto [gq, ldgq] = core_output_gradient<T>(s, op, gyb, nb, gq_buf);  // (R_out x nb)
     if (g.core) gemm_nt<T>(s.R_out, K, nb, gq, ldgq, col, ldcol, g.acc_core + chunk * s.R_out * K, K, true);
     if (!need_back) continue;
     // gcols (K x nb) = core^T (K x R_out) * gQ (R_out x nb)
@@ -365,15 +364,8 @@ bool backward_rows_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, con
   T* gq = nullptr;
   if (need_gq) {
     gq = scratch<T>(11, npx * s.R_out);
-    const T* gq_cm = gyn;
-    int64_t ld = HWo;
-    if (op.last) {
-      // gQ (R_out x npx) = last^T (R_out x C_out) * gY (C_out x npx)
-      T* buf = scratch<T>(3, s.R_out * npx);
-      gemm_nn<T>(s.R_out, npx, s.C_out, op.last, 1, s.R_out, gyn, HWo, buf, npx, false);
-      gq_cm = buf;
-      ld = npx;
-    }
+    const auto [gq_cm, ld] =
+        core_output_gradient<T>(s, op, gyn, npx, op.last ? scratch<T>(3, s.R_out * npx) : nullptr);
     transpose_columns<T>(s.R_out, gq_cm, ld, gq, s.R_out, 0, npx);
     if (!all_finite(gq, npx * s.R_out)) return false;
   }
@@ -494,14 +486,7 @@ void backward_rows_pixel_major(const Conv2dSizes& s, const ConvOperands<T>& op, 
                  true);
     }
     if (!need_gq) continue;
-    const T* gq = gyb;  // (R_out x nb)
-    int64_t ldgq = HWo;
-    if (op.last) {
-      // gQ (R_out x nb) = last^T (R_out x C_out) * gY (C_out x nb)
-      gemm_nn<T>(s.R_out, nb, s.C_out, op.last, 1, s.R_out, gyb, HWo, gq_buf, nb, false);
-      gq = gq_buf;
-      ldgq = nb;
-    }
+    const auto [gq, ldgq] = core_output_gradient<T>(s, op, gyb, nb, gq_buf);  // (R_out x nb)
     // the core's gradient, tap-major (R_out x K) += gQ (R_out x nb) * cols (nb x K)
     if (g.core) gemm_nn<T>(s.R_out, K, nb, gq, ldgq, 1, cols, K, pc.acc_core_t + chunk * s.R_out * K, K, true);
     if (!need_back) continue;
