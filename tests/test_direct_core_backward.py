@@ -95,7 +95,7 @@ def test_backward_masks(case, mask, threads):
 
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed")
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, strategies as st  # noqa: E402
 
 
 @st.composite
@@ -118,7 +118,6 @@ def _calls(draw):
     return case, layout, draw(st.integers(0, 1000)), draw(st.integers(1, 3))
 
 
-@settings(max_examples=60, deadline=None)
 @given(_calls())
 def test_random_configurations(call):
     case, layout, seed, threads = call
