@@ -36,7 +36,16 @@ struct ConvOperands {
   const T* saved_p = nullptr;
   bool saved_p_nhwc = false;
   const T* saved_q = nullptr;
+  // first transposed, (C_in, R_in), for NHWC input (null otherwise): the
+  // pixel-major projection X * first^T then runs as A * B on the hand kernel.
+  const T* first_t = nullptr;
 };
+
+// first^T (C_in, R_in) contiguous where the projection reads NHWC input, else
+// undefined (ConvOperands::first_t).
+inline at::Tensor transposed_first(const at::Tensor& first, bool nhwc) {
+  return first.defined() && nhwc ? first.t().contiguous() : at::Tensor();
+}
 
 // Where the forward writes the intermediates it is asked to keep (null: not
 // kept): the projection in the input's layout, the core output NCHW.
@@ -84,7 +93,10 @@ Projection project_rows(const Conv2dSizes& s, const ConvOperands<T>& op, int64_t
   if (px == 0) return {ih_lo, ih_hi, px, 1};
   if (op.nhwc) {
     // P^T (px x R_in) = X (px x C_in) * first^T
-    gemm_nt<T>(px, s.R_in, s.C_in, xn + ih_lo * s.W * s.C_in, s.C_in, op.first, s.C_in, buf, s.R_in, false);
+    if (op.first_t)
+      gemm_nn<T>(px, s.R_in, s.C_in, xn + ih_lo * s.W * s.C_in, s.C_in, 1, op.first_t, s.R_in, buf, s.R_in, false);
+    else
+      gemm_nt<T>(px, s.R_in, s.C_in, xn + ih_lo * s.W * s.C_in, s.C_in, op.first, s.C_in, buf, s.R_in, false);
     return {ih_lo, ih_hi, 1, s.R_in};
   }
   // P (R_in x px) = first (R_in x C_in) * X (C_in x px, row stride HW)

@@ -679,6 +679,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
     const Tensor B = s.has_last ? last->contiguous() : Tensor();
     const auto [P, p_nhwc] = present(projection) ? input_layout(*projection) : std::pair<Tensor, bool>{};
     const Tensor Q = present(core_output) ? core_output->contiguous() : Tensor();
+    const Tensor At = transposed_first(A, nhwc);
     Tensor acc_first_t, acc_core_t;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_conv2d_backward_cpu", [&] {
       using T = scalar_t;
@@ -707,7 +708,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
       const ConvOperands<T> op{
           x.const_data_ptr<T>(), nhwc, s.has_first ? A.const_data_ptr<T>() : nullptr, G.const_data_ptr<T>(),
           s.has_last ? B.const_data_ptr<T>() : nullptr, P.defined() ? P.const_data_ptr<T>() : nullptr, p_nhwc,
-          Q.defined() ? Q.const_data_ptr<T>() : nullptr};
+          Q.defined() ? Q.const_data_ptr<T>() : nullptr, At.defined() ? At.const_data_ptr<T>() : nullptr};
       const ConvGrads<T> g{
           need.input, need.first, need.core, need.last, need.bias,
           need_back && !gp_per_image ? gp.mutable_data_ptr<T>() : nullptr,

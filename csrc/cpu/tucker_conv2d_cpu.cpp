@@ -302,10 +302,12 @@ void run_forward(const Conv2dSizes& s, const Tensor& input, const std::optional<
   const Tensor G = core.contiguous();
   const Tensor B = s.has_last ? last->contiguous() : Tensor();
   const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
+  const Tensor At = transposed_first(A, nhwc);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_conv2d_cpu", [&] {
     const ConvOperands<scalar_t> op{
         x.const_data_ptr<scalar_t>(), nhwc, s.has_first ? A.const_data_ptr<scalar_t>() : nullptr,
-        G.const_data_ptr<scalar_t>(), s.has_last ? B.const_data_ptr<scalar_t>() : nullptr};
+        G.const_data_ptr<scalar_t>(), s.has_last ? B.const_data_ptr<scalar_t>() : nullptr,
+        nullptr, false, nullptr, At.defined() ? At.const_data_ptr<scalar_t>() : nullptr};
     SavedIntermediates<scalar_t> kept;
     if (keep && s.has_first) kept.p = keep->projection.mutable_data_ptr<scalar_t>();
     if (keep && s.has_last) kept.q = keep->core_output.mutable_data_ptr<scalar_t>();
