@@ -308,6 +308,7 @@ def _backward_outputs(
     core: Tensor,
     last: Tensor | None,
     out_features,
+    input_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     torch._check_value(
         len(output_mask) == 5,
@@ -315,12 +316,16 @@ def _backward_outputs(
         f"but got a list of length {len(output_mask)}: {list(output_mask)}",
     )
 
-    # Same layout as the kernels: every gradient contiguous, skipped ones (0,).
+    # Same layout as the kernels: every gradient contiguous, skipped ones (0,), but the
+    # input's in input_format (a conv's: the layout the kernels read the input in).
     def grad_like(wanted: bool, t: Tensor | None) -> Tensor:
         return input.new_empty(t.shape) if wanted and t is not None else input.new_empty((0,))
 
+    grad_input = grad_like(output_mask[0], input)
+    if output_mask[0]:
+        grad_input = grad_input.contiguous(memory_format=input_format)
     return (
-        grad_like(output_mask[0], input),
+        grad_input,
         grad_like(output_mask[1], first),
         grad_like(output_mask[2], core),
         grad_like(output_mask[3], last),
@@ -340,7 +345,8 @@ def _tucker_linear_fake(input, first, core, last, bias):
 
 
 def _projection_memory_format(input: Tensor) -> torch.memory_format:
-    # The CPU kernel projects in the input's layout: NCHW unless it is channels_last only.
+    # The kernels project in the input's layout, and return the input's gradient in it:
+    # NCHW unless it is channels_last only.
     if input.is_contiguous() or not input.is_contiguous(memory_format=torch.channels_last):
         return torch.contiguous_format
     return torch.channels_last
@@ -398,7 +404,7 @@ def _tucker_conv2d_backward_fake(
     r_in = first.shape[0] if first is not None else None
     _check_intermediate(op, input, projection, "projection", first, "first", (n, r_in, *input.shape[2:]))
     _check_intermediate(op, input, core_output, "core_output", last, "last", (n, core.shape[0], h_out, w_out))
-    return _backward_outputs(op, output_mask, input, first, core, last, shape[1])
+    return _backward_outputs(op, output_mask, input, first, core, last, shape[1], _projection_memory_format(input))
 
 
 @torch.library.register_fake("tucker_ops::tucker_linear_backward")

@@ -55,10 +55,15 @@ struct SavedIntermediates {
   T* q = nullptr;
 };
 
+// Whether the kernels read the input NHWC: channels_last memory that is not
+// also NCHW-contiguous (other strides are made NCHW-contiguous).
+inline bool reads_nhwc(const at::Tensor& input) {
+  return !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // The input as NCHW or NHWC contiguous memory, whichever it already is.
 inline std::pair<at::Tensor, bool> input_layout(const at::Tensor& input) {
-  if (input.is_contiguous()) return {input, false};
-  if (input.is_contiguous(at::MemoryFormat::ChannelsLast)) return {input, true};
+  if (reads_nhwc(input)) return {input, true};
   return {input.contiguous(), false};
 }
 

@@ -16,7 +16,8 @@
 // the halo, in a second pass over per-chunk copies (small batches) or over
 // one buffer the even and then the odd tiles scattered into. Weight gradients
 // are summed per thread chunk, then over chunks in order: results depend on
-// the thread count only, never on scheduling.
+// the thread count only, never on scheduling. The input gradient comes back in
+// the layout the input was read in (NHWC for channels_last input).
 #include <numeric>
 
 #include <ATen/Dispatch.h>
@@ -272,7 +273,10 @@ void backward_pixels(const Conv2dSizes& s, const ConvOperands<T>& op, const Conv
   const int64_t HW = s.H * s.W, np = p1 - p0;
   if (g.gp_chunk_stride) sum_private_gp<T>(s, g, chunks, n, p0, p1, g.gp_of(0, n));
   const T* gp = g.gp_of(0, n) + p0;
-  if (g.input) {
+  if (g.input && op.nhwc) {
+    // gX^T (np x C_in) = gP^T (np x R_in) * first (R_in x C_in): the input's layout
+    gemm_nn<T>(np, s.C_in, s.R_in, gp, 1, HW, op.first, s.C_in, grad_input + (n * HW + p0) * s.C_in, s.C_in, false);
+  } else if (g.input) {
     // gX (C_in x np) = first^T (C_in x R_in) * gP (R_in x np)
     gemm_nn<T>(s.C_in, np, s.R_in, op.first, 1, s.C_in, gp, HW, grad_input + n * s.C_in * HW + p0, HW, false);
   }
@@ -297,7 +301,9 @@ void finish_projection_gradient(const Conv2dSizes& s, const ConvOperands<T>& op,
                                 const T* gp_pm, int64_t h_lo, int64_t h_hi, T* grad_input, int64_t chunk, int64_t n,
                                 bool band) {
   const int64_t HW = s.H * s.W, px = (h_hi - h_lo) * s.W;
-  if (band) {
+  // Without first from NHWC input, images too: pass 2 transposes the sum into
+  // the input gradient (conv_backward).
+  if (band || (!op.first && op.nhwc)) {
     // Onto the chunk's copy, channel-major (R_in, H, W): the halo rows add to
     // what the image's neighbouring band (if this chunk ran it) put there.
     T* gp = scratch<T>(8, s.R_in * px);
@@ -312,7 +318,10 @@ void finish_projection_gradient(const Conv2dSizes& s, const ConvOperands<T>& op,
     transpose_columns<T>(HW, gp_pm, s.R_in, grad_input + n * s.C_in * HW, HW, 0, s.R_in);
     return;
   }
-  if (g.input) {
+  if (g.input && op.nhwc) {
+    // gX^T (HW x C_in) = gP^T (HW x R_in) * first (R_in x C_in): the input's layout
+    gemm_nn<T>(HW, s.C_in, s.R_in, gp_pm, s.R_in, 1, op.first, s.C_in, grad_input + n * HW * s.C_in, s.C_in, false);
+  } else if (g.input) {
     // gX (C_in x HW) = first^T (C_in x R_in) * gP (R_in x HW)
     T* gp = scratch<T>(8, s.R_in * HW);
     transpose_columns<T>(HW, gp_pm, s.R_in, gp, HW, 0, s.R_in);
@@ -584,7 +593,12 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
       });
     }
   }
-  if (!need_back || (!op.first && shared_gp) || g.gp_per_image || (wino && !bands)) return;
+  // Without first, NCHW input: the tiles scattered into the input gradient
+  // itself, or a whole Winograd image wrote it. NHWC input: every path added
+  // into the channel-major gp, which pass 2 transposes into the input's layout.
+  const bool transposes_gp = !op.first && op.nhwc;
+  if (!need_back || g.gp_per_image) return;
+  if (!transposes_gp && ((!op.first && shared_gp) || (wino && !bands))) return;
   // Pass 2 over (image, pixel range) pieces of about 4096 pixels, at least
   // one per chunk (a single image must not leave threads idle), at most two
   // per chunk.
@@ -601,6 +615,9 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
       const int64_t p1 = std::min(HW, p0 + piece);
       if (op.first) {
         backward_pixels<T>(s, op, g, grad_input, c, chunks, n, p0, p1);
+      } else if (op.nhwc) {  // it is the input gradient, transposed into the input's layout
+        if (g.gp_chunk_stride) sum_private_gp<T>(s, g, chunks, n, p0, p1, g.gp_of(0, n));
+        transpose_columns<T>(s.R_in, g.gp_of(0, n), HW, grad_input + n * HW * s.C_in, s.C_in, p0, p1);
       } else {
         sum_private_gp<T>(s, g, chunks, n, p0, p1, grad_input + n * s.C_in * HW);  // it is the input gradient
       }
@@ -632,7 +649,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
   // One accumulator slice per chunk of work (at most one chunk per thread);
   // the backward does about twice the forward's multiply-adds.
   const int64_t chunks = std::max<int64_t>(1, chunks_for_work(s.N * s.H_out, 2 * chain_macs(s)));
-  Tensor grad_input = need.input ? empty_fresh({s.N, s.C_in, s.H, s.W}, opts) : Tensor();
+  // The input gradient in the input's layout (as the forward reads it: NHWC
+  // when the input is channels_last only), as nn.Conv2d returns it.
+  const bool nhwc_input = reads_nhwc(input);
+  Tensor grad_input =
+      need.input ? empty_fresh({s.N, s.C_in, s.H, s.W},
+                               opts.memory_format(nhwc_input ? at::MemoryFormat::ChannelsLast
+                                                             : at::MemoryFormat::Contiguous))
+                 : Tensor();
   Tensor acc_first = need.first ? at::zeros({chunks, s.R_in, s.C_in}, opts) : Tensor();
   Tensor acc_core = need.core ? at::zeros({chunks, s.R_out, K}, opts) : Tensor();
   Tensor acc_last = need.last ? at::zeros({chunks, s.C_out, s.R_out}, opts) : Tensor();
@@ -666,6 +690,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
     gp = zeros_fresh({chunks, s.N, s.R_in, s.H, s.W}, opts);
   } else if (need_back && s.has_first) {
     if (!gp_per_image) gp = zeros_fresh({s.N, s.R_in, s.H, s.W}, opts);
+  } else if (need_back && nhwc_input) {  // pass 2 transposes it into the input gradient
+    gp = zeros_fresh({s.N, s.R_in, s.H, s.W}, opts);
   } else if (need_back) {
     grad_input.zero_();
     gp = grad_input;
