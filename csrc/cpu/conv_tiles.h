@@ -356,6 +356,14 @@ void col2im_block_add(const Conv2dSizes& s, const T* gcols, int64_t oh0, int64_t
   }
 }
 
+// GCC would otherwise turn the pixel-major im2col's per-tap copy loops into
+// memcpy / memset calls, each costing more than its R_in values.
+#if defined(__GNUC__) && !defined(__clang__)
+#define TUCKER_NO_MEMCPY_CALLS __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define TUCKER_NO_MEMCPY_CALLS
+#endif
+
 // Pixel-major im2col: cols (n x K, K = kh*kw*R_in) for the output pixels
 // [q0, q0 + n) of the tile starting at output row oh0, row q the taps of
 // pixel q0 + q in tap-major order, cols[q*K + (i*kw + j)*R_in + c] =
@@ -363,17 +371,9 @@ void col2im_block_add(const Conv2dSizes& s, const T* gcols, int64_t oh0, int64_t
 // [ih_lo, ih_hi) pixel-major ((rows, W, R_in)), so every tap is one
 // contiguous copy of R_in values. The core reads it with its taps reordered
 // to match (tap_major_core).
-// GCC would otherwise turn the per-tap copy loops into memcpy / memset calls,
-// each costing more than its R_in values.
-#if defined(__GNUC__) && !defined(__clang__)
-#define TUCKER_NO_MEMCPY_CALLS __attribute__((optimize("no-tree-loop-distribute-patterns")))
-#else
-#define TUCKER_NO_MEMCPY_CALLS
-#endif
-
 template <typename T>
-TUCKER_NO_MEMCPY_CALLS void im2col_pixel_major(const Conv2dSizes& s, const T* pm, int64_t ih_lo, int64_t ih_hi, int64_t oh0, int64_t q0,
-                        int64_t n, T* cols) {
+TUCKER_NO_MEMCPY_CALLS void im2col_pixel_major(const Conv2dSizes& s, const T* pm, int64_t ih_lo, int64_t ih_hi,
+                                               int64_t oh0, int64_t q0, int64_t n, T* cols) {
   const int64_t C = s.R_in;
   T* d = cols;
   for (int64_t q = q0; q < q0 + n; ++q) {
@@ -398,8 +398,8 @@ TUCKER_NO_MEMCPY_CALLS void im2col_pixel_major(const Conv2dSizes& s, const T* pm
 // pixel-major, += the scatter of gcols (n x K); taps outside the image are
 // dropped.
 template <typename T>
-TUCKER_NO_MEMCPY_CALLS void col2im_pixel_major_add(const Conv2dSizes& s, const T* gcols, int64_t h_lo, int64_t oh0, int64_t q0, int64_t n,
-                            T* gp) {
+TUCKER_NO_MEMCPY_CALLS void col2im_pixel_major_add(const Conv2dSizes& s, const T* gcols, int64_t h_lo, int64_t oh0,
+                                                   int64_t q0, int64_t n, T* gp) {
   const int64_t C = s.R_in;
   const T* src = gcols;
   for (int64_t q = q0; q < q0 + n; ++q) {
