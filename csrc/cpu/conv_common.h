@@ -15,6 +15,7 @@
 #include <ATen/Functions.h>
 
 #include "checks.h"
+#include "layout.h"
 #include "cpu/conv_tiles.h"
 #include "cpu/gemm.h"
 #include "cpu/gemm_threads.h"
@@ -54,18 +55,6 @@ struct SavedIntermediates {
   T* p = nullptr;
   T* q = nullptr;
 };
-
-// Whether the kernels read the input NHWC: channels_last memory that is not
-// also NCHW-contiguous (other strides are made NCHW-contiguous).
-inline bool reads_nhwc(const at::Tensor& input) {
-  return !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-// The input as NCHW or NHWC contiguous memory, whichever it already is.
-inline std::pair<at::Tensor, bool> input_layout(const at::Tensor& input) {
-  if (reads_nhwc(input)) return {input, true};
-  return {input.contiguous(), false};
-}
 
 struct Projection {
   int64_t ih_lo, ih_hi, cs, ps;

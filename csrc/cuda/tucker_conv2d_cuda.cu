@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "layout.h"
 #include "cuda/common.cuh"
 #include "cuda/conv_fused.cuh"
 #include "cuda/gemm.cuh"
@@ -34,13 +35,6 @@ namespace tucker_ops::cuda {
 namespace {
 
 using at::Tensor;
-
-// The input as NCHW or NHWC contiguous memory, whichever it already is.
-std::pair<Tensor, bool> input_layout(const Tensor& input) {
-  if (input.is_contiguous()) return {input, false};
-  if (input.is_contiguous(at::MemoryFormat::ChannelsLast)) return {input, true};
-  return {input.contiguous(), false};
-}
 
 // Geometry of an (N, C, H, W) tensor, NCHW or NHWC, as the source of the im2col
 // views. Strides come from the layout, not from Tensor::strides(): size-1
