@@ -1,7 +1,8 @@
 """Fused op against the ``nn.Sequential`` chain on typical ResNet layers beyond the benchmark set.
 
     python benchmarks/layer_sweep.py                 # batches 1, 8, 32
-    python benchmarks/layer_sweep.py --batches 8 --rounds 20 --only r18_512 c5x5
+    python benchmarks/layer_sweep.py --batches 8 --rounds 20 --only r18_512 k5_64
+    python benchmarks/layer_sweep.py --channels-last --only resnet50_3x3 vgg_128 downsample_s2
 
 ResNet-18's 3x3 layers at their real sizes (stride 1, and the stride-2 downsamples) with
 ranks a quarter of the channels, a ResNet-50 1x1 layer, a 5x5 layer and a 3x3 layer at
@@ -11,7 +12,9 @@ one forward (no grad) and one training step (forward + backward of ``output.sum(
 round, and each reports its minimum over the rounds: a burst of contention on a shared
 machine hits both alike. Prints a markdown table of Sequential time / fused time (> 1:
 fused faster). Ratios at batch 32 move by 10-30% between runs on the shared 2-core
-machine; rerun with more rounds before trusting one.
+machine; rerun with more rounds before trusting one. ``--only`` also takes the suite's
+conv layers (cases.py); ``--channels-last`` feeds channels_last input to both, the chain
+converted with ``.to(memory_format=torch.channels_last)``.
 """
 
 from __future__ import annotations
@@ -37,11 +40,16 @@ LAYERS = (
 )
 
 
-def _sweep(name: str, batch: int, rounds: int) -> tuple[float, float, float, float]:
+def _sweep(name: str, batch: int, rounds: int, channels_last: bool) -> tuple[float, float, float, float]:
     layer = build(name)
-    x = layer.input(batch).requires_grad_()
+    x = layer.input(batch)
+    sequential = layer.sequential
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        sequential = sequential.to(memory_format=torch.channels_last)
+    x.requires_grad_()
     impls = {
-        "sequential": (layer.sequential, list(layer.sequential.parameters())),
+        "sequential": (sequential, list(sequential.parameters())),
         "fused": (layer.impls()["fused"], layer.params()),
     }
     best = {k: [float("inf"), float("inf")] for k in impls}
@@ -66,20 +74,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--only", nargs="+", choices=[c.name for c in LAYERS], help="a subset of the layers")
+    conv_cases = [c.name for c in CASES.values() if isinstance(c, ConvCase)]
+    parser.add_argument(
+        "--only", nargs="+", choices=[c.name for c in LAYERS] + conv_cases, help="a subset, or suite conv layers"
+    )
+    parser.add_argument("--channels-last", action="store_true", help="channels_last input and chain")
     args = parser.parse_args()
     for case in LAYERS:
         CASES[case.name] = case
-    print(f"threads {torch.get_num_threads()}, {args.rounds} rounds; Sequential time / fused time\n")
+    layout = "channels_last" if args.channels_last else "NCHW"
+    print(f"threads {torch.get_num_threads()}, {args.rounds} rounds, {layout}; Sequential time / fused time\n")
     print("| layer | batch | forward | training step | fused forward | fused step |")
     print("|---|---|---|---|---|---|")
-    for case in LAYERS:
-        if args.only and case.name not in args.only:
-            continue
+    for name in args.only or [c.name for c in LAYERS]:
         for batch in args.batches:
-            fwd, step, fused_fwd, fused_step = _sweep(case.name, batch, args.rounds)
+            fwd, step, fused_fwd, fused_step = _sweep(name, batch, args.rounds, args.channels_last)
             print(
-                f"| {case.name} | {batch} | {fwd:.2f}x | {step:.2f}x | {fused_fwd * 1e3:.3f} ms | {fused_step * 1e3:.3f} ms |",
+                f"| {name} | {batch} | {fwd:.2f}x | {step:.2f}x | {fused_fwd * 1e3:.3f} ms | {fused_step * 1e3:.3f} ms |",
                 flush=True,
             )
 
