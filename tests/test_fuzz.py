@@ -24,6 +24,7 @@ hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not install
 from hypothesis import given, strategies as st  # noqa: E402
 
 import tucker_ops  # noqa: E402
+from test_ops_fused_paths import conv_output_format  # noqa: E402
 from tucker_ops import reference  # noqa: E402
 
 DTYPES = (torch.float32, torch.float64)
@@ -149,7 +150,7 @@ def _run(fn, call: Call, dtype: torch.dtype | None = None):
 def _check(fused_fn, reference_fn, call: Call, out_shape_check) -> None:
     out, grads = _run(fused_fn, call)
     ref_out, ref_grads = _run(reference_fn, call, torch.float64)
-    assert out.dtype == call.dtype and out.is_contiguous()
+    assert out.dtype == call.dtype and out.is_contiguous(memory_format=conv_output_format(call.tensors[0]))
     out_shape_check(out)
     torch.testing.assert_close(out.double(), ref_out, **_tolerance(call.dtype, ref_out))
     assert len(grads) == len(ref_grads)

@@ -49,6 +49,8 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from test_ops_fused_paths import conv_output_format
+
 import tucker_ops
 from tucker_ops import flops, reference
 
@@ -338,13 +340,6 @@ def _rows_read(case: ConvCase) -> torch.Tensor:
     return read
 
 
-def _projection_format(x: torch.Tensor) -> torch.memory_format:
-    # The spec: channels_last when the input is channels_last-contiguous and not contiguous.
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _to_meta(args):
     return [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
 
@@ -359,7 +354,7 @@ def test_conv2d_with_intermediates_returns_the_chain(seed: int) -> None:
     output, projection, core_output = OPS.tucker_conv2d_with_intermediates(*case.tensors, *case.opts)
     # The same kernel as tucker_conv2d: bitwise the same output.
     plain = OPS.tucker_conv2d(*case.tensors, *case.opts)
-    assert output.shape == plain.shape and output.is_contiguous()
+    assert output.shape == plain.shape and output.is_contiguous(memory_format=conv_output_format(x))
     assert torch.equal(output, plain), f"{case!r}: output differs from tucker_conv2d"
     want = reference.tucker_conv2d(*[t.double() if t is not None else None for t in case.tensors], *case.opts)
     assert_close(output.double(), want, **_tol(case.dtype, want))
@@ -371,7 +366,7 @@ def test_conv2d_with_intermediates_returns_the_chain(seed: int) -> None:
         assert projection.shape == (0,) and projection.dtype == case.dtype
     else:
         assert projection.shape == (x.shape[0], first.shape[0], *x.shape[2:]) and projection.dtype == case.dtype
-        assert projection.is_contiguous(memory_format=_projection_format(x)), (case, projection.stride())
+        assert projection.is_contiguous(memory_format=conv_output_format(x)), (case, projection.stride())
         read = _rows_read(case)
         got, expected = projection[:, :, read].double(), projection_ref[:, :, read]
         assert_close(got, expected, **_tol(case.dtype, expected), msg=lambda m: f"{case!r}: projection: {m}")
@@ -431,7 +426,7 @@ def test_conv2d_intermediates_layout_and_meta_kernel_agree(layout: str) -> None:
             [2, 1], [1, 0], [1, 2])  # fmt: skip
     real = OPS.tucker_conv2d_with_intermediates(*args)
     meta = OPS.tucker_conv2d_with_intermediates(*_to_meta(args))
-    assert real[1].is_contiguous(memory_format=_projection_format(x)), real[1].stride()
+    assert real[1].is_contiguous(memory_format=conv_output_format(x)), real[1].stride()
     for name, r, m in zip(("output", "projection", "core_output"), real, meta):
         assert m.device.type == "meta" and m.dtype == r.dtype
         assert m.shape == r.shape, f"{name}: meta shape {tuple(m.shape)} != {tuple(r.shape)}"

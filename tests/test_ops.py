@@ -15,6 +15,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.library import opcheck
 from torch.testing import assert_close
 
+from test_ops_fused_paths import conv_output_format
 from tucker_ops import _ops, reference
 
 OPS = torch.ops.tucker_ops
@@ -111,7 +112,7 @@ def _check_against_reference(fused_fn, reference_fn, tensors, grad_seed: int, dt
     leaves_ref = [t.detach().requires_grad_() if t is not None else None for t in tensors]
     y = fused_fn(*leaves_fused)
     y_ref = reference_fn(*leaves_ref)
-    assert y.is_contiguous()
+    assert y.is_contiguous(memory_format=conv_output_format(tensors[0]))
     assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
     assert_close(y, y_ref, **_tol(dtype))
 
@@ -399,6 +400,50 @@ def test_opcheck_backward_ops(mask: list[bool], first: bool, last: bool, bias: b
     lin = _linear_args(False, first, last, bias)
     lin_out = OPS.tucker_linear(*lin)
     opcheck(OPS.tucker_linear_backward.default, (torch.randn_like(lin_out), *lin[:4], mask))
+
+
+def _channels_last_conv_args(requires_grad: bool):
+    args = list(_conv_args(False, True, True, True))
+    args[0] = args[0].contiguous(memory_format=torch.channels_last)
+    return tuple(a.requires_grad_(requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_channels_last(requires_grad: bool) -> None:
+    """The ops on channels_last input: output (and the backward's input gradient) channels_last."""
+    args = _channels_last_conv_args(requires_grad)
+    opcheck(OPS.tucker_conv2d.default, args)
+    opcheck(OPS.tucker_conv2d_relu_pool.default, (*args, 2))
+    opcheck(OPS.tucker_conv2d_with_intermediates.default, _channels_last_conv_args(False))  # no autograd
+    out = OPS.tucker_conv2d(*args).detach()
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    for grad_out in (torch.randn_like(out), torch.randn_like(out).contiguous()):
+        opcheck(OPS.tucker_conv2d_backward.default, (grad_out, *args[:4], *args[5:], [True] * 5))
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
+def test_fake_kernels_declare_the_output_layout(fmt: str) -> None:
+    """Meta tensors (what torch.compile and export plan with) get the strides the CPU kernels
+    return: channels_last output for channels_last input, contiguous otherwise."""
+    args = list(_conv_args(False, True, True, True))
+    if fmt == "channels_last":
+        args[0] = args[0].contiguous(memory_format=torch.channels_last)
+    elif fmt == "strided":
+        args[0] = args[0].transpose(2, 3).contiguous().transpose(2, 3)
+    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    calls = {
+        "tucker_conv2d": lambda a: [OPS.tucker_conv2d(*a)],
+        "with_intermediates": lambda a: list(OPS.tucker_conv2d_with_intermediates(*a)),
+        "relu_pool": lambda a: [OPS.tucker_conv2d_relu_pool(*a, 2)],
+    }
+    for name, call in calls.items():
+        for real, fake in zip(call(args), call(meta)):
+            assert fake.shape == real.shape and fake.stride() == real.stride(), (name, fake.stride(), real.stride())
+    grad_out = torch.randn_like(OPS.tucker_conv2d(*args))
+    real = OPS.tucker_conv2d_backward(grad_out, *args[:4], *args[5:], [True] * 5)
+    fake = OPS.tucker_conv2d_backward(grad_out.to("meta"), *meta[:4], *meta[5:], [True] * 5)
+    for r, f in zip(real, fake):
+        assert f.shape == r.shape and f.stride() == r.stride(), (f.stride(), r.stride())
 
 
 def test_backward_ops_skipped_outputs_are_empty() -> None:

@@ -36,13 +36,22 @@ def _factors(c_in, ri, ro, c_out, k, has_first, has_last, bias, dtype, gen):
     return first, core, last, b
 
 
+def conv_output_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the conv ops promise for input x's output (and its gradient), as nn.Conv2d:
+    channels_last where x is channels_last-contiguous and not contiguous, else contiguous
+    (any other strides are read through a contiguous copy). Linear inputs: contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _check(fused_fn, ref_fn, inputs, dtype):
     tol = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
     a = [t.clone().requires_grad_() if t is not None else None for t in inputs]
     r = [t.clone().requires_grad_() if t is not None else None for t in inputs]
     y, y_ref = fused_fn(*a), ref_fn(*r)
     torch.testing.assert_close(y, y_ref, **tol)
-    assert y.is_contiguous()
+    assert y.is_contiguous(memory_format=conv_output_format(inputs[0]))
     gy = torch.randn_like(y_ref)
     y.backward(gy)
     y_ref.backward(gy)
@@ -428,6 +437,55 @@ def test_conv_input_gradient_in_the_input_layout(case, kept, threads):
             grads = ops.tucker_conv2d_backward(gy.to(dtype), x, first, core, last, *args, [True] * 5, *saved)
         assert grads[0].is_contiguous(memory_format=fmt), (fmt, grads[0].stride())
         torch.testing.assert_close(grads[0].double(), ref[0].grad, **tol)
+
+
+GRAD_OUTPUT_CASES = [
+    # (N, C_in, H, W, R_in, R_out, C_out, k, stride, first, last, dtype): every path that reads gY
+    *[(*c[:9], c[9], True, c[10]) for c in LAYOUT_CASES],
+    (6, 4, 9, 8, 4, 5, 5, 3, 1, True, False, torch.float64),  # no last: gY is the core output's gradient
+    (1, 16, 24, 12, 16, 16, 16, 3, 1, True, False, torch.float32),  # ... on Winograd bands
+    (4, 24, 16, 16, 16, 32, 32, 3, 2, False, False, torch.float32),  # ... on the pixel-major core
+    (3, 6, 8, 8, 3, 2, 7, 1, 1, True, True, torch.float64),  # pointwise core read in place
+]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("kept", [False, True], ids=["recomputed", "kept"])
+@pytest.mark.parametrize("grad_layout", ["nchw", "channels_last", "expanded"])
+@pytest.mark.parametrize("case", GRAD_OUTPUT_CASES)
+def test_conv_backward_reads_grad_output_in_any_layout(case, grad_layout, kept, threads):
+    """grad_output comes in the forward output's layout (channels_last for channels_last
+    input, which the kernels read in place), or any other (a sum's expanded gradient): every
+    gradient equals the reference's, on every path."""
+    n, c_in, h, w, ri, ro, c_out, k, stride, has_first, has_last, dtype = case
+    gen = torch.Generator().manual_seed(13)
+    params = _factors(c_in, ri, ro, c_out, (k, k), has_first, has_last, True, torch.float64, gen)
+    params = tuple(p / p[0].numel() ** 0.5 if p is not None and p.dim() > 1 else p for p in params)
+    x64 = torch.randn(n, c_in, h, w, dtype=torch.float64, generator=gen)
+    pad = (k // 2, k // 2)
+    args = ((stride, stride), pad, (1, 1))
+    ref = [t.clone().requires_grad_() if t is not None else None for t in (x64, *params)]
+    y_ref = reference.tucker_conv2d(*ref, *args)
+    if grad_layout == "expanded":
+        gy = torch.randn((), dtype=torch.float64, generator=gen).expand(y_ref.shape)
+    else:
+        gy = torch.randn(y_ref.shape, dtype=torch.float64, generator=gen)
+    y_ref.backward(gy)
+    tol = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
+    first, core, last, bias = (p.to(dtype) if p is not None else None for p in params)
+    for x_fmt in (torch.channels_last, torch.contiguous_format):
+        x = x64.to(dtype).contiguous(memory_format=x_fmt)
+        g = gy.to(dtype)
+        if grad_layout != "expanded":
+            g = g.contiguous(memory_format=torch.channels_last if grad_layout == "channels_last" else torch.contiguous_format)
+        with _num_threads(threads):
+            _, p, q = ops.tucker_conv2d_with_intermediates(x, first, core, last, bias, *args)
+            saved = (p if kept and first is not None else None, q if kept and last is not None else None)
+            mask = [True, first is not None, True, last is not None, True]
+            grads = ops.tucker_conv2d_backward(g, x, first, core, last, *args, mask, *saved)
+        for name, got, t in zip(("input", "first", "core", "last", "bias"), grads, ref):
+            if t is not None:
+                torch.testing.assert_close(got.double(), t.grad, **tol, msg=lambda m: f"{name} ({x_fmt}): {m}")
 
 
 def test_conv_backward_opcheck_channels_last_without_first():

@@ -19,7 +19,7 @@ import os
 
 import pytest
 import torch
-from test_ops_fused_paths import _factors, _num_threads, run_check_in_subprocess
+from test_ops_fused_paths import _factors, _num_threads, conv_output_format, run_check_in_subprocess
 
 from tucker_ops import reference
 from tucker_ops._epilogue_op import tucker_conv2d_relu_pool
@@ -55,7 +55,7 @@ def _check(x, params, padding, dtype, stride=ONE, dilation=ONE):
     ref = [t.double().requires_grad_() if t is not None else None for t in (x, *params)]
     y = ops.tucker_conv2d(*fused, stride, padding, dilation)
     y_ref = reference.tucker_conv2d(*ref, stride, padding, dilation)
-    assert y.is_contiguous() and y.dtype == dtype
+    assert y.is_contiguous(memory_format=conv_output_format(x)) and y.dtype == dtype
     gy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     y.backward(gy.to(dtype))
     y_ref.backward(gy)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from ._ops import _OPS, _conv2d_output_shape, _pair, _runs_reference
+from ._ops import _OPS, _conv2d_output_shape, _conv_memory_format, _pair, _runs_reference
 
 __all__ = ["tucker_conv2d_relu_pool"]
 
@@ -67,8 +67,8 @@ def tucker_conv2d_relu_pool(
     """``avg_pool2d(relu(tucker_conv2d(...)), pool, pool)`` in one op.
 
     Shapes: as :func:`tucker_ops.tucker_conv2d`; returns ``(N, C_out, H_out // pool,
-    W_out // pool)``, contiguous (floor mode: a last odd row or column is dropped, as
-    ``nn.AvgPool2d(pool)`` does).
+    W_out // pool)`` in the output layout :func:`tucker_ops.tucker_conv2d` uses (floor
+    mode: a last odd row or column is dropped, as ``nn.AvgPool2d(pool)`` does).
     pool: window and stride of the average pooling; 1 means ReLU only.
     backend: None follows :func:`tucker_ops.use_reference`; ``"fused"`` or ``"reference"``.
     """
@@ -84,14 +84,15 @@ def _fake(input, first, core, last, bias, stride, padding, dilation, pool):
     _check_pool(pool)
     n, c, h, w = _conv2d_output_shape(_OP, input, first, core, last, bias, stride, padding, dilation)
     _check_output_size(h, w, pool)
-    return input.new_empty((n, c, h // pool, w // pool))
+    return input.new_empty((n, c, h // pool, w // pool)).contiguous(memory_format=_conv_memory_format(input))
 
 
 @torch.library.register_kernel("tucker_ops::tucker_conv2d_relu_pool", "cuda")
 def _cuda_composite(input, first, core, last, bias, stride, padding, dilation, pool):
     # The CUDA conv kernel has no epilogue yet: its output is pooled by ATen.
     _check_pool(pool)
-    return _relu_pool(_OPS.tucker_conv2d(input, first, core, last, bias, stride, padding, dilation), pool).contiguous()
+    y = _relu_pool(_OPS.tucker_conv2d(input, first, core, last, bias, stride, padding, dilation), pool)
+    return y.contiguous(memory_format=_conv_memory_format(input))
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -336,7 +336,7 @@ def _backward_outputs(
 @torch.library.register_fake("tucker_ops::tucker_conv2d")
 def _tucker_conv2d_fake(input, first, core, last, bias, stride, padding, dilation):
     shape = _conv2d_output_shape("tucker_conv2d", input, first, core, last, bias, stride, padding, dilation)
-    return input.new_empty(shape)
+    return input.new_empty(shape).contiguous(memory_format=_conv_memory_format(input))
 
 
 @torch.library.register_fake("tucker_ops::tucker_linear")
@@ -344,9 +344,10 @@ def _tucker_linear_fake(input, first, core, last, bias):
     return input.new_empty(_linear_output_shape("tucker_linear", input, first, core, last, bias))
 
 
-def _projection_memory_format(input: Tensor) -> torch.memory_format:
-    # The kernels project in the input's layout, and return the input's gradient in it:
-    # NCHW unless it is channels_last only.
+def _conv_memory_format(input: Tensor) -> torch.memory_format:
+    """Mirror of layout.h's ``conv_memory_format``: the kernels read the input, and write the
+    output, the kept projection and the input's gradient, in the input's layout: NCHW unless
+    the input is channels_last only."""
     if input.is_contiguous() or not input.is_contiguous(memory_format=torch.channels_last):
         return torch.contiguous_format
     return torch.channels_last
@@ -360,9 +361,10 @@ def _tucker_conv2d_with_intermediates_fake(input, first, core, last, bias, strid
     projection = input.new_empty((0,))  # each output its own tensor: outputs must not alias
     if first is not None:
         projection = input.new_empty((n, first.shape[0], *input.shape[2:]))
-        projection = projection.contiguous(memory_format=_projection_memory_format(input))
+        projection = projection.contiguous(memory_format=_conv_memory_format(input))
     core_output = input.new_empty((n, core.shape[0], h_out, w_out)) if last is not None else input.new_empty((0,))
-    return input.new_empty((n, c_out, h_out, w_out)), projection, core_output
+    output = input.new_empty((n, c_out, h_out, w_out)).contiguous(memory_format=_conv_memory_format(input))
+    return output, projection, core_output
 
 
 @torch.library.register_fake("tucker_ops::tucker_linear_with_intermediates")
@@ -404,7 +406,7 @@ def _tucker_conv2d_backward_fake(
     r_in = first.shape[0] if first is not None else None
     _check_intermediate(op, input, projection, "projection", first, "first", (n, r_in, *input.shape[2:]))
     _check_intermediate(op, input, core_output, "core_output", last, "last", (n, core.shape[0], h_out, w_out))
-    return _backward_outputs(op, output_mask, input, first, core, last, shape[1], _projection_memory_format(input))
+    return _backward_outputs(op, output_mask, input, first, core, last, shape[1], _conv_memory_format(input))
 
 
 @torch.library.register_fake("tucker_ops::tucker_linear_backward")
@@ -594,7 +596,9 @@ def tucker_conv2d(
     Shapes:
         input ``(N, C_in, H, W)``; first ``(R_in, C_in)`` or None; core ``(R_out, R_in | C_in, kh, kw)``;
         last ``(C_out, R_out)`` or None; bias ``(C_out,)`` or None (``C_out = R_out`` without last).
-        Returns ``(N, C_out, H_out, W_out)``, contiguous.
+        Returns ``(N, C_out, H_out, W_out)``: channels_last where the input is channels_last
+        (and not also contiguous), else contiguous, as ``nn.Conv2d``; the input's gradient
+        comes back in the same layout. Other input strides are read through a contiguous copy.
     stride, padding, dilation: an int (both dimensions) or an ``(h, w)`` pair.
     backend: None follows :func:`use_reference` (fused op by default); ``"fused"`` or ``"reference"``.
 

@@ -40,12 +40,16 @@ struct ConvOperands {
   // first transposed, (C_in, R_in), for NHWC input (null otherwise): the
   // pixel-major projection X * first^T then runs as A * B on the hand kernel.
   const T* first_t = nullptr;
+  // Forward only: last transposed, (R_out, C_out), where the output is NHWC:
+  // its pixel rows (npx x C_out) = Q^T * last^T then run as A * B.
+  const T* last_t = nullptr;
 };
 
-// first^T (C_in, R_in) contiguous where the projection reads NHWC input, else
-// undefined (ConvOperands::first_t).
-inline at::Tensor transposed_first(const at::Tensor& first, bool nhwc) {
-  return first.defined() && nhwc ? first.t().contiguous() : at::Tensor();
+// A factor transposed and contiguous where the pixel-major side of its product
+// is NHWC (first^T (C_in, R_in) for NHWC input, last^T (R_out, C_out) for NHWC
+// output: ConvOperands::first_t / last_t), else undefined.
+inline at::Tensor transposed_for_nhwc(const at::Tensor& factor, bool nhwc) {
+  return factor.defined() && nhwc ? factor.t().contiguous() : at::Tensor();
 }
 
 // Where the forward writes the intermediates it is asked to keep (null: not

@@ -86,23 +86,52 @@ struct ConvGrads {
   T* acc_first_t = nullptr;
 };
 
-// bias's gradient += the sums of gY (C_out x npx, channel stride H_out*W_out).
+// Some output pixels' gY, channel-major: (C_out x pixels) at p, channel stride ld.
 template <typename T>
-void add_bias_gradient(const Conv2dSizes& s, const ConvGrads<T>& g, int64_t chunk, const T* gyn, int64_t npx) {
+struct GradOutputRows {
+  const T* p;
+  int64_t ld;
+};
+
+// grad_output (N, C_out, H_out, W_out) as the kernels read it: NCHW or NHWC
+// memory, as it comes (other strides through an NCHW copy). An NHWC
+// gradient (what autograd hands a channels_last output) is read in place,
+// each tile's rows transposed in thread scratch: a whole-tensor NCHW copy
+// would cost as much again as the copy itself in page faults (resnet50_3x3 at
+// batch 32: 2.0 ms against a 13 ms training step).
+template <typename T>
+struct GradOutput {
+  const T* gy;
+  bool nhwc;
+
+  // Output rows [oh0, oh1) of image n.
+  GradOutputRows<T> rows(const Conv2dSizes& s, int64_t n, int64_t oh0, int64_t oh1) const {
+    const int64_t HWo = s.H_out * s.W_out;
+    if (!nhwc) return {gy + n * s.C_out * HWo + oh0 * s.W_out, HWo};
+    const int64_t npx = (oh1 - oh0) * s.W_out;
+    T* buf = scratch<T>(13, s.C_out * npx);
+    transpose<T>(npx, s.C_out, gy + (n * HWo + oh0 * s.W_out) * s.C_out, s.C_out, buf, npx);
+    return {buf, npx};
+  }
+};
+
+// bias's gradient += the sums of gY's npx pixels from gyn.
+template <typename T>
+void add_bias_gradient(const Conv2dSizes& s, const ConvGrads<T>& g, int64_t chunk, GradOutputRows<T> gyn,
+                       int64_t npx) {
   if (!g.bias) return;
   T* acc = g.acc_bias + chunk * s.C_out;
-  for (int64_t c = 0; c < s.C_out; ++c) acc[c] += sum_contiguous(gyn + c * s.H_out * s.W_out, npx);
+  for (int64_t c = 0; c < s.C_out; ++c) acc[c] += sum_contiguous(gyn.p + c * gyn.ld, npx);
 }
 
-// The core output's gradient for npx pixels, channel-major (R_out x npx):
-// gQ = last^T (R_out x C_out) * gY (C_out x npx, row stride H_out*W_out) into
-// buf, or gY itself without last. Returns it and its row stride.
+// The core output's gradient for gY's npx pixels from gyb, channel-major
+// (R_out x npx): gQ = last^T (R_out x C_out) * gY (C_out x npx) into buf, or
+// gY itself without last. Returns it and its row stride.
 template <typename T>
-std::pair<const T*, int64_t> core_output_gradient(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy,
-                                                  int64_t npx, T* buf) {
-  const int64_t HWo = s.H_out * s.W_out;
-  if (!op.last) return {gy, HWo};
-  gemm_nn<T>(s.R_out, npx, s.C_out, op.last, 1, s.R_out, gy, HWo, buf, npx, false);
+std::pair<const T*, int64_t> core_output_gradient(const Conv2dSizes& s, const ConvOperands<T>& op,
+                                                  GradOutputRows<T> gyb, int64_t npx, T* buf) {
+  if (!op.last) return {gyb.p, gyb.ld};
+  gemm_nn<T>(s.R_out, npx, s.C_out, op.last, 1, s.R_out, gyb.p, gyb.ld, buf, npx, false);
   return {buf, npx};
 }
 
@@ -113,8 +142,8 @@ std::pair<const T*, int64_t> core_output_gradient(const Conv2dSizes& s, const Co
 // the explicit im2col.
 template <typename T>
 bool backward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, const Projection& pr, const T* p,
-                           const T* gy, const ConvGrads<T>& g, int64_t chunk, int64_t n, int64_t oh0, int64_t oh1,
-                           int64_t block) {
+                           GradOutputRows<T> gyn, const ConvGrads<T>& g, int64_t chunk, int64_t n, int64_t oh0,
+                           int64_t oh1, int64_t block) {
   const int64_t HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
   const bool need_back = g.input || g.first;
   T* planes = scratch<T>(1, phase_planes_elems(s, oh1 - oh0));
@@ -132,22 +161,21 @@ bool backward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, cons
   T* gq_buf = op.last ? scratch<T>(3, s.R_out * max_npx) : nullptr;
   T* gq_ext = scratch<T>(7, s.R_out * max_ne);
   T* gcols = need_back ? scratch<T>(4, K * max_ne) : nullptr;
-  const T* gyn = gy + n * s.C_out * HWo + oh0 * s.W_out;
 
   for (int64_t r0 = 0; r0 < oh1 - oh0; r0 += rows_per_block) {
     const int64_t nr = std::min(rows_per_block, oh1 - oh0 - r0);
     const int64_t ne = nr * t.wq, npx = nr * s.W_out;
     const T* window0 = planes + r0 * t.wq;
-    const T* gyb = gyn + r0 * s.W_out;  // (C_out x npx), row stride HWo
+    const GradOutputRows<T> gyb{gyn.p + r0 * s.W_out, gyn.ld};  // (C_out x npx)
     if (g.last && op.saved_q) {
       const T* qs = op.saved_q + n * s.R_out * HWo + (oh0 + r0) * s.W_out;
-      gemm_nt<T>(s.C_out, s.R_out, npx, gyb, HWo, qs, HWo, g.acc_last + chunk * s.C_out * s.R_out, s.R_out, true);
+      gemm_nt<T>(s.C_out, s.R_out, npx, gyb.p, gyb.ld, qs, HWo, g.acc_last + chunk * s.C_out * s.R_out, s.R_out, true);
     } else if (g.last) {
       gemm_nn_offsets<T>(s.R_out, ne, K, op.core, K, window0, offsets, q_ext, ne, false);
       for (int64_t r = 0; r < s.R_out; ++r)
         for (int64_t row = 0; row < nr; ++row)
           std::copy(q_ext + r * ne + row * t.wq, q_ext + r * ne + row * t.wq + s.W_out, q + r * npx + row * s.W_out);
-      gemm_nt<T>(s.C_out, s.R_out, npx, gyb, HWo, q, npx, g.acc_last + chunk * s.C_out * s.R_out, s.R_out, true);
+      gemm_nt<T>(s.C_out, s.R_out, npx, gyb.p, gyb.ld, q, npx, g.acc_last + chunk * s.C_out * s.R_out, s.R_out, true);
     }
     if (!g.core && !need_back) continue;
     const auto [gq, ldgq] = core_output_gradient<T>(s, op, gyb, npx, gq_buf);  // (R_out x npx)
@@ -179,7 +207,7 @@ bool backward_tile_windows(const Conv2dSizes& s, const ConvOperands<T>& op, cons
 
 // Pass 1 for one tile: gradients of bias, last, core and the projection.
 template <typename T>
-void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePlan& plan, const T* gy,
+void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePlan& plan, const GradOutput<T>& gy,
                    const ConvGrads<T>& g, int64_t chunk, int64_t task, bool windows) {
   const int64_t HWo = s.H_out * s.W_out, K = s.R_in * s.kh * s.kw;
   // The projection's im2col: for the core's gradient, and to recompute the
@@ -191,7 +219,7 @@ void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePl
   const int64_t oh0 = (task % plan.tiles_per_image) * plan.rows;
   const int64_t oh1 = std::min(s.H_out, oh0 + plan.rows);
   const int64_t npx = (oh1 - oh0) * s.W_out;
-  const T* gyn = gy + n * s.C_out * HWo + oh0 * s.W_out;
+  const GradOutputRows<T> gyn = gy.rows(s, n, oh0, oh1);
 
   add_bias_gradient<T>(s, g, chunk, gyn, npx);
   if (!need_cols && !need_gq && !g.last) return;
@@ -205,7 +233,8 @@ void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePl
     direct = reads_projection_directly(s, pr.ps);
   }
   // Only the input side wanted: no projection to window, the explicit path below.
-  if (windows && need_cols && !direct && backward_tile_windows<T>(s, op, pr, p, gy, g, chunk, n, oh0, oh1, plan.block)) return;
+  if (windows && need_cols && !direct && backward_tile_windows<T>(s, op, pr, p, gyn, g, chunk, n, oh0, oh1, plan.block))
+    return;
   T* cols = need_cols && !direct ? scratch<T>(1, K * plan.block) : nullptr;
   T* q = g.last && !op.saved_q ? scratch<T>(2, s.R_out * plan.block) : nullptr;
   T* gq_buf = op.last && need_gq ? scratch<T>(3, s.R_out * plan.block) : nullptr;
@@ -215,7 +244,7 @@ void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePl
   const int64_t block = balanced_block(npx, plan.block);
   for (int64_t q0 = 0; q0 < npx; q0 += block) {
     const int64_t nb = std::min(block, npx - q0);
-    const T* gyb = gyn + q0;  // (C_out x nb), row stride HWo
+    const GradOutputRows<T> gyb{gyn.p + q0, gyn.ld};  // (C_out x nb)
     const T* col = nullptr;
     int64_t ldcol = nb;
     if (need_cols) {
@@ -236,7 +265,7 @@ void backward_tile(const Conv2dSizes& s, const ConvOperands<T>& op, const TilePl
       } else {
         gemm_nn<T>(s.R_out, nb, K, op.core, K, 1, col, ldcol, q, nb, false);
       }
-      gemm_nt<T>(s.C_out, s.R_out, nb, gyb, HWo, qb, ldq, g.acc_last + chunk * s.C_out * s.R_out, s.R_out, true);
+      gemm_nt<T>(s.C_out, s.R_out, nb, gyb.p, gyb.ld, qb, ldq, g.acc_last + chunk * s.C_out * s.R_out, s.R_out, true);
     }
     if (!need_gq) continue;
     const auto [gq, ldgq] = core_output_gradient<T>(s, op, gyb, nb, gq_buf);  // (R_out x nb)
@@ -353,8 +382,8 @@ void finish_projection_gradient(const Conv2dSizes& s, const ConvOperands<T>& op,
 // 256 x 64 x 196).
 template <typename T>
 bool backward_rows_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, const WinogradOperands<T>& w,
-                            const T* gy, const ConvGrads<T>& g, T* grad_input, int64_t chunk, int64_t n,
-                            int64_t oh0, int64_t oh1, bool band) {
+                            const GradOutput<T>& gy, const ConvGrads<T>& g, T* grad_input, int64_t chunk,
+                            int64_t n, int64_t oh0, int64_t oh1, bool band) {
   const int64_t HWo = s.H_out * s.W_out, npx = (oh1 - oh0) * s.W_out;
   const auto [ih_lo, ih_hi] = input_rows(s, oh0, oh1);
   const int64_t px = (ih_hi - ih_lo) * s.W;
@@ -362,7 +391,6 @@ bool backward_rows_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, con
   const bool need_back = g.input || g.first;
   const bool need_gq = g.core || need_back;
   const bool recompute_q = g.last && !op.saved_q;
-  const T* gyn = gy + n * s.C_out * HWo + oh0 * s.W_out;  // (C_out x npx), channel stride HWo
   const T* p = nullptr;
   if (g.core || recompute_q) {
     p = project_pixel_major<T>(s, op, n, ih_lo, ih_hi).pm;
@@ -370,6 +398,7 @@ bool backward_rows_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, con
   }
   // The core output's gradient, pixel-major (npx, R_out): computed
   // channel-major and transposed (as the projection, see project_pixel_major).
+  const GradOutputRows<T> gyn = gy.rows(s, n, oh0, oh1);  // (C_out x npx)
   T* gq = nullptr;
   if (need_gq) {
     gq = scratch<T>(11, npx * s.R_out);
@@ -387,7 +416,7 @@ bool backward_rows_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, con
       transpose_columns<T>(s.R_out, op.saved_q + n * s.R_out * HWo + oh0 * s.W_out, HWo, z, s.R_out, 0, npx);
     else
       winograd_core_forward<T>(s, w, p, in, oh0, oh1, z);
-    gemm_nn<T>(s.C_out, s.R_out, npx, gyn, HWo, 1, z, s.R_out, acc, s.R_out, true);
+    gemm_nn<T>(s.C_out, s.R_out, npx, gyn.p, gyn.ld, 1, z, s.R_out, acc, s.R_out, true);
   }
   if (!need_gq) return true;
   T* gp_pm = need_back ? scratch<T>(6, px * s.R_in) : nullptr;
@@ -462,13 +491,13 @@ bool backward_uses_pixel_major_core(const Conv2dSizes& s, int64_t block) {
 // image (oh0 = 0, oh1 = H_out) runs its input and first gradients.
 template <typename T>
 void backward_rows_pixel_major(const Conv2dSizes& s, const ConvOperands<T>& op, const PixelMajorCore<T>& pc,
-                               const T* gy, const ConvGrads<T>& g, T* grad_input, int64_t block, int64_t chunk,
-                               int64_t n, int64_t oh0, int64_t oh1, bool band) {
+                               const GradOutput<T>& gy, const ConvGrads<T>& g, T* grad_input, int64_t block,
+                               int64_t chunk, int64_t n, int64_t oh0, int64_t oh1, bool band) {
   const int64_t HWo = s.H_out * s.W_out, npx = (oh1 - oh0) * s.W_out, K = s.R_in * s.kh * s.kw;
   const bool need_back = g.input || g.first;
   const bool need_gq = g.core || need_back;
   const bool recompute_q = g.last && !op.saved_q;
-  const T* gyn = gy + n * s.C_out * HWo + oh0 * s.W_out;  // (C_out x npx), channel stride HWo
+  const GradOutputRows<T> gyn = gy.rows(s, n, oh0, oh1);  // (C_out x npx)
   add_bias_gradient<T>(s, g, chunk, gyn, npx);
   const auto [ih_lo, ih_hi] = input_rows(s, oh0, oh1);
   const T* p = g.core || recompute_q ? project_pixel_major<T>(s, op, n, ih_lo, ih_hi).pm : nullptr;
@@ -483,7 +512,7 @@ void backward_rows_pixel_major(const Conv2dSizes& s, const ConvOperands<T>& op, 
   T* gq_buf = op.last && need_gq ? scratch<T>(3, s.R_out * nb_max) : nullptr;
   for (int64_t q0 = 0; q0 < npx; q0 += nb_max) {
     const int64_t nb = std::min(nb_max, npx - q0);
-    const T* gyb = gyn + q0;  // (C_out x nb), row stride HWo
+    const GradOutputRows<T> gyb{gyn.p + q0, gyn.ld};  // (C_out x nb)
     if (p) im2col_pixel_major<T>(s, p, ih_lo, ih_hi, oh0, q0, nb, cols);
     if (g.last) {
       // last's gradient (C_out x R_out) += gY (C_out x nb) * Q^T (nb x R_out)
@@ -491,8 +520,8 @@ void backward_rows_pixel_major(const Conv2dSizes& s, const ConvOperands<T>& op, 
         transpose<T>(s.R_out, nb, op.saved_q + n * s.R_out * HWo + oh0 * s.W_out + q0, HWo, z, s.R_out);
       else
         gemm_nn<T>(nb, s.R_out, K, cols, K, 1, pc.core_tt, s.R_out, z, s.R_out, false);
-      gemm_nn<T>(s.C_out, s.R_out, nb, gyb, HWo, 1, z, s.R_out, g.acc_last + chunk * s.C_out * s.R_out, s.R_out,
-                 true);
+      gemm_nn<T>(s.C_out, s.R_out, nb, gyb.p, gyb.ld, 1, z, s.R_out, g.acc_last + chunk * s.C_out * s.R_out,
+                 s.R_out, true);
     }
     if (!need_gq) continue;
     const auto [gq, ldgq] = core_output_gradient<T>(s, op, gyb, nb, gq_buf);  // (R_out x nb)
@@ -507,7 +536,7 @@ void backward_rows_pixel_major(const Conv2dSizes& s, const ConvOperands<T>& op, 
 }
 
 template <typename T>
-void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const T* gy, const ConvGrads<T>& g,
+void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const GradOutput<T>& gy, const ConvGrads<T>& g,
                    T* grad_input, int64_t chunks, const WinogradOperands<T>* wino, int64_t wino_band_rows,
                    const PixelMajorCore<T>* pixel_major) {
   const bool need_back = g.input || g.first;
@@ -699,13 +728,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
 
   if (s.N > 0) {
     const auto [x, nhwc] = input_layout(input);
-    const Tensor gy = grad_output.contiguous();
+    const auto [gy, gy_nhwc] = input_layout(grad_output);
     const Tensor A = s.has_first ? first->contiguous() : Tensor();
     const Tensor G = core.contiguous();
     const Tensor B = s.has_last ? last->contiguous() : Tensor();
     const auto [P, p_nhwc] = present(projection) ? input_layout(*projection) : std::pair<Tensor, bool>{};
     const Tensor Q = present(core_output) ? core_output->contiguous() : Tensor();
-    const Tensor At = transposed_first(A, nhwc);
+    const Tensor At = transposed_for_nhwc(A, nhwc);
     Tensor acc_first_t, acc_core_t;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tucker_conv2d_backward_cpu", [&] {
       using T = scalar_t;
@@ -747,7 +776,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
           need.bias ? acc_bias.mutable_data_ptr<T>() : nullptr,
           acc_u.defined() ? acc_u.mutable_data_ptr<T>() : nullptr,
           acc_first_t.defined() ? acc_first_t.mutable_data_ptr<T>() : nullptr};
-      conv_backward<T>(s, op, gy.const_data_ptr<T>(), g, need.input ? grad_input.mutable_data_ptr<T>() : nullptr,
+      conv_backward<T>(s, op, GradOutput<T>{gy.const_data_ptr<T>(), gy_nhwc}, g, need.input ? grad_input.mutable_data_ptr<T>() : nullptr,
                        chunks, wino ? &*wino : nullptr, wino ? wino_band_rows : 0,
                        pixel_major ? &*pixel_major : nullptr);
     });

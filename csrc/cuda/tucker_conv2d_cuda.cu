@@ -166,10 +166,12 @@ Tensor chain_forward_aten(const Tensor& input, const std::optional<Tensor>& firs
   if (s.has_first) h = pointwise(h, *first, no_bias);
   h = at::conv2d(h, core, s.has_last ? no_bias : b, stride, padding, dilation);
   if (s.has_last) h = pointwise(h, *last, b);
-  return h.contiguous();
+  return h.contiguous(conv_memory_format(input));
 }
 
-Tensor tucker_conv2d_cuda(
+// The forward: NCHW output from the fused and index-mapped kernels, the
+// input's layout from chain_forward_aten (tucker_conv2d_cuda converts).
+Tensor forward_before_layout(
     const Tensor& input,
     const std::optional<Tensor>& first,
     const Tensor& core,
@@ -212,6 +214,22 @@ Tensor tucker_conv2d_cuda(
   gemm(t.x, s.N, s.C_out, HWo, s.R_out, matrix(t.last.const_data_ptr(), false, s.R_out, 1),
        matrix(Q.const_data_ptr(), true, HWo, 1, s.R_out * HWo), y);
   return out;
+}
+
+Tensor tucker_conv2d_cuda(
+    const Tensor& input,
+    const std::optional<Tensor>& first,
+    const Tensor& core,
+    const std::optional<Tensor>& last,
+    const std::optional<Tensor>& bias,
+    c10::IntArrayRef stride,
+    c10::IntArrayRef padding,
+    c10::IntArrayRef dilation) {
+  // The output in the input's layout (conv_memory_format), as on the CPU and
+  // in the fake kernel. The kernels write NCHW, so channels_last costs one
+  // conversion here (none after the cuDNN chain).
+  const Tensor out = forward_before_layout(input, first, core, last, bias, stride, padding, dilation);
+  return out.contiguous(conv_memory_format(input));
 }
 
 // A (rows x (N*pixels)) view of an (N, rows, pixels) tensor: the column index
