@@ -2,7 +2,7 @@
 
     python benchmarks/layer_sweep.py                 # batches 1, 8, 32
     python benchmarks/layer_sweep.py --batches 8 --rounds 20 --only r18_512 k5_64
-    python benchmarks/layer_sweep.py --channels-last --only resnet50_3x3 vgg_128 downsample_s2
+    python benchmarks/layer_sweep.py --channels-last --grad dense --only resnet50_3x3 vgg_128 downsample_s2
 
 ResNet-18's 3x3 layers at their real sizes (stride 1, and the stride-2 downsamples) with
 ranks a quarter of the channels, a ResNet-50 1x1 layer, a 5x5 layer and a 3x3 layer at
@@ -14,7 +14,11 @@ machine hits both alike. Prints a markdown table of Sequential time / fused time
 fused faster). Ratios at batch 32 move by 10-30% between runs on the shared 2-core
 machine; rerun with more rounds before trusting one. ``--only`` also takes the suite's
 conv layers (cases.py); ``--channels-last`` feeds channels_last input to both, the chain
-converted with ``.to(memory_format=torch.channels_last)``.
+converted with ``.to(memory_format=torch.channels_last)``. The training step backpropagates
+``output.sum()`` as the suite does (an expanded gradient, which each side's backward first
+makes dense), or with ``--grad dense`` a fixed dense gradient in the layout of each side's
+output, as the next layer of a network hands it back (channels_last in a channels_last
+network).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ LAYERS = (
 )
 
 
-def _sweep(name: str, batch: int, rounds: int, channels_last: bool) -> tuple[float, float, float, float]:
+def _sweep(name: str, batch: int, rounds: int, channels_last: bool, dense_grad: bool) -> tuple[float, float, float, float]:
     layer = build(name)
     x = layer.input(batch)
     sequential = layer.sequential
@@ -52,6 +56,9 @@ def _sweep(name: str, batch: int, rounds: int, channels_last: bool) -> tuple[flo
         "sequential": (sequential, list(sequential.parameters())),
         "fused": (layer.impls()["fused"], layer.params()),
     }
+    with torch.no_grad():
+        # Each side's gradient in the layout of its own output (torch.randn_like keeps it).
+        grads = {key: torch.randn_like(fn(x)) for key, (fn, _) in impls.items()} if dense_grad else {}
     best = {k: [float("inf"), float("inf")] for k in impls}
     for _ in range(rounds + 2):  # the first two rounds warm up
         for key, (fn, params) in impls.items():
@@ -63,7 +70,10 @@ def _sweep(name: str, batch: int, rounds: int, channels_last: bool) -> tuple[flo
             for p in params:
                 p.grad = None
             start = time.perf_counter()
-            fn(x).sum().backward()
+            if dense_grad:
+                fn(x).backward(grads[key])
+            else:
+                fn(x).sum().backward()
             step = time.perf_counter() - start
             best[key] = [min(best[key][0], forward), min(best[key][1], step)]
     seq, fused = best["sequential"], best["fused"]
@@ -79,16 +89,20 @@ def main() -> None:
         "--only", nargs="+", choices=[c.name for c in LAYERS] + conv_cases, help="a subset, or suite conv layers"
     )
     parser.add_argument("--channels-last", action="store_true", help="channels_last input and chain")
+    parser.add_argument(
+        "--grad", choices=["sum", "dense"], default="sum", help="backward of output.sum(), or of a dense gradient"
+    )
     args = parser.parse_args()
     for case in LAYERS:
         CASES[case.name] = case
     layout = "channels_last" if args.channels_last else "NCHW"
-    print(f"threads {torch.get_num_threads()}, {args.rounds} rounds, {layout}; Sequential time / fused time\n")
+    grad = "dense gradient" if args.grad == "dense" else "output.sum()"
+    print(f"threads {torch.get_num_threads()}, {args.rounds} rounds, {layout}, {grad}; Sequential time / fused time\n")
     print("| layer | batch | forward | training step | fused forward | fused step |")
     print("|---|---|---|---|---|---|")
     for name in args.only or [c.name for c in LAYERS]:
         for batch in args.batches:
-            fwd, step, fused_fwd, fused_step = _sweep(name, batch, args.rounds, args.channels_last)
+            fwd, step, fused_fwd, fused_step = _sweep(name, batch, args.rounds, args.channels_last, args.grad == "dense")
             print(
                 f"| {name} | {batch} | {fwd:.2f}x | {step:.2f}x | {fused_fwd * 1e3:.3f} ms | {fused_step * 1e3:.3f} ms |",
                 flush=True,
