@@ -9,8 +9,8 @@ ranks a quarter of the channels, a ResNet-50 1x1 layer, a 5x5 layer and a 3x3 la
 half ranks: the shapes a user compressing a torchvision model meets, where the suite
 (``make bench``) covers a few. For each layer and batch the two implementations alternate,
 one forward (no grad) and one training step (forward + backward of ``output.sum()``) per
-round, and each reports its minimum over the rounds: a burst of contention on a shared
-machine hits both alike. Prints a markdown table of Sequential time / fused time (> 1:
+round (which runs first alternating), and each reports its minimum over the rounds: a
+burst of contention on a shared machine hits both alike. Prints a markdown table of Sequential time / fused time (> 1:
 fused faster). Ratios at batch 32 move by 10-30% between runs on the shared 2-core
 machine; rerun with more rounds before trusting one. ``--only`` also takes the suite's
 conv layers (cases.py); ``--channels-last`` feeds channels_last input to both, the chain
@@ -60,8 +60,10 @@ def _sweep(name: str, batch: int, rounds: int, channels_last: bool, dense_grad: 
         # Each side's gradient in the layout of its own output (torch.randn_like keeps it).
         grads = {key: torch.randn_like(fn(x)) for key, (fn, _) in impls.items()} if dense_grad else {}
     best = {k: [float("inf"), float("inf")] for k in impls}
-    for _ in range(rounds + 2):  # the first two rounds warm up
-        for key, (fn, params) in impls.items():
+    for r in range(rounds + 2):  # the first two rounds warm up
+        # Alternate which runs first: the second of a pair can find the first's memory in
+        # the allocator and its data in cache.
+        for key, (fn, params) in list(impls.items())[:: 1 if r % 2 == 0 else -1]:
             with torch.no_grad():
                 start = time.perf_counter()
                 fn(x)

@@ -6,9 +6,9 @@ For each ``case:batch`` (cases.py) it times the forward (recording the graph) an
 backward of ``output.sum()`` separately, for the ``nn.Sequential`` chain and for the fused
 op with its intermediates kept and recomputed (TUCKER_OPS_KEEP_INTERMEDIATES=1 / 0), and with
 ``--cores`` also with the conv core forced direct and Winograd F(2x2, 3x3) / F(4x4, 3x3)
-(TUCKER_OPS_CONV_CORE). The
-variants run interleaved, one step each per round, and each phase reports its minimum over
-the rounds, so a burst of contention on the shared machine hits all of them alike. GFLOP/s
+(TUCKER_OPS_CONV_CORE). The variants run interleaved, one step each per round (in
+reversed order every other round), and each phase reports its minimum over the rounds,
+so a burst of contention on the shared machine hits all of them alike. GFLOP/s
 counts the chain's multiply-adds (2 per MAC; the backward counts twice the forward's, the
 work both implementations must do), and the last column compares it with one large
 ``torch.mm`` (2048^3) at the same thread count: the machine's practical GEMM peak.
@@ -60,7 +60,8 @@ def breakdown(name: str, batch: int, rounds: int, cores: bool) -> list[tuple[str
     previous = {k: os.environ.get(k) for k in names}
     try:
         for r in range(rounds + 2):  # two warm-up rounds
-            for variant, (fn, params, env) in fns.items():
+            # Alternate the order: the first of a round can pay for what the last left behind.
+            for variant, (fn, params, env) in list(fns.items())[:: 1 if r % 2 == 0 else -1]:
                 for k in names:
                     os.environ.pop(k, None)
                 os.environ.update(env)
