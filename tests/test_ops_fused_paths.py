@@ -397,51 +397,17 @@ def test_conv_backward_nonfinite_lands_where_the_reference_puts_it(where, stride
 
 
 LAYOUT_CASES = [
-    # (N, C_in, H, W, R_in, R_out, C_out, k, stride, first, dtype): the input gradient's paths
-    (6, 5, 9, 8, 3, 4, 6, 3, 1, True, torch.float64),  # whole-image tiles, first
-    (1, 5, 13, 11, 3, 4, 6, 3, 1, True, torch.float64),  # bands: per-chunk copies, pass 2
-    (4, 3, 150, 30, 3, 4, 5, 3, 1, True, torch.float64),  # tall: tiles in two passes, pass 2
-    (6, 4, 9, 8, 4, 4, 6, 3, 1, False, torch.float64),  # no first: the projection gradient is the input's
-    (1, 4, 13, 11, 4, 4, 6, 3, 1, False, torch.float64),  # no first, bands
-    (4, 16, 12, 12, 16, 16, 8, 3, 1, True, torch.float32),  # Winograd images
-    (1, 16, 24, 12, 16, 16, 8, 3, 1, False, torch.float32),  # Winograd bands, no first
-    (4, 24, 16, 16, 16, 32, 24, 3, 2, True, torch.float32),  # the pixel-major direct core
-    (1, 24, 16, 16, 16, 32, 24, 3, 2, True, torch.float32),  # ... in bands
-]
-
-
-@pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("kept", [False, True], ids=["recomputed", "kept"])
-@pytest.mark.parametrize("case", LAYOUT_CASES)
-def test_conv_input_gradient_in_the_input_layout(case, kept, threads):
-    """The backward op returns a channels_last input's gradient channels_last (as nn.Conv2d
-    does: autograd then copies nothing into the leaf's layout), from every path that writes
-    it, and an NCHW input's NCHW; both equal to the reference's."""
-    n, c_in, h, w, ri, ro, c_out, k, stride, has_first, dtype = case
-    gen = torch.Generator().manual_seed(11)
-    params = _factors(c_in, ri, ro, c_out, (k, k), has_first, True, True, torch.float64, gen)
-    params = tuple(p / p[0].numel() ** 0.5 if p is not None and p.dim() > 1 else p for p in params)
-    x64 = torch.randn(n, c_in, h, w, dtype=torch.float64, generator=gen)
-    args = ((stride, stride), (1, 1), (1, 1))
-    ref = [t.clone().requires_grad_() if t is not None else None for t in (x64, *params)]
-    y_ref = reference.tucker_conv2d(*ref, *args)
-    gy = torch.randn(y_ref.shape, dtype=torch.float64, generator=gen)
-    y_ref.backward(gy)
-    tol = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
-    first, core, last, bias = (p.to(dtype) if p is not None else None for p in params)
-    for fmt in (torch.channels_last, torch.contiguous_format):
-        x = x64.to(dtype).contiguous(memory_format=fmt)
-        with _num_threads(threads):
-            _, p, q = ops.tucker_conv2d_with_intermediates(x, first, core, last, bias, *args)
-            saved = (p if kept and first is not None else None, q if kept else None)
-            grads = ops.tucker_conv2d_backward(gy.to(dtype), x, first, core, last, *args, [True] * 5, *saved)
-        assert grads[0].is_contiguous(memory_format=fmt), (fmt, grads[0].stride())
-        torch.testing.assert_close(grads[0].double(), ref[0].grad, **tol)
-
-
-GRAD_OUTPUT_CASES = [
-    # (N, C_in, H, W, R_in, R_out, C_out, k, stride, first, last, dtype): every path that reads gY
-    *[(*c[:9], c[9], True, c[10]) for c in LAYOUT_CASES],
+    # (N, C_in, H, W, R_in, R_out, C_out, k, stride, first, last, dtype): every path that
+    # reads gY or writes the input gradient
+    (6, 5, 9, 8, 3, 4, 6, 3, 1, True, True, torch.float64),  # whole-image tiles, first
+    (1, 5, 13, 11, 3, 4, 6, 3, 1, True, True, torch.float64),  # bands: per-chunk copies, pass 2
+    (4, 3, 150, 30, 3, 4, 5, 3, 1, True, True, torch.float64),  # tall: tiles in two passes, pass 2
+    (6, 4, 9, 8, 4, 4, 6, 3, 1, False, True, torch.float64),  # no first: the projection gradient is the input's
+    (1, 4, 13, 11, 4, 4, 6, 3, 1, False, True, torch.float64),  # no first, bands
+    (4, 16, 12, 12, 16, 16, 8, 3, 1, True, True, torch.float32),  # Winograd images
+    (1, 16, 24, 12, 16, 16, 8, 3, 1, False, True, torch.float32),  # Winograd bands, no first
+    (4, 24, 16, 16, 16, 32, 24, 3, 2, True, True, torch.float32),  # the pixel-major direct core
+    (1, 24, 16, 16, 16, 32, 24, 3, 2, True, True, torch.float32),  # ... in bands
     (6, 4, 9, 8, 4, 5, 5, 3, 1, True, False, torch.float64),  # no last: gY is the core output's gradient
     (1, 16, 24, 12, 16, 16, 16, 3, 1, True, False, torch.float32),  # ... on Winograd bands
     (4, 24, 16, 16, 16, 32, 32, 3, 2, False, False, torch.float32),  # ... on the pixel-major core
@@ -452,18 +418,19 @@ GRAD_OUTPUT_CASES = [
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("kept", [False, True], ids=["recomputed", "kept"])
 @pytest.mark.parametrize("grad_layout", ["nchw", "channels_last", "expanded"])
-@pytest.mark.parametrize("case", GRAD_OUTPUT_CASES)
-def test_conv_backward_reads_grad_output_in_any_layout(case, grad_layout, kept, threads):
-    """grad_output comes in the forward output's layout (channels_last for channels_last
-    input, which the kernels read in place), or any other (a sum's expanded gradient): every
-    gradient equals the reference's, on every path."""
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+def test_conv_backward_layouts(case, grad_layout, kept, threads):
+    """Every gradient equals the reference's on every path, for NCHW and channels_last
+    input and for grad_output NCHW, channels_last (a channels_last output's, which the
+    kernels read in place) or expanded (a sum's); the input gradient comes back in the
+    input's layout (as nn.Conv2d returns it: autograd then copies nothing into the leaf's
+    layout)."""
     n, c_in, h, w, ri, ro, c_out, k, stride, has_first, has_last, dtype = case
     gen = torch.Generator().manual_seed(13)
     params = _factors(c_in, ri, ro, c_out, (k, k), has_first, has_last, True, torch.float64, gen)
     params = tuple(p / p[0].numel() ** 0.5 if p is not None and p.dim() > 1 else p for p in params)
     x64 = torch.randn(n, c_in, h, w, dtype=torch.float64, generator=gen)
-    pad = (k // 2, k // 2)
-    args = ((stride, stride), pad, (1, 1))
+    args = ((stride, stride), (k // 2, k // 2), (1, 1))
     ref = [t.clone().requires_grad_() if t is not None else None for t in (x64, *params)]
     y_ref = reference.tucker_conv2d(*ref, *args)
     if grad_layout == "expanded":
@@ -483,6 +450,7 @@ def test_conv_backward_reads_grad_output_in_any_layout(case, grad_layout, kept, 
             saved = (p if kept and first is not None else None, q if kept and last is not None else None)
             mask = [True, first is not None, True, last is not None, True]
             grads = ops.tucker_conv2d_backward(g, x, first, core, last, *args, mask, *saved)
+        assert grads[0].is_contiguous(memory_format=x_fmt), (x_fmt, grads[0].stride())
         for name, got, t in zip(("input", "first", "core", "last", "bias"), grads, ref):
             if t is not None:
                 torch.testing.assert_close(got.double(), t.grad, **tol, msg=lambda m: f"{name} ({x_fmt}): {m}")
