@@ -311,14 +311,14 @@ def test_gemm_variants(env):
     run_check_in_subprocess(_SUBPROCESS_CHECK, env)
 
 
-def conv_matches_reference(tensors, tol: float) -> None:
-    """tucker_conv2d (3x3, stride, padding and dilation 1) of `tensors` = (x, first, core,
-    last, bias), forward and every gradient of its sum, equals the reference chain's to
-    `tol`. For the child-process checks, which import it from this module."""
+def conv_matches_reference(tensors, tol: float, padding=(1, 1)) -> None:
+    """tucker_conv2d (stride and dilation 1) of `tensors` = (x, first, core, last, bias),
+    forward and every gradient of its sum, equals the reference chain's to `tol`. For the
+    child-process checks, which import it from this module."""
     inputs = [t.detach().requires_grad_() for t in tensors]
-    y = ops.tucker_conv2d(*inputs, (1, 1), (1, 1), (1, 1))
+    y = ops.tucker_conv2d(*inputs, (1, 1), padding, (1, 1))
     grads = torch.autograd.grad(y.sum(), inputs)
-    y_ref = reference.tucker_conv2d(*inputs, (1, 1), (1, 1), (1, 1))
+    y_ref = reference.tucker_conv2d(*inputs, (1, 1), padding, (1, 1))
     grads_ref = torch.autograd.grad(y_ref.sum(), inputs)
     torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
     for a, r in zip(grads, grads_ref):

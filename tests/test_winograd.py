@@ -87,13 +87,13 @@ def keep(request, monkeypatch):
     return request.param
 
 
-def _inputs(case, dtype, layout, seed=0):
+def _inputs(case, dtype, layout, seed=0, k=3):
     n, c_in, h, w, ri, ro, c_out, padding, has_first, has_last = case
     gen = torch.Generator().manual_seed(seed + hash(case) % 2**31)
     x = torch.randn(n, c_in, h, w, dtype=dtype, generator=gen)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
-    params = _factors(c_in, ri, ro, c_out, (3, 3), has_first, has_last, True, dtype, gen)
+    params = _factors(c_in, ri, ro, c_out, (k, k), has_first, has_last, True, dtype, gen)
     # Unit-scale layers (weights / sqrt(fan-in)): float32 sums over hundreds of terms stay
     # comparable under _check's absolute tolerance.
     params = tuple(p / p[0].numel() ** 0.5 if p is not None and p.dim() > 1 else p for p in params)
@@ -107,6 +107,70 @@ def test_winograd_matches_reference(case, dtype, layout, keep, monkeypatch, tile
     x, params, padding = _inputs(case, dtype, layout)
     with _num_threads(2), _core(tile, monkeypatch):
         _check(x, params, padding, dtype)
+
+
+CASES_5X5 = [
+    # F(2x2, 5x5): (N, C_in, H, W, R_in, R_out, C_out, padding, first, last)
+    (4, 6, 14, 14, 5, 7, 9, (2, 2), True, True),  # even output: whole tiles
+    (5, 4, 9, 8, 3, 4, 6, (2, 2), True, True),  # odd output: a half tile on the edge
+    (4, 5, 8, 11, 4, 3, 5, (0, 0), True, True),  # no padding
+    (4, 3, 7, 6, 2, 3, 4, (4, 1), True, True),  # padding beyond the kernel's centre
+    (4, 3, 5, 5, 2, 2, 3, (0, 0), True, True),  # a single output pixel
+    (6, 4, 10, 9, 4, 5, 6, (2, 2), False, True),  # Tucker-1, output side
+    (4, 7, 10, 9, 3, 4, 3, (2, 2), True, False),  # Tucker-1, input side
+    (4, 20, 12, 12, 17, 19, 18, (2, 2), True, True),  # vector tails
+    (1, 6, 23, 9, 5, 7, 4, (2, 2), True, True),  # bands (fewer than two images per thread)
+    (2, 5, 17, 12, 4, 6, 5, (3, 0), False, True),
+]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES_5X5)
+def test_winograd_5x5_matches_reference(case, dtype, layout, keep, monkeypatch):
+    """A 5x5 core by F(2x2, 5x5): output and every gradient against the reference."""
+    x, params, padding = _inputs(case, dtype, layout, k=5)
+    with _num_threads(2), _core("winograd2", monkeypatch):
+        _check(x, params, padding, dtype)
+
+
+@pytest.mark.parametrize(
+    "ranks, forced, expect",
+    [
+        ((16, 24), "auto", "winograd2"),  # F(2x2, 5x5): 36 multiply-adds per 4 outputs against 100
+        ((16, 24), "winograd4", "direct"),  # there is no F(4x4, 5x5)
+        ((8, 24), "auto", "direct"),  # below 16 channels on a side of the core
+    ],
+)
+def test_auto_choice_5x5(ranks, forced, expect, monkeypatch):
+    """A 5x5 core's results are bit for bit those of the algorithm the rule picks (and differ
+    from the other's)."""
+    x, params, padding = _inputs((4, 32, 12, 12, *ranks, 32, (2, 2), True, True), torch.float32, "nchw", k=5)
+    with _num_threads(2):
+        results = {}
+        for algo in (forced, "winograd2", "direct"):
+            with _core(algo, monkeypatch):
+                results[algo] = _run_all(x, params, padding)
+    for algo in ("winograd2", "direct"):
+        same = all(torch.equal(a, b) for a, b in zip(results[forced], results[algo]))
+        assert same == (algo == expect), algo
+
+
+@pytest.mark.parametrize("batch", [4, 1], ids=["images", "bands"])
+def test_non_finite_5x5_takes_the_direct_path(batch, monkeypatch):
+    """As for 3x3: the images (or bands) holding an Inf / NaN run the direct core."""
+    x, params, padding = _inputs((batch, 16, 20, 12, 16, 16, 16, (2, 2), True, True), torch.float64, "nchw", k=5)
+    x = x.clone()
+    x[batch - 1, 2, 5, 6] = float("inf")
+    x[0, 0, 0, 0] = float("nan")
+    _against_direct(x, params, padding, (0, 1, 3, 3), "winograd2", monkeypatch)
+
+
+def test_gradcheck_5x5(monkeypatch):
+    x, params, padding = _inputs((3, 2, 6, 5, 2, 3, 3, (2, 2), True, True), torch.float64, "nchw", k=5)
+    inputs = [t.requires_grad_() for t in (x, *params)]
+    with _num_threads(2), _core("winograd2", monkeypatch):
+        assert torch.autograd.gradcheck(lambda *t: ops.tucker_conv2d(*t, ONE, padding, ONE), inputs)
 
 
 MASKS = [(1, 0, 0, 0, 0), (0, 1, 0, 0, 0), (0, 0, 1, 0, 0), (0, 0, 0, 1, 0), (0, 0, 0, 0, 1), (1, 1, 1, 1, 1)]
@@ -356,16 +420,16 @@ import torch
 from test_ops_fused_paths import conv_matches_reference
 torch.set_num_threads(2)
 g = torch.Generator().manual_seed(0)
-for algo in ("winograd2", "winograd4"):
+for algo, k in (("winograd2", 3), ("winograd4", 3), ("winograd2", 5)):
     import os; os.environ["TUCKER_OPS_CONV_CORE"] = algo
     for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 2e-4)):
         # 19 and 21 channels: whole vectors and a tail for every ISA's width
         x = torch.randn(4, 7, 11, 10, dtype=dtype, generator=g, requires_grad=True)
         f, c, l, b = (
-            (torch.randn(*s, dtype=dtype, generator=g) / (s[1] * (9 if len(s) > 2 else 1)) ** 0.5).requires_grad_()
-            for s in ((19, 7), (21, 19, 3, 3), (6, 21), (6, 1))
+            (torch.randn(*s, dtype=dtype, generator=g) / (s[1] * (k * k if len(s) > 2 else 1)) ** 0.5).requires_grad_()
+            for s in ((19, 7), (21, 19, k, k), (6, 21), (6, 1))
         )
-        conv_matches_reference((x, f, c, l, b.view(6)), tol)
+        conv_matches_reference((x, f, c, l, b.view(6)), tol, padding=(k // 2, k // 2))
 print("ok")
 """
 
@@ -373,7 +437,7 @@ print("ok")
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
 def test_every_instruction_set(isa):
     """The transforms (and transposes) compiled for each ISA (one the CPU lacks falls back to
-    the best it has), both tile sizes, with channel counts that leave vector tails."""
+    the best it has), every algorithm, with channel counts that leave vector tails."""
     run_check_in_subprocess(_ISA_CHECK, {"TUCKER_OPS_ISA": isa, "TUCKER_OPS_GEMM": "kernel"})
 
 
@@ -383,12 +447,13 @@ from hypothesis import given, strategies as st  # noqa: E402
 
 @st.composite
 def _winograd_calls(draw):
-    """A random 3x3 stride-1 conv call the Winograd core applies to (forward in tiles at any
-    batch; backward in images from two per thread, else in bands), with its tile size and
-    thread count."""
-    pad = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
-    h = draw(st.integers(max(1, 3 - 2 * pad[0]), 17))
-    w = draw(st.integers(max(1, 3 - 2 * pad[1]), 17))
+    """A random 3x3 or 5x5 stride-1 conv call the Winograd core applies to (forward in tiles
+    at any batch; backward in images from two per thread, else in bands), with its tile size
+    and thread count."""
+    k = draw(st.sampled_from((3, 3, 5)))
+    pad = (draw(st.integers(0, k)), draw(st.integers(0, k)))
+    h = draw(st.integers(max(1, k - 2 * pad[0]), 17))
+    w = draw(st.integers(max(1, k - 2 * pad[1]), 17))
     side = draw(st.sampled_from(("tucker2", "tucker2", "no_first", "no_last", "core_only")))
     n, c_in = draw(st.integers(0, 7)), draw(st.integers(1, 20))
     r_in = c_in if side in ("no_first", "core_only") else draw(st.integers(1, 20))
@@ -406,7 +471,7 @@ def _winograd_calls(draw):
         x = x.contiguous(memory_format=torch.channels_last)
     params = (
         randn(r_in, c_in) if side in ("tucker2", "no_last") else None,
-        randn(r_out, r_in, 3, 3),
+        randn(r_out, r_in, k, k),
         randn(c_out, r_out) if side in ("tucker2", "no_first") else None,
         randn(c_out) if draw(st.booleans()) else None,
     )

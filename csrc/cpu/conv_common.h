@@ -111,10 +111,11 @@ inline int64_t chain_macs(const Conv2dSizes& s) {
 
 // ---- Winograd core (winograd.h) ----------------------------------------------
 
-// Which algorithm runs a 3x3 stride-1 core: TUCKER_OPS_CONV_CORE = auto |
-// direct | winograd (tile size by rule) | winograd2 | winograd4 (F(2x2, 3x3)
-// / F(4x4, 3x3)), read per call (benchmarks and tests compare them in one
-// process). A forced Winograd still needs a shape it applies to.
+// Which algorithm runs a 3x3 or 5x5 stride-1 core: TUCKER_OPS_CONV_CORE =
+// auto | direct | winograd (tile size by rule) | winograd2 | winograd4
+// (F(2x2, 3x3) / F(4x4, 3x3); a 5x5 core has F(2x2, 5x5) only), read per
+// call (benchmarks and tests compare them in one process). A forced Winograd
+// still needs a shape it applies to.
 struct CoreChoice {
   bool automatic = true, direct = false;
   int64_t tile = 0;  // forced tile size, 0: by rule
@@ -133,7 +134,9 @@ inline CoreChoice core_choice() {
 }
 
 // The Winograd tile size m for this call, or 0 for the direct core. Winograd
-// needs a 3x3 stride-1 undilated core. The forward runs it per tile (bands of
+// needs a 3x3 or 5x5 stride-1 undilated core: F(2x2) or F(4x4) for 3x3,
+// F(2x2) for 5x5 (F(4x4, 5x5) would need eight interpolation points, and
+// its coefficients lose float32 accuracy). The forward runs it per tile (bands of
 // whole tile rows); the backward per image (at least two per thread) or per
 // band of an image (winograd_backward_band_rows), its pixel-major buffers
 // (thread scratch, kept for the next call: about seven of them) within 2^19
@@ -149,9 +152,12 @@ inline CoreChoice core_choice() {
 // r18_512 --batches 8 32`; dev A/B of the forced cores, two threads): at
 // batch 8 F(2x2) forward 1.49 ms, backward 3.14, F(4x4) 1.75 / 3.83, direct
 // 1.62 / 3.14, Sequential 1.66 / 2.99; at batch 32 4.82 / 9.62, 4.67 / 10.13,
-// 5.97 / 11.44, Sequential 5.04 / 10.22.
+// 5.97 / 11.44, Sequential 5.04 / 10.22. A 5x5 core's tiles read a 6 x 6
+// block for 4 outputs, 36 multiply-adds per channel pair against 100
+// direct: F(2x2) whenever auto takes Winograd at all.
 inline int64_t winograd_tile(const Conv2dSizes& s, bool backward) {
-  if (s.kh != 3 || s.kw != 3 || s.stride_h != 1 || s.stride_w != 1 || s.dil_h != 1 || s.dil_w != 1) return 0;
+  const bool core_3x3 = s.kh == 3 && s.kw == 3, core_5x5 = s.kh == 5 && s.kw == 5;
+  if (!(core_3x3 || core_5x5) || s.stride_h != 1 || s.stride_w != 1 || s.dil_h != 1 || s.dil_w != 1) return 0;
   if (s.H_out < 2 || s.W_out < 2) return 0;
   if (backward) {
     const int64_t widest = std::max({s.R_in + s.R_out, s.C_in, s.C_out});
@@ -159,9 +165,10 @@ inline int64_t winograd_tile(const Conv2dSizes& s, bool backward) {
   }
   const CoreChoice choice = core_choice();
   if (choice.direct || (choice.automatic && (s.R_in < 16 || s.R_out < 16))) return 0;
+  if (core_5x5) return choice.tile == 4 ? 0 : 2;
   if (choice.tile) return choice.tile;
   auto work = [&](int64_t m) {
-    return winograd_tiles(s.H_out, m) * winograd_tiles(s.W_out, m) * winograd_elems(m);
+    return winograd_tiles(s.H_out, m) * winograd_tiles(s.W_out, m) * WinogradKind{m, 3}.elems();
   };
   const bool enough_tiles = winograd_tiles(s.H_out, 4) * winograd_tiles(s.W_out, 4) >= 16;
   return work(4) < work(2) && enough_tiles ? 4 : 2;
@@ -169,30 +176,33 @@ inline int64_t winograd_tile(const Conv2dSizes& s, bool backward) {
 
 // The core in the forms the Winograd images read: U (alpha^2, R_out, R_in)
 // for the projection gradient, its transpose Ut (alpha^2, R_in, R_out) for
-// the forward, and kron(G, G) (alpha^2, 9) to map the core gradient back.
+// the forward, and kron(G, G) (alpha^2, r^2) to map the core gradient back.
 struct WinogradTensors {
   at::Tensor u, ut, kron;
 };
 
 template <typename T>
 struct WinogradOperands {
-  int64_t m, elems;  // tile size, alpha^2
+  int64_t m, r, elems;  // tile size, core size, alpha^2
   const T* u;
   const T* ut;
   const T* kron;
   int64_t tiles_h, tiles_w;
   int64_t band;  // tile rows per band (winograd.h): its transformed data stays in L2
   int64_t band_tiles() const { return band * tiles_w; }
+  WinogradKind kind() const { return {m, r}; }
 };
 
-// core: (R_out, R_in*9) contiguous.
+// core: (R_out, R_in*r*r) contiguous, r = kh = kw.
 inline WinogradTensors winograd_tensors(const Conv2dSizes& s, int64_t m, const at::Tensor& core) {
+  const WinogradKind k{m, s.kh};
+  const int64_t taps = s.kh * s.kw;
   WinogradTensors w;
-  w.kron = at::empty({winograd_elems(m), 9}, core.options().memory_format(at::MemoryFormat::Contiguous));
+  w.kron = at::empty({k.elems(), taps}, core.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "winograd_kron",
-                             [&] { winograd_kron<scalar_t>(m, w.kron.mutable_data_ptr<scalar_t>()); });
-  w.u = at::matmul(w.kron, core.view({s.R_out * s.R_in, 9}).t()).contiguous();
-  w.ut = w.u.view({winograd_elems(m), s.R_out, s.R_in}).transpose(1, 2).contiguous();
+                             [&] { winograd_kron<scalar_t>(k, w.kron.mutable_data_ptr<scalar_t>()); });
+  w.u = at::matmul(w.kron, core.view({s.R_out * s.R_in, taps}).t()).contiguous();
+  w.ut = w.u.view({k.elems(), s.R_out, s.R_in}).transpose(1, 2).contiguous();
   return w;
 }
 
@@ -200,11 +210,11 @@ template <typename T>
 WinogradOperands<T> winograd_operands(const Conv2dSizes& s, int64_t m, const WinogradTensors& w) {
   // A band's V and M (alpha^2 x tiles x R_in and R_out) within about 512 KiB
   // (L2 is 1 MiB on the benchmark machine).
-  const int64_t elems = winograd_elems(m);
+  const int64_t elems = WinogradKind{m, s.kh}.elems();
   const int64_t tiles_h = winograd_tiles(s.H_out, m), tiles_w = winograd_tiles(s.W_out, m);
   const int64_t band_tiles = (512 * 1024 / int64_t(sizeof(T))) / (elems * (s.R_in + s.R_out));
   const int64_t band = std::clamp<int64_t>(band_tiles / tiles_w, 1, tiles_h);
-  return {m, elems, w.u.const_data_ptr<T>(), w.ut.const_data_ptr<T>(), w.kron.const_data_ptr<T>(),
+  return {m, s.kh, elems, w.u.const_data_ptr<T>(), w.ut.const_data_ptr<T>(), w.kron.const_data_ptr<T>(),
           tiles_h, tiles_w, band};
 }
 
@@ -264,11 +274,11 @@ void winograd_core_forward(const Conv2dSizes& s, const WinogradOperands<T>& w, c
   for (int64_t ty0 = oh0 / w.m; ty0 < ty_end; ty0 += w.band) {
     const int64_t ty1 = std::min(ty_end, ty0 + w.band), tiles = (ty1 - ty0) * w.tiles_w;
     const int64_t xs_in = tiles * s.R_in, xs_out = tiles * s.R_out;
-    winograd_input_transform<T>(w.m, p, in, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, zeros, v, xs_in);
+    winograd_input_transform<T>(w.kind(), p, in, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, zeros, v, xs_in);
     for (int64_t xi = 0; xi < w.elems; ++xi)
       gemm_nn<T>(tiles, s.R_out, s.R_in, v + xi * xs_in, s.R_in, 1, w.ut + xi * s.R_in * s.R_out, s.R_out,
                  m + xi * xs_out, s.R_out, false);
-    winograd_output_transform<T>(w.m, m, xs_out, out, s.R_out, ty0, ty1, w.tiles_w, sink, z);
+    winograd_output_transform<T>(w.kind(), m, xs_out, out, s.R_out, ty0, ty1, w.tiles_w, sink, z);
   }
 }
 

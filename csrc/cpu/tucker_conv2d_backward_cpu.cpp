@@ -427,9 +427,9 @@ bool backward_rows_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, con
   for (int64_t ty0 = oh0 / w.m; ty0 < ty_end; ty0 += w.band) {
     const int64_t ty1 = std::min(ty_end, ty0 + w.band), tiles = (ty1 - ty0) * w.tiles_w;
     const int64_t xs_in = tiles * s.R_in, xs_out = tiles * s.R_out;
-    winograd_output_transform_adjoint<T>(w.m, gq, out, s.R_out, ty0, ty1, w.tiles_w, zeros, m, xs_out);
+    winograd_output_transform_adjoint<T>(w.kind(), gq, out, s.R_out, ty0, ty1, w.tiles_w, zeros, m, xs_out);
     if (g.core) {
-      winograd_input_transform<T>(w.m, p, in, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, zeros, v, xs_in);
+      winograd_input_transform<T>(w.kind(), p, in, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, zeros, v, xs_in);
       // dU[xi] (R_out x R_in) += M[xi]^T (R_out x tiles) * V[xi] (tiles x R_in)
       T* acc = g.acc_u + chunk * w.elems * s.R_out * s.R_in;
       for (int64_t xi = 0; xi < w.elems; ++xi)
@@ -441,7 +441,7 @@ bool backward_rows_winograd(const Conv2dSizes& s, const ConvOperands<T>& op, con
     for (int64_t xi = 0; xi < w.elems; ++xi)
       gemm_nn<T>(tiles, s.R_in, s.R_out, m + xi * xs_out, s.R_out, 1, w.u + xi * s.R_out * s.R_in, s.R_in,
                  v + xi * xs_in, s.R_in, false);
-    winograd_input_transform_adjoint<T>(w.m, v, xs_in, in, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, sink,
+    winograd_input_transform_adjoint<T>(w.kind(), v, xs_in, in, s.R_in, s.pad_h, s.pad_w, ty0, ty1, w.tiles_w, sink,
                                         gp_pm);
   }
   if (need_back) finish_projection_gradient<T>(s, op, g, gp_pm, ih_lo, ih_hi, grad_input, chunk, n, band);
@@ -595,10 +595,10 @@ void conv_backward(const Conv2dSizes& s, const ConvOperands<T>& op, const GradOu
       }
       if (wino && g.core) {
         // The chunk's transformed core gradient back to taps:
-        // acc_core (pairs x 9) += dU^T (pairs x alpha^2) * kron(G, G) (alpha^2 x 9).
-        const int64_t pairs = s.R_out * s.R_in;
-        gemm_nn<T>(pairs, 9, wino->elems, g.acc_u + c * wino->elems * pairs, 1, pairs, wino->kron, 9,
-                   g.acc_core + c * pairs * 9, 9, true);
+        // acc_core (pairs x r^2) += dU^T (pairs x alpha^2) * kron(G, G) (alpha^2 x r^2).
+        const int64_t pairs = s.R_out * s.R_in, taps = s.kh * s.kw;
+        gemm_nn<T>(pairs, taps, wino->elems, g.acc_u + c * wino->elems * pairs, 1, pairs, wino->kron, taps,
+                   g.acc_core + c * pairs * taps, taps, true);
       }
     });
   } else {
@@ -744,7 +744,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
       if (tile && all_finite(G.const_data_ptr<T>(), G.numel())) {
         wt = winograd_tensors(s, tile, G);
         wino = winograd_operands<T>(s, tile, wt);
-        if (need.core) acc_u = at::zeros({chunks, winograd_elems(tile), s.R_out, s.R_in}, opts);
+        if (need.core) acc_u = at::zeros({chunks, WinogradKind{tile, s.kh}.elems(), s.R_out, s.R_in}, opts);
         if (need.first && !nhwc && !wino_band_rows) acc_first_t = at::zeros({chunks, s.C_in, s.R_in}, opts);
       }
       // Or the direct core pixel-major (whole images or tiles as the direct

@@ -1,4 +1,4 @@
-// The F(m x m, 3 x 3) tile transforms (winograd.h), vectorised over channels:
+// The F(m x m, r x r) tile transforms (winograd.h), vectorised over channels:
 // each tile's pixel pointers are set up once, then every channel vector runs
 // the same constant-coefficient sums (zero coefficients skipped and +-1 ones
 // turned into adds at compile time). Compiled per ISA like the GEMM kernels
@@ -10,27 +10,47 @@
 namespace tucker_ops::cpu {
 namespace {
 
-// B^T (alpha x alpha), A^T (m x alpha) and G (alpha x 3) of F(m, 3), for the
-// interpolation points 0, +-1 (m = 2) and 0, +-1, +-2 (m = 4), plus infinity.
-template <int M>
+// B^T (alpha x alpha), A^T (m x alpha) and G (alpha x r) of F(m, r), for the
+// interpolation points 0, +-1 (alpha = 4) and 0, +-1, +-2 (alpha = 6), plus
+// infinity. B^T depends on the points alone; A^T's rows are the points' first
+// m powers, G's the first r powers over the product of the point's distances
+// to the others.
+struct Points4 {
+  static constexpr double bt[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+};
+
+struct Points6 {
+  static constexpr double bt[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
+                                      {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+};
+
+template <int M, int R>
 struct Matrices;
 
 template <>
-struct Matrices<2> {
-  static constexpr double bt[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+struct Matrices<2, 3> : Points4 {
   static constexpr double at[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
   static constexpr double g[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
 };
 
 template <>
-struct Matrices<4> {
-  static constexpr double bt[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
-                                      {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+struct Matrices<4, 3> : Points6 {
   static constexpr double at[4][6] = {
       {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
   static constexpr double g[6][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6},
                                      {-1.0 / 6, 1.0 / 6, -1.0 / 6}, {1.0 / 24, 1.0 / 12, 1.0 / 6},
                                      {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
+};
+
+template <>
+struct Matrices<2, 5> : Points6 {
+  static constexpr double at[2][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 1}};
+  static constexpr double g[6][5] = {{1.0 / 4, 0, 0, 0, 0},
+                                     {-1.0 / 6, -1.0 / 6, -1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                     {-1.0 / 6, 1.0 / 6, -1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                     {1.0 / 24, 1.0 / 12, 1.0 / 6, 1.0 / 3, 2.0 / 3},
+                                     {1.0 / 24, -1.0 / 12, 1.0 / 6, -1.0 / 3, 2.0 / 3},
+                                     {0, 0, 0, 0, 1}};
 };
 
 // out[r] = sum_c mx[r][c] * in[c] (TRANSPOSED: mx[c][r]); the loops unroll,
@@ -55,10 +75,10 @@ TUCKER_INLINE void apply(const Mx& mx, const V* in, V* out) {
 
 // One tile, channels [c, c + lanes): rows are transformed along j, then the
 // columns of the result along i (the adjoints undo that order).
-template <typename T, typename V, int M>
+template <typename T, typename V, int M, int R>
 TUCKER_INLINE void input_tile(const T* const* src, int64_t c, T* dst, int64_t xs) {
-  constexpr int A = M + 2;
-  using Mx = Matrices<M>;
+  constexpr int A = M + R - 1;
+  using Mx = Matrices<M, R>;
   V r[A][A];
   for (int i = 0; i < A; ++i) {
     V d[A];
@@ -73,10 +93,10 @@ TUCKER_INLINE void input_tile(const T* const* src, int64_t c, T* dst, int64_t xs
   }
 }
 
-template <typename T, typename V, int M>
+template <typename T, typename V, int M, int R>
 TUCKER_INLINE void input_tile_adjoint(const T* src, int64_t xs, int64_t c, T* const* dst) {
-  constexpr int A = M + 2;
-  using Mx = Matrices<M>;
+  constexpr int A = M + R - 1;
+  using Mx = Matrices<M, R>;
   V r[A][A];
   for (int j = 0; j < A; ++j) {
     V g[A], o[A];
@@ -94,10 +114,10 @@ TUCKER_INLINE void input_tile_adjoint(const T* src, int64_t xs, int64_t c, T* co
   }
 }
 
-template <typename T, typename V, int M>
+template <typename T, typename V, int M, int R>
 TUCKER_INLINE void output_tile(const T* src, int64_t xs, int64_t c, T* const* dst) {
-  constexpr int A = M + 2;
-  using Mx = Matrices<M>;
+  constexpr int A = M + R - 1;
+  using Mx = Matrices<M, R>;
   V r[A][M];
   for (int i = 0; i < A; ++i) {
     V m[A];
@@ -112,10 +132,10 @@ TUCKER_INLINE void output_tile(const T* src, int64_t xs, int64_t c, T* const* ds
   }
 }
 
-template <typename T, typename V, int M>
+template <typename T, typename V, int M, int R>
 TUCKER_INLINE void output_tile_adjoint(const T* const* src, int64_t c, T* dst, int64_t xs) {
-  constexpr int A = M + 2;
-  using Mx = Matrices<M>;
+  constexpr int A = M + R - 1;
+  using Mx = Matrices<M, R>;
   V r[A][M];
   for (int j = 0; j < M; ++j) {
     V y[M], o[A];
@@ -130,14 +150,14 @@ TUCKER_INLINE void output_tile_adjoint(const T* const* src, int64_t c, T* dst, i
   }
 }
 
-// Runs TILE<T, V, M>(args..., c, ...) over the channels: whole vectors, then
+// Runs TILE<T, V, M, R>(args..., c, ...) over the channels: whole vectors, then
 // the remainder one channel at a time.
 #define TUCKER_OVER_CHANNELS(TILE, ...)                                   \
   do {                                                                    \
     constexpr int64_t lanes = sizeof(V) / sizeof(T);                      \
     int64_t c = 0;                                                        \
-    for (; c + lanes <= C; c += lanes) TILE<T, V, M>(__VA_ARGS__);        \
-    for (; c < C; ++c) TILE<T, T, M>(__VA_ARGS__);                        \
+    for (; c + lanes <= C; c += lanes) TILE<T, V, M, R>(__VA_ARGS__);     \
+    for (; c < C; ++c) TILE<T, T, M, R>(__VA_ARGS__);                     \
   } while (0)
 
 // Pixel (h, w) of rows, or the fallback buffer outside them.
@@ -147,10 +167,10 @@ TUCKER_INLINE T* pixel(T* x, const PixelRows& rows, int64_t h, int64_t w, T* out
                                                                    : outside;
 }
 
-template <typename T, typename V, int M>
+template <typename T, typename V, int M, int R>
 TUCKER_INLINE void input_transform(const T* p, const PixelRows& rows, int64_t C, int64_t pad_h, int64_t pad_w,
                                    int64_t ty0, int64_t ty1, int64_t tiles_w, const T* zeros, T* v, int64_t xs) {
-  constexpr int A = M + 2;
+  constexpr int A = M + R - 1;
   for (int64_t ty = ty0; ty < ty1; ++ty)
     for (int64_t tx = 0; tx < tiles_w; ++tx) {
       const T* src[A * A];
@@ -161,10 +181,10 @@ TUCKER_INLINE void input_transform(const T* p, const PixelRows& rows, int64_t C,
     }
 }
 
-template <typename T, typename V, int M>
+template <typename T, typename V, int M, int R>
 TUCKER_INLINE void input_transform_adjoint(const T* gv, int64_t xs, const PixelRows& rows, int64_t C, int64_t pad_h,
                                            int64_t pad_w, int64_t ty0, int64_t ty1, int64_t tiles_w, T* sink, T* gp) {
-  constexpr int A = M + 2;
+  constexpr int A = M + R - 1;
   for (int64_t ty = ty0; ty < ty1; ++ty)
     for (int64_t tx = 0; tx < tiles_w; ++tx) {
       T* dst[A * A];
@@ -175,7 +195,7 @@ TUCKER_INLINE void input_transform_adjoint(const T* gv, int64_t xs, const PixelR
     }
 }
 
-template <typename T, typename V, int M>
+template <typename T, typename V, int M, int R>
 TUCKER_INLINE void output_transform(const T* mt, int64_t xs, const PixelRows& rows, int64_t C, int64_t ty0,
                                     int64_t ty1, int64_t tiles_w, T* sink, T* z) {
   for (int64_t ty = ty0; ty < ty1; ++ty)
@@ -188,7 +208,7 @@ TUCKER_INLINE void output_transform(const T* mt, int64_t xs, const PixelRows& ro
     }
 }
 
-template <typename T, typename V, int M>
+template <typename T, typename V, int M, int R>
 TUCKER_INLINE void output_transform_adjoint(const T* gz, const PixelRows& rows, int64_t C, int64_t ty0, int64_t ty1,
                                             int64_t tiles_w, const T* zeros, T* mt, int64_t xs) {
   for (int64_t ty = ty0; ty < ty1; ++ty)
@@ -203,30 +223,32 @@ TUCKER_INLINE void output_transform_adjoint(const T* gz, const PixelRows& rows, 
 
 #undef TUCKER_OVER_CHANNELS
 
-// One wrapper per ISA and transform; m picks the tile size.
-#define TUCKER_BY_TILE(FN, V, ...) (m == 4 ? FN<T, V, 4>(__VA_ARGS__) : FN<T, V, 2>(__VA_ARGS__))
+// One wrapper per ISA and transform; k picks the algorithm.
+#define TUCKER_BY_TILE(FN, V, ...)                                                           \
+  (k.r == 5 ? FN<T, V, 2, 5>(__VA_ARGS__) : k.m == 4 ? FN<T, V, 4, 3>(__VA_ARGS__)        \
+                                                      : FN<T, V, 2, 3>(__VA_ARGS__))
 #define TUCKER_VARIANT(NAME, TARGET, BYTES)                                                                          \
   template <typename T>                                                                                              \
-  TARGET void input_##NAME(int64_t m, const T* p, const PixelRows& rows, int64_t C, int64_t pad_h, int64_t pad_w,    \
+  TARGET void input_##NAME(WinogradKind k, const T* p, const PixelRows& rows, int64_t C, int64_t pad_h, int64_t pad_w,    \
                            int64_t ty0, int64_t ty1, int64_t tiles_w, const T* zeros, T* v, int64_t xs) {            \
     using V = typename Vec<T, BYTES>::type;                                                                          \
     TUCKER_BY_TILE(input_transform, V, p, rows, C, pad_h, pad_w, ty0, ty1, tiles_w, zeros, v, xs);                   \
   }                                                                                                                  \
   template <typename T>                                                                                              \
-  TARGET void input_adjoint_##NAME(int64_t m, const T* gv, int64_t xs, const PixelRows& rows, int64_t C,             \
+  TARGET void input_adjoint_##NAME(WinogradKind k, const T* gv, int64_t xs, const PixelRows& rows, int64_t C,             \
                                    int64_t pad_h, int64_t pad_w, int64_t ty0, int64_t ty1, int64_t tiles_w, T* sink, \
                                    T* gp) {                                                                          \
     using V = typename Vec<T, BYTES>::type;                                                                          \
     TUCKER_BY_TILE(input_transform_adjoint, V, gv, xs, rows, C, pad_h, pad_w, ty0, ty1, tiles_w, sink, gp);          \
   }                                                                                                                  \
   template <typename T>                                                                                              \
-  TARGET void output_##NAME(int64_t m, const T* mt, int64_t xs, const PixelRows& rows, int64_t C, int64_t ty0,       \
+  TARGET void output_##NAME(WinogradKind k, const T* mt, int64_t xs, const PixelRows& rows, int64_t C, int64_t ty0,       \
                             int64_t ty1, int64_t tiles_w, T* sink, T* z) {                                           \
     using V = typename Vec<T, BYTES>::type;                                                                          \
     TUCKER_BY_TILE(output_transform, V, mt, xs, rows, C, ty0, ty1, tiles_w, sink, z);                                \
   }                                                                                                                  \
   template <typename T>                                                                                              \
-  TARGET void output_adjoint_##NAME(int64_t m, const T* gz, const PixelRows& rows, int64_t C, int64_t ty0,           \
+  TARGET void output_adjoint_##NAME(WinogradKind k, const T* gz, const PixelRows& rows, int64_t C, int64_t ty0,           \
                                     int64_t ty1, int64_t tiles_w, const T* zeros, T* mt, int64_t xs) {               \
     using V = typename Vec<T, BYTES>::type;                                                                          \
     TUCKER_BY_TILE(output_transform_adjoint, V, gz, rows, C, ty0, ty1, tiles_w, zeros, mt, xs);                      \
@@ -236,57 +258,57 @@ TUCKER_FOR_EACH_ISA(TUCKER_VARIANT)
 #undef TUCKER_VARIANT
 #undef TUCKER_BY_TILE
 
-template <int M, typename T>
+template <int M, int R, typename T>
 void kron_of(T* kron) {
-  constexpr int A = M + 2;
+  constexpr int A = M + R - 1;
   for (int a = 0; a < A; ++a)
     for (int b = 0; b < A; ++b)
-      for (int i = 0; i < 3; ++i)
-        for (int j = 0; j < 3; ++j)
-          kron[(a * A + b) * 9 + i * 3 + j] = static_cast<T>(Matrices<M>::g[a][i] * Matrices<M>::g[b][j]);
+      for (int i = 0; i < R; ++i)
+        for (int j = 0; j < R; ++j)
+          kron[(a * A + b) * R * R + i * R + j] = static_cast<T>(Matrices<M, R>::g[a][i] * Matrices<M, R>::g[b][j]);
 }
 
 }  // namespace
 
 template <typename T>
-void winograd_kron(int64_t m, T* kron) {
-  m == 4 ? kron_of<4>(kron) : kron_of<2>(kron);
+void winograd_kron(WinogradKind k, T* kron) {
+  k.r == 5 ? kron_of<2, 5>(kron) : k.m == 4 ? kron_of<4, 3>(kron) : kron_of<2, 3>(kron);
 }
 
 template <typename T>
-void winograd_input_transform(int64_t m, const T* p, const PixelRows& rows, int64_t C, int64_t pad_h, int64_t pad_w,
+void winograd_input_transform(WinogradKind k, const T* p, const PixelRows& rows, int64_t C, int64_t pad_h, int64_t pad_w,
                               int64_t ty0, int64_t ty1, int64_t tiles_w, const T* zeros, T* v, int64_t xs) {
-  TUCKER_CALL_ISA(input, m, p, rows, C, pad_h, pad_w, ty0, ty1, tiles_w, zeros, v, xs)
+  TUCKER_CALL_ISA(input, k, p, rows, C, pad_h, pad_w, ty0, ty1, tiles_w, zeros, v, xs)
 }
 
 template <typename T>
-void winograd_input_transform_adjoint(int64_t m, const T* gv, int64_t xs, const PixelRows& rows, int64_t C,
+void winograd_input_transform_adjoint(WinogradKind k, const T* gv, int64_t xs, const PixelRows& rows, int64_t C,
                                       int64_t pad_h, int64_t pad_w, int64_t ty0, int64_t ty1, int64_t tiles_w,
                                       T* sink, T* gp) {
-  TUCKER_CALL_ISA(input_adjoint, m, gv, xs, rows, C, pad_h, pad_w, ty0, ty1, tiles_w, sink, gp)
+  TUCKER_CALL_ISA(input_adjoint, k, gv, xs, rows, C, pad_h, pad_w, ty0, ty1, tiles_w, sink, gp)
 }
 
 template <typename T>
-void winograd_output_transform(int64_t m, const T* mt, int64_t xs, const PixelRows& rows, int64_t C, int64_t ty0,
+void winograd_output_transform(WinogradKind k, const T* mt, int64_t xs, const PixelRows& rows, int64_t C, int64_t ty0,
                                int64_t ty1, int64_t tiles_w, T* sink, T* z) {
-  TUCKER_CALL_ISA(output, m, mt, xs, rows, C, ty0, ty1, tiles_w, sink, z)
+  TUCKER_CALL_ISA(output, k, mt, xs, rows, C, ty0, ty1, tiles_w, sink, z)
 }
 
 template <typename T>
-void winograd_output_transform_adjoint(int64_t m, const T* gz, const PixelRows& rows, int64_t C, int64_t ty0,
+void winograd_output_transform_adjoint(WinogradKind k, const T* gz, const PixelRows& rows, int64_t C, int64_t ty0,
                                        int64_t ty1, int64_t tiles_w, const T* zeros, T* mt, int64_t xs) {
-  TUCKER_CALL_ISA(output_adjoint, m, gz, rows, C, ty0, ty1, tiles_w, zeros, mt, xs)
+  TUCKER_CALL_ISA(output_adjoint, k, gz, rows, C, ty0, ty1, tiles_w, zeros, mt, xs)
 }
 
 #define TUCKER_INSTANTIATE(T)                                                                                      \
-  template void winograd_kron<T>(int64_t, T*);                                                                     \
-  template void winograd_input_transform<T>(int64_t, const T*, const PixelRows&, int64_t, int64_t, int64_t,        \
+  template void winograd_kron<T>(WinogradKind, T*);                                                                     \
+  template void winograd_input_transform<T>(WinogradKind, const T*, const PixelRows&, int64_t, int64_t, int64_t,        \
                                             int64_t, int64_t, int64_t, const T*, T*, int64_t);                     \
-  template void winograd_input_transform_adjoint<T>(int64_t, const T*, int64_t, const PixelRows&, int64_t,         \
+  template void winograd_input_transform_adjoint<T>(WinogradKind, const T*, int64_t, const PixelRows&, int64_t,         \
                                                     int64_t, int64_t, int64_t, int64_t, int64_t, T*, T*);          \
-  template void winograd_output_transform<T>(int64_t, const T*, int64_t, const PixelRows&, int64_t, int64_t,       \
+  template void winograd_output_transform<T>(WinogradKind, const T*, int64_t, const PixelRows&, int64_t, int64_t,       \
                                              int64_t, int64_t, T*, T*);                                            \
-  template void winograd_output_transform_adjoint<T>(int64_t, const T*, const PixelRows&, int64_t, int64_t,        \
+  template void winograd_output_transform_adjoint<T>(WinogradKind, const T*, const PixelRows&, int64_t, int64_t,        \
                                                      int64_t, int64_t, const T*, T*, int64_t);
 TUCKER_INSTANTIATE(float)
 TUCKER_INSTANTIATE(double)
