@@ -175,7 +175,8 @@ class TuckerConv2d(_TuckerBase):
             :meth:`from_conv`, else None.
 
     Shapes: input ``(N, C_in, H, W)`` or ``(C_in, H, W)`` -> output ``(N, C_out, H_out, W_out)``
-    (or ``(C_out, H_out, W_out)``), with ``H_out``, ``W_out`` as ``nn.Conv2d``.
+    (or ``(C_out, H_out, W_out)``), with ``H_out``, ``W_out`` as ``nn.Conv2d``; channels_last
+    input gives channels_last output (and input gradient), as ``nn.Conv2d``.
     """
 
     def __init__(
