@@ -96,9 +96,9 @@ struct GradOutputRows {
 // grad_output (N, C_out, H_out, W_out) as the kernels read it: NCHW or NHWC
 // memory, as it comes (other strides through an NCHW copy). An NHWC
 // gradient (what autograd hands a channels_last output) is read in place,
-// each tile's rows transposed in thread scratch: a whole-tensor NCHW copy
-// would cost as much again as the copy itself in page faults (resnet50_3x3 at
-// batch 32: 2.0 ms against a 13 ms training step).
+// each tile's rows transposed in thread scratch: a whole-tensor NCHW copy of
+// a fresh 6.4 MB tensor took 2.0 ms at resnet50_3x3's batch 32, against a
+// 13 ms training step (dev measurement; benchmarks/notes.md, channels_last).
 template <typename T>
 struct GradOutput {
   const T* gy;
@@ -678,14 +678,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
   // One accumulator slice per chunk of work (at most one chunk per thread);
   // the backward does about twice the forward's multiply-adds.
   const int64_t chunks = std::max<int64_t>(1, chunks_for_work(s.N * s.H_out, 2 * chain_macs(s)));
-  // The input gradient in the input's layout (as the forward reads it: NHWC
-  // when the input is channels_last only), as nn.Conv2d returns it.
+  // The input gradient in the input's layout (conv_memory_format), as
+  // nn.Conv2d returns it.
   const bool nhwc_input = reads_nhwc(input);
   Tensor grad_input =
-      need.input ? empty_fresh({s.N, s.C_in, s.H, s.W},
-                               opts.memory_format(nhwc_input ? at::MemoryFormat::ChannelsLast
-                                                             : at::MemoryFormat::Contiguous))
-                 : Tensor();
+      need.input ? empty_fresh({s.N, s.C_in, s.H, s.W}, opts.memory_format(conv_memory_format(input))) : Tensor();
   Tensor acc_first = need.first ? at::zeros({chunks, s.R_in, s.C_in}, opts) : Tensor();
   Tensor acc_core = need.core ? at::zeros({chunks, s.R_out, K}, opts) : Tensor();
   Tensor acc_last = need.last ? at::zeros({chunks, s.C_out, s.R_out}, opts) : Tensor();

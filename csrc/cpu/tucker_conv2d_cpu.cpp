@@ -76,29 +76,18 @@ struct TileOutput {
   T* pixel(int64_t px) const { return y + (nhwc ? px * ld : px); }
 };
 
-// Output pixels [px0, px0 + npx) of the tile = [bias +] last * Q, or Q [+ bias]
-// without last (C_out == R_out). Q (R_out x npx): element (r, i) at
-// q[r * q_cs + i * q_ps]; NCHW output needs it channel-major (q_ps == 1).
-// NHWC pixels run as Q^T * last^T (npx x C_out), the A * B the hand kernel
-// wants, with any Q strides.
+// Output pixels [px0, px0 + npx) of the tile = [bias +] last * Q, or, NHWC
+// output only, Q [+ bias] without last (C_out == R_out; NCHW output without
+// last takes the core output straight, in each path). Q (R_out x npx):
+// element (r, i) at q[r * q_cs + i * q_ps]; NCHW output needs it
+// channel-major (q_ps == 1). NHWC pixels run as Q^T * last^T (npx x C_out),
+// the A * B the hand kernel wants, with any Q strides.
 template <typename T>
 void expand_into_output(const Conv2dSizes& s, const ConvOperands<T>& op, const T* q, int64_t q_cs, int64_t q_ps,
                         int64_t npx, const T* bias, const TileOutput<T>& out, int64_t px0) {
   T* y = out.pixel(px0);
   if (!out.nhwc) {
-    TORCH_INTERNAL_ASSERT(q_ps == 1);
-    if (!op.last) {
-      for (int64_t r = 0; r < s.R_out; ++r) {
-        const T* src = q + r * q_cs;
-        T* d = y + r * out.ld;
-        if (bias) {
-          for (int64_t i = 0; i < npx; ++i) d[i] = bias[r] + src[i];
-        } else {
-          std::copy(src, src + npx, d);
-        }
-      }
-      return;
-    }
+    TORCH_INTERNAL_ASSERT(q_ps == 1 && op.last);
     if (bias)
       for (int64_t c = 0; c < s.C_out; ++c) std::fill(y + c * out.ld, y + c * out.ld + npx, bias[c]);
     gemm_nn<T>(s.C_out, npx, s.R_out, op.last, s.R_out, 1, q, q_cs, y, out.ld, bias != nullptr);

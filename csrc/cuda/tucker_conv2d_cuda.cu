@@ -345,9 +345,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cuda(
     }
   }
 
-  // The input gradient in the layout the input was read in, as the CPU kernel
-  // returns it (and the fake kernel declares it): channels_last input, channels_last gradient.
-  if (grad_input.defined() && t.nhwc) grad_input = grad_input.contiguous(at::MemoryFormat::ChannelsLast);
+  // The input gradient in the input's layout (conv_memory_format), as the CPU
+  // kernel returns it and the fake kernel declares it.
+  if (grad_input.defined()) grad_input = grad_input.contiguous(conv_memory_format(input));
   // Each gradient tensor is allocated only when requested: undefined otherwise.
   return backward_result(opts, grad_input, grad_first, grad_core, grad_last, grad_bias);
 }
