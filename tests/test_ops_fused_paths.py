@@ -465,3 +465,44 @@ def test_conv_backward_opcheck_channels_last_without_first():
     args = (gy, x, None, core, last, (1, 1), (1, 1), (1, 1), [True, False, True, True, False])
     torch.library.opcheck(ops.tucker_conv2d_backward.default, args)
     assert ops.tucker_conv2d_backward(*args)[0].is_contiguous(memory_format=torch.channels_last)
+
+
+# Activations large enough that the float32 AVX-512 kernels copy rows of the input and
+# of grad_output into thread scratch before multiplying them (csrc/cpu/conv_common.h,
+# stages_activation_rows: >= 256 channels, >= 128 pixels a tile, tensor > 2 MiB): whole
+# images (batch 12) and bands of one image (batch 1), Winograd and direct cores, a
+# stride whose output tiles are too small to stage, and no last (grad_output not staged).
+STAGED_CASES = [
+    # (N, C_in, H, R_in, R_out, C_out, stride, last)
+    (12, 256, 14, 64, 64, 256, 1, True),  # resnet50_3x3 at its ranks: both staged
+    (1, 256, 48, 32, 48, 256, 1, True),  # bands of one image
+    (12, 256, 14, 32, 64, 256, 2, True),  # 7 x 7 output: only the input staged
+    (12, 256, 14, 64, 256, 0, 1, False),  # without last
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", STAGED_CASES)
+def test_conv_staged_activation_rows(case, threads, keep):
+    n, c_in, hw, ri, ro, c_out, stride, has_last = case
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(n, c_in, hw, hw, generator=gen)
+    first = torch.randn(ri, c_in, generator=gen) / c_in**0.5
+    core = torch.randn(ro, ri, 3, 3, generator=gen) / (9 * ri) ** 0.5
+    last = torch.randn(c_out, ro, generator=gen) / ro**0.5 if has_last else None
+    bias = torch.randn(c_out if has_last else ro, generator=gen)
+    tensors = [t for t in (x, first, core, last, bias)]
+    conv = ((stride, stride), (1, 1), (1, 1))
+    inputs = [t.clone().requires_grad_() if t is not None else None for t in tensors]
+    with _num_threads(threads):
+        y = ops.tucker_conv2d(*inputs, *conv)
+        gy = torch.randn(y.shape, generator=gen)
+        grads = torch.autograd.grad(y, [t for t in inputs if t is not None], gy)
+    ref_inputs = [t.double().requires_grad_() if t is not None else None for t in tensors]
+    y_ref = reference.tucker_conv2d(*ref_inputs, *conv)
+    grads_ref = torch.autograd.grad(y_ref, [t for t in ref_inputs if t is not None], gy.double())
+    # float32 against float64; the Winograd core gradient's error reaches about 1.2e-5 of
+    # its largest value (benchmarks/winograd_accuracy.py).
+    for name, a, r in zip(("output", "input", "first", "core", "last", "bias"), (y, *grads), (y_ref, *grads_ref)):
+        scale = r.abs().max().item()
+        torch.testing.assert_close(a.double(), r, rtol=0, atol=4e-5 * scale, msg=lambda m: f"{name}: {m}")

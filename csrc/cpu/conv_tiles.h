@@ -421,7 +421,7 @@ TUCKER_NO_MEMCPY_CALLS void col2im_pixel_major_add(const Conv2dSizes& s, const T
 // allocation per call would cost more than a small layer's arithmetic).
 template <typename T>
 T* scratch(int slot, int64_t elems) {
-  thread_local std::vector<T> bufs[14];
+  thread_local std::vector<T> bufs[15];
   std::vector<T>& b = bufs[slot];
   if (static_cast<int64_t>(b.size()) < elems) b.resize(static_cast<size_t>(elems));
   return b.data();

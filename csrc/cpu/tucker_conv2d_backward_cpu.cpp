@@ -99,17 +99,24 @@ struct GradOutputRows {
 // each tile's rows transposed in thread scratch: a whole-tensor NCHW copy of
 // a fresh 6.4 MB tensor took 2.0 ms at resnet50_3x3's batch 32, against a
 // 13 ms training step (dev measurement; benchmarks/notes.md, channels_last).
+// NCHW rows that last's gradient product reads as its B operand are staged
+// (conv_common.h, stages_activation_rows) where that pays.
 template <typename T>
 struct GradOutput {
   const T* gy;
   bool nhwc;
+  bool has_last;
 
   // Output rows [oh0, oh1) of image n.
   GradOutputRows<T> rows(const Conv2dSizes& s, int64_t n, int64_t oh0, int64_t oh1) const {
-    const int64_t HWo = s.H_out * s.W_out;
-    if (!nhwc) return {gy + n * s.C_out * HWo + oh0 * s.W_out, HWo};
-    const int64_t npx = (oh1 - oh0) * s.W_out;
-    T* buf = scratch<T>(13, s.C_out * npx);
+    const int64_t HWo = s.H_out * s.W_out, npx = (oh1 - oh0) * s.W_out;
+    if (!nhwc) {
+      const T* p = gy + n * s.C_out * HWo + oh0 * s.W_out;
+      if (has_last && stages_activation_rows<T>(s.C_out, npx, s.N * s.C_out * HWo))
+        return {staged_rows<T>(p, s.C_out, npx, HWo, kGradOutputSlot), npx};
+      return {p, HWo};
+    }
+    T* buf = scratch<T>(kGradOutputSlot, s.C_out * npx);
     transpose<T>(npx, s.C_out, gy + (n * HWo + oh0 * s.W_out) * s.C_out, s.C_out, buf, npx);
     return {buf, npx};
   }
@@ -363,8 +370,11 @@ void finish_projection_gradient(const Conv2dSizes& s, const ConvOperands<T>& op,
                  g.acc_first + chunk * s.R_in * s.C_in, s.C_in, true);
     } else {
       // its transpose (C_in x R_in) += X (C_in x HW) * gP^T (HW x R_in)
-      gemm_nn<T>(s.C_in, s.R_in, HW, op.x + n * s.C_in * HW, HW, 1, gp_pm, s.R_in,
-                 g.acc_first_t + chunk * s.C_in * s.R_in, s.R_in, true);
+      const T* xn = op.x + n * s.C_in * HW;
+      if (stages_activation_rows<T>(s.C_in, HW, s.N * s.C_in * HW))
+        xn = staged_rows<T>(xn, s.C_in, HW, HW, kStagedInputSlot);
+      gemm_nn<T>(s.C_in, s.R_in, HW, xn, HW, 1, gp_pm, s.R_in, g.acc_first_t + chunk * s.C_in * s.R_in, s.R_in,
+                 true);
     }
   }
 }
@@ -773,7 +783,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
           need.bias ? acc_bias.mutable_data_ptr<T>() : nullptr,
           acc_u.defined() ? acc_u.mutable_data_ptr<T>() : nullptr,
           acc_first_t.defined() ? acc_first_t.mutable_data_ptr<T>() : nullptr};
-      conv_backward<T>(s, op, GradOutput<T>{gy.const_data_ptr<T>(), gy_nhwc}, g, need.input ? grad_input.mutable_data_ptr<T>() : nullptr,
+      conv_backward<T>(s, op, GradOutput<T>{gy.const_data_ptr<T>(), gy_nhwc, s.has_last}, g, need.input ? grad_input.mutable_data_ptr<T>() : nullptr,
                        chunks, wino ? &*wino : nullptr, wino ? wino_band_rows : 0,
                        pixel_major ? &*pixel_major : nullptr);
     });
