@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <utility>
 
 #include <ATen/Parallel.h>
@@ -73,6 +74,33 @@ void for_each_chunk_raw(int64_t n, const F& body) {
   }
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) body(c);
+  });
+}
+
+// Runs body(task) for every task in [0, tasks) on `threads` threads (at most
+// at::get_num_threads()), handing tasks out in order, a few at a time, to
+// whichever thread is free, rather than one fixed range per thread: on a
+// shared machine a thread whose core is taken for a while leaves its share
+// to the others instead of holding them at the closing barrier. Only for
+// work whose result does not depend on which thread runs a task (each task
+// writing its own part of the output; no per-chunk accumulators).
+template <typename F>
+void for_each_task_dynamic(int64_t tasks, int64_t threads, const F& body) {
+  if (threads <= 1 || tasks <= 1) {
+    for (int64_t t = 0; t < tasks; ++t) body(t);
+    return;
+  }
+  // About four grabs per thread: few enough that the shared counter costs
+  // nothing, enough to even out a slow thread.
+  const int64_t grain = std::max<int64_t>(1, tasks / (4 * threads));
+  std::atomic<int64_t> next{0};
+  for_each_chunk_raw(threads, [&](int64_t) {
+    for (;;) {
+      const int64_t begin = next.fetch_add(grain, std::memory_order_relaxed);
+      if (begin >= tasks) return;
+      const int64_t end = std::min(tasks, begin + grain);
+      for (int64_t t = begin; t < end; ++t) body(t);
+    }
   });
 }
 
