@@ -242,30 +242,33 @@ struct WinogradOperands {
   WinogradKind kind() const { return {m, r}; }
 };
 
-// core: (R_out, R_in*r*r) contiguous, r = kh = kw.
-inline WinogradTensors winograd_tensors(const Conv2dSizes& s, int64_t m, const at::Tensor& core) {
+// core: (R_out, R_in*r*r) contiguous, r = kh = kw. Only the forms asked
+// for: the forward reads Ut, the backward U (and Ut where it recomputes the
+// core output).
+inline WinogradTensors winograd_tensors(const Conv2dSizes& s, int64_t m, const at::Tensor& core, bool want_u,
+                                        bool want_ut) {
   const WinogradKind k{m, s.kh};
   const int64_t taps = s.kh * s.kw;
   WinogradTensors w;
   w.kron = at::empty({k.elems(), taps}, core.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "winograd_kron",
                              [&] { winograd_kron<scalar_t>(k, w.kron.mutable_data_ptr<scalar_t>()); });
-  // U = kron * core^T and Ut = kron * (core, channel axes swapped)^T: two thin
+  // U = kron * core^T and Ut = kron * (core, channel axes swapped)^T: thin
   // products (K = r^2) on our threads, rather than a BLAS call and a
   // transposing copy (which cost about 0.1 ms a call at resnet50_3x3's ranks).
   const int64_t pairs = s.R_out * s.R_in;
-  const at::Tensor taps_first = core.view({s.R_out, s.R_in, taps}).permute({2, 0, 1}).contiguous();
-  const at::Tensor taps_first_swapped = core.view({s.R_out, s.R_in, taps}).permute({2, 1, 0}).contiguous();
-  w.u = at::empty({k.elems(), s.R_out, s.R_in}, w.kron.options());
-  w.ut = at::empty({k.elems(), s.R_in, s.R_out}, w.kron.options());
-  AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "winograd_tensors", [&] {
-    using T = scalar_t;
-    const T* kron = w.kron.const_data_ptr<T>();
-    gemm_nn_threads<T>(k.elems(), pairs, taps, kron, taps, 1, taps_first.const_data_ptr<T>(), pairs,
-                       w.u.mutable_data_ptr<T>(), pairs, false);
-    gemm_nn_threads<T>(k.elems(), pairs, taps, kron, taps, 1, taps_first_swapped.const_data_ptr<T>(), pairs,
-                       w.ut.mutable_data_ptr<T>(), pairs, false);
-  });
+  const at::Tensor taps_major = core.view({s.R_out, s.R_in, taps}).permute({2, 0, 1}).contiguous();
+  auto transform = [&](const at::Tensor& taps_first, int64_t rows, int64_t cols) {
+    at::Tensor out = at::empty({k.elems(), rows, cols}, w.kron.options());
+    AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "winograd_tensors", [&] {
+      gemm_nn_threads<scalar_t>(k.elems(), pairs, taps, w.kron.const_data_ptr<scalar_t>(), taps, 1,
+                                taps_first.const_data_ptr<scalar_t>(), pairs, out.mutable_data_ptr<scalar_t>(), pairs,
+                                false);
+    });
+    return out;
+  };
+  if (want_u) w.u = transform(taps_major, s.R_out, s.R_in);
+  if (want_ut) w.ut = transform(taps_major.view({taps, s.R_out, s.R_in}).transpose(1, 2).contiguous(), s.R_in, s.R_out);
   return w;
 }
 
@@ -277,8 +280,15 @@ WinogradOperands<T> winograd_operands(const Conv2dSizes& s, int64_t m, const Win
   const int64_t tiles_h = winograd_tiles(s.H_out, m), tiles_w = winograd_tiles(s.W_out, m);
   const int64_t band_tiles = (512 * 1024 / int64_t(sizeof(T))) / (elems * (s.R_in + s.R_out));
   const int64_t band = std::clamp<int64_t>(band_tiles / tiles_w, 1, tiles_h);
-  return {m, s.kh, elems, w.u.const_data_ptr<T>(), w.ut.const_data_ptr<T>(), w.kron.const_data_ptr<T>(),
-          tiles_h, tiles_w, band};
+  return {m,
+          s.kh,
+          elems,
+          w.u.defined() ? w.u.const_data_ptr<T>() : nullptr,
+          w.ut.defined() ? w.ut.const_data_ptr<T>() : nullptr,
+          w.kron.const_data_ptr<T>(),
+          tiles_h,
+          tiles_w,
+          band};
 }
 
 // The projection of input rows [ih_lo, ih_hi) of image n (project_rows:

@@ -749,7 +749,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
       std::optional<WinogradOperands<T>> wino;
       Tensor acc_u;
       if (tile && all_finite(G.const_data_ptr<T>(), G.numel())) {
-        wt = winograd_tensors(s, tile, G);
+        // Ut only where the core output is recomputed (backward_rows_winograd).
+        wt = winograd_tensors(s, tile, G, /*want_u=*/true, /*want_ut=*/need.last && !Q.defined());
         wino = winograd_operands<T>(s, tile, wt);
         if (need.core) acc_u = at::zeros({chunks, WinogradKind{tile, s.kh}.elems(), s.R_out, s.R_in}, opts);
         if (need.first && !nhwc && !wino_band_rows) acc_first_t = at::zeros({chunks, s.C_in, s.R_in}, opts);
@@ -783,9 +784,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
           need.bias ? acc_bias.mutable_data_ptr<T>() : nullptr,
           acc_u.defined() ? acc_u.mutable_data_ptr<T>() : nullptr,
           acc_first_t.defined() ? acc_first_t.mutable_data_ptr<T>() : nullptr};
-      conv_backward<T>(s, op, GradOutput<T>{gy.const_data_ptr<T>(), gy_nhwc, s.has_last}, g, need.input ? grad_input.mutable_data_ptr<T>() : nullptr,
-                       chunks, wino ? &*wino : nullptr, wino ? wino_band_rows : 0,
-                       pixel_major ? &*pixel_major : nullptr);
+      conv_backward<T>(s, op, GradOutput<T>{gy.const_data_ptr<T>(), gy_nhwc, s.has_last}, g,
+                       need.input ? grad_input.mutable_data_ptr<T>() : nullptr, chunks, wino ? &*wino : nullptr,
+                       wino ? wino_band_rows : 0, pixel_major ? &*pixel_major : nullptr);
     });
     if (acc_first_t.defined()) acc_first.add_(acc_first_t.transpose(1, 2));
     if (acc_core_t.defined())

@@ -377,7 +377,7 @@ void run_forward(const Conv2dSizes& s, const Tensor& input, const std::optional<
     std::optional<WinogradOperands<scalar_t>> wino;
     const int64_t tile = winograd_forward_tile(s, pool, sizeof(scalar_t));
     if (tile && all_finite(op.core, G.numel())) {
-      wt = winograd_tensors(s, tile, G);
+      wt = winograd_tensors(s, tile, G, /*want_u=*/false, /*want_ut=*/true);
       wino = winograd_operands<scalar_t>(s, tile, wt);
     }
     conv_forward<scalar_t>(s, op, s.has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
