@@ -417,14 +417,15 @@ LAYOUT_CASES = [
 
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("kept", [False, True], ids=["recomputed", "kept"])
-@pytest.mark.parametrize("grad_layout", ["nchw", "channels_last", "expanded"])
+@pytest.mark.parametrize("grad_layout", ["nchw", "channels_last", "expanded", "sliced", "permuted"])
 @pytest.mark.parametrize("case", LAYOUT_CASES)
 def test_conv_backward_layouts(case, grad_layout, kept, threads):
     """Every gradient equals the reference's on every path, for NCHW and channels_last
     input and for grad_output NCHW, channels_last (a channels_last output's, which the
-    kernels read in place) or expanded (a sum's); the input gradient comes back in the
-    input's layout (as nn.Conv2d returns it: autograd then copies nothing into the leaf's
-    layout)."""
+    kernels read in place), expanded (a sum's), or other strides (every other column of a
+    wider tensor; an (H, N, W, C) tensor permuted), which the kernels gather per tile; the
+    input gradient comes back in the input's layout (as nn.Conv2d returns it: autograd
+    then copies nothing into the leaf's layout)."""
     n, c_in, h, w, ri, ro, c_out, k, stride, has_first, has_last, dtype = case
     gen = torch.Generator().manual_seed(13)
     params = _factors(c_in, ri, ro, c_out, (k, k), has_first, has_last, True, torch.float64, gen)
@@ -443,8 +444,17 @@ def test_conv_backward_layouts(case, grad_layout, kept, threads):
     for x_fmt in (torch.channels_last, torch.contiguous_format):
         x = x64.to(dtype).contiguous(memory_format=x_fmt)
         g = gy.to(dtype)
-        if grad_layout != "expanded":
+        if grad_layout == "expanded":  # (a dtype conversion makes it dense)
+            g = gy[0, 0, 0, 0].to(dtype).expand(gy.shape)
+        elif grad_layout in ("nchw", "channels_last"):
             g = g.contiguous(memory_format=torch.channels_last if grad_layout == "channels_last" else torch.contiguous_format)
+        elif grad_layout == "sliced":
+            wide = torch.full((*g.shape[:3], 2 * g.shape[3]), float("nan"), dtype=dtype)
+            wide[..., ::2] = g
+            g = wide[..., ::2]
+        elif grad_layout == "permuted":
+            g = g.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)
+        assert grad_layout in ("nchw", "channels_last") or not g.is_contiguous(), g.stride()
         with _num_threads(threads):
             _, p, q = ops.tucker_conv2d_with_intermediates(x, first, core, last, bias, *args)
             saved = (p if kept and first is not None else None, q if kept and last is not None else None)

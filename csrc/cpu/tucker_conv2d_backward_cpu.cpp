@@ -18,6 +18,8 @@
 // are summed per thread chunk, then over chunks in order: results depend on
 // the thread count only, never on scheduling. The input gradient comes back in
 // the layout the input was read in (NHWC for channels_last input).
+#include <array>
+#include <cstring>
 #include <numeric>
 
 #include <ATen/Dispatch.h>
@@ -94,30 +96,52 @@ struct GradOutputRows {
 };
 
 // grad_output (N, C_out, H_out, W_out) as the kernels read it: NCHW or NHWC
-// memory, as it comes (other strides through an NCHW copy). An NHWC
-// gradient (what autograd hands a channels_last output) is read in place,
-// each tile's rows transposed in thread scratch: a whole-tensor NCHW copy of
-// a fresh 6.4 MB tensor took 2.0 ms at resnet50_3x3's batch 32, against a
-// 13 ms training step (dev measurement; benchmarks/notes.md, channels_last).
-// NCHW rows that last's gradient product reads as its B operand are staged
-// (conv_common.h, stages_activation_rows) where that pays.
+// memory in place, any other strides (an expanded gradient, what a sum or mean
+// loss hands back, is one value) gathered per tile into thread scratch. An
+// NHWC gradient (what autograd hands a channels_last output) has each tile's
+// rows transposed in thread scratch: a whole-tensor NCHW copy of a fresh
+// 6.4 MB tensor took 2.0 ms at resnet50_3x3's batch 32, against a 13 ms
+// training step (dev measurement; benchmarks/notes.md, channels_last); the
+// gather saves the same copy for the other strides. NCHW rows that last's
+// gradient product reads as its B operand are staged (conv_common.h,
+// stages_activation_rows) where that pays.
+enum class GradOutputLayout { kNchw, kNhwc, kStrided };
+
 template <typename T>
 struct GradOutput {
+  using Layout = GradOutputLayout;
   const T* gy;
-  bool nhwc;
+  Layout layout;
   bool has_last;
+  std::array<int64_t, 4> strides;  // kStrided: elements, (N, C, H, W)
 
   // Output rows [oh0, oh1) of image n.
   GradOutputRows<T> rows(const Conv2dSizes& s, int64_t n, int64_t oh0, int64_t oh1) const {
     const int64_t HWo = s.H_out * s.W_out, npx = (oh1 - oh0) * s.W_out;
-    if (!nhwc) {
+    if (layout == Layout::kNchw) {
       const T* p = gy + n * s.C_out * HWo + oh0 * s.W_out;
       if (has_last && stages_activation_rows<T>(s.C_out, npx, s.N * s.C_out * HWo))
         return {staged_rows<T>(p, s.C_out, npx, HWo, kGradOutputSlot), npx};
       return {p, HWo};
     }
     T* buf = scratch<T>(kGradOutputSlot, s.C_out * npx);
-    transpose<T>(npx, s.C_out, gy + (n * HWo + oh0 * s.W_out) * s.C_out, s.C_out, buf, npx);
+    if (layout == Layout::kNhwc) {
+      transpose<T>(npx, s.C_out, gy + (n * HWo + oh0 * s.W_out) * s.C_out, s.C_out, buf, npx);
+      return {buf, npx};
+    }
+    const auto [sn, sc, sh, sw] = strides;
+    for (int64_t c = 0; c < s.C_out; ++c) {
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        const T* src = gy + n * sn + c * sc + oh * sh;
+        T* dst = buf + c * npx + (oh - oh0) * s.W_out;
+        if (sw == 1)
+          std::memcpy(dst, src, static_cast<size_t>(s.W_out) * sizeof(T));
+        else if (sw == 0)
+          std::fill(dst, dst + s.W_out, *src);
+        else
+          for (int64_t ow = 0; ow < s.W_out; ++ow) dst[ow] = src[ow * sw];
+      }
+    }
     return {buf, npx};
   }
 };
@@ -735,7 +759,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
 
   if (s.N > 0) {
     const auto [x, nhwc] = input_layout(input);
-    const auto [gy, gy_nhwc] = input_layout(grad_output);
+    // NCHW or NHWC in place; other strides gathered per tile (GradOutput).
+    const Tensor& gy = grad_output;
+    const GradOutputLayout gy_layout = reads_nhwc(gy)       ? GradOutputLayout::kNhwc
+                                       : gy.is_contiguous() ? GradOutputLayout::kNchw
+                                                            : GradOutputLayout::kStrided;
+    const std::array<int64_t, 4> gy_strides{gy.stride(0), gy.stride(1), gy.stride(2), gy.stride(3)};
     const Tensor A = s.has_first ? first->contiguous() : Tensor();
     const Tensor G = core.contiguous();
     const Tensor B = s.has_last ? last->contiguous() : Tensor();
@@ -784,7 +813,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tucker_conv2d_backward_cpu(
           need.bias ? acc_bias.mutable_data_ptr<T>() : nullptr,
           acc_u.defined() ? acc_u.mutable_data_ptr<T>() : nullptr,
           acc_first_t.defined() ? acc_first_t.mutable_data_ptr<T>() : nullptr};
-      conv_backward<T>(s, op, GradOutput<T>{gy.const_data_ptr<T>(), gy_nhwc, s.has_last}, g,
+      conv_backward<T>(s, op, GradOutput<T>{gy.const_data_ptr<T>(), gy_layout, s.has_last, gy_strides}, g,
                        need.input ? grad_input.mutable_data_ptr<T>() : nullptr, chunks, wino ? &*wino : nullptr,
                        wino ? wino_band_rows : 0, pixel_major ? &*pixel_major : nullptr);
     });
