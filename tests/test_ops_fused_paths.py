@@ -501,7 +501,7 @@ def test_conv_staged_activation_rows(case, threads, keep):
     core = torch.randn(ro, ri, 3, 3, generator=gen) / (9 * ri) ** 0.5
     last = torch.randn(c_out, ro, generator=gen) / ro**0.5 if has_last else None
     bias = torch.randn(c_out if has_last else ro, generator=gen)
-    tensors = [t for t in (x, first, core, last, bias)]
+    tensors = [x, first, core, last, bias]
     conv = ((stride, stride), (1, 1), (1, 1))
     inputs = [t.clone().requires_grad_() if t is not None else None for t in tensors]
     with _num_threads(threads):

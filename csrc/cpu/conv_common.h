@@ -257,7 +257,7 @@ inline WinogradTensors winograd_tensors(const Conv2dSizes& s, int64_t m, const a
   // products (K = r^2) on our threads, rather than a BLAS call and a
   // transposing copy (which cost about 0.1 ms a call at resnet50_3x3's ranks).
   const int64_t pairs = s.R_out * s.R_in;
-  const at::Tensor taps_major = core.view({s.R_out, s.R_in, taps}).permute({2, 0, 1}).contiguous();
+  const at::Tensor per_tap = core.view({s.R_out, s.R_in, taps});
   auto transform = [&](const at::Tensor& taps_first, int64_t rows, int64_t cols) {
     at::Tensor out = at::empty({k.elems(), rows, cols}, w.kron.options());
     AT_DISPATCH_FLOATING_TYPES(core.scalar_type(), "winograd_tensors", [&] {
@@ -267,8 +267,8 @@ inline WinogradTensors winograd_tensors(const Conv2dSizes& s, int64_t m, const a
     });
     return out;
   };
-  if (want_u) w.u = transform(taps_major, s.R_out, s.R_in);
-  if (want_ut) w.ut = transform(taps_major.view({taps, s.R_out, s.R_in}).transpose(1, 2).contiguous(), s.R_in, s.R_out);
+  if (want_u) w.u = transform(per_tap.permute({2, 0, 1}).contiguous(), s.R_out, s.R_in);
+  if (want_ut) w.ut = transform(per_tap.permute({2, 1, 0}).contiguous(), s.R_in, s.R_out);
   return w;
 }
 
