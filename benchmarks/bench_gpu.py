@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import statistics
@@ -159,6 +160,13 @@ class Layer:
         return elems * self.core.element_size()
 
 
+FORCED_PATHS = {
+    "chain": {"TUCKER_OPS_CUDA_FUSED": "0"},
+    "kernel": {"TUCKER_OPS_CUDA_FUSED": "1"},
+    "block": {"TUCKER_OPS_CUDA_FUSED": "1", "TUCKER_OPS_CUDA_CLUSTER": "0", "TUCKER_OPS_CUDA_TC": "0"},
+}
+
+
 def time_ms(fn: Callable[[], object], reps: int, warmup: int, target_ms: float = 2.0) -> float:
     """Median milliseconds per call: CUDA events around a loop of calls, after warm-up."""
     for _ in range(warmup):
@@ -264,14 +272,16 @@ def main(argv: list[str] | None = None) -> int:
                         return time_ms(run, reps, args.warmup)
 
                     times = {name: timed(fn) for name, fn in impls.items()}
-                    # The op with each forward path forced: its unfused chain
-                    # ("0") and its fused kernel ("1"), for what fusion buys where.
-                    for column, mode in (("chain", "0"), ("kernel", "1")):
-                        os.environ["TUCKER_OPS_CUDA_FUSED"] = mode
+                    # The op with each forward path forced: its unfused chain,
+                    # its fused kernel, and its first fused kernel (CUDA cores,
+                    # one block per tile: no tensor cores, no clusters).
+                    for column, env in FORCED_PATHS.items():
+                        os.environ.update(env)
                         try:
                             times[column] = timed(impls["fused"])
                         finally:
-                            del os.environ["TUCKER_OPS_CUDA_FUSED"]
+                            for key in env:
+                                del os.environ[key]
                     chain, dense = chain_macs(c, batch)
                     t = times["fused"] * 1e-3
                     row = {
@@ -286,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     print(f"{c.name:14s} {row['dtype']:8s} b={batch:<4d} fused {times['fused']:.4f} ms  "
                           f"seq {times['sequential']:.4f} ms  dense {times['dense']:.4f} ms  "
-                          f"chain {times['chain']:.4f} ms  kernel {times['kernel']:.4f} ms  err {err:.1e}", flush=True)
+                          f"chain {times['chain']:.4f} ms  kernel {times['kernel']:.4f} ms  block {times['block']:.4f} ms  "
+                          f"err {err:.1e}", flush=True)
                     del x
 
     report = render(rows, card, bandwidth, peaks, " ".join([os.path.basename(sys.executable), *sys.argv]),
@@ -294,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(report)
+    with open(args.out + ".json", "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1)  # every timing, for fitting the op's path rule
     print()
     print(report)
     print(f"(written to {args.out})")
@@ -318,16 +331,18 @@ def render(rows: list[dict], card: str, bandwidth: float, peaks: dict, command: 
            " (eager calls: host overhead included)"),
         "- vs seq / vs dense: speed-up of the fused op over the cuDNN Sequential chain / the dense cuDNN layer",
         "- fused ms: the op as shipped (it picks its fused kernel or its unfused cuDNN/cuBLAS chain per shape); "
-        "chain ms / kernel ms: the op with TUCKER_OPS_CUDA_FUSED=0 / =1 forcing one path",
+        "chain ms / kernel ms: the op with TUCKER_OPS_CUDA_FUSED=0 / =1 forcing one path; "
+        "block ms: the fused kernel with TUCKER_OPS_CUDA_CLUSTER=0 TUCKER_OPS_CUDA_TC=0 (CUDA cores, one block per tile: "
+        "the design before tensor cores and clusters)",
         "- bw / flop: bytes / bandwidth / time and FLOPs / peak / time of the fused op (fraction of the roofline)",
         "",
-        "| case | dtype | batch | fused ms | seq ms | dense ms | chain ms | kernel ms | vs seq | vs dense | FLOPs chain/dense | bw | flop | err |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | dtype | batch | fused ms | seq ms | dense ms | chain ms | kernel ms | block ms | vs seq | vs dense | FLOPs chain/dense | bw | flop | err |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['dtype']} | {r['batch']} | {r['fused_ms']:.4f} | {r['sequential_ms']:.4f} | "
-            f"{r['dense_ms']:.4f} | {r['chain_ms']:.4f} | {r['kernel_ms']:.4f} | {r['vs_seq']:.2f}x | {r['vs_dense']:.2f}x | {r['flop_ratio']:.3f} | "
+            f"{r['dense_ms']:.4f} | {r['chain_ms']:.4f} | {r['kernel_ms']:.4f} | {r['block_ms']:.4f} | {r['vs_seq']:.2f}x | {r['vs_dense']:.2f}x | {r['flop_ratio']:.3f} | "
             f"{r['bw_frac']:.2f} | {r['flop_frac']:.3f} | {r['err']:.1e} |"
         )
     lines += ["", "## Targets", ""]

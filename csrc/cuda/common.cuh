@@ -6,6 +6,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 
 #include <ATen/OpMathType.h>
@@ -60,12 +61,59 @@ __device__ __forceinline__ void store_from_acc(void* ptr, bool is_acc, int64_t o
 enum class FusedMode { kAuto, kNever, kAlways };
 FusedMode fused_mode_from_env();
 
+// TUCKER_OPS_CUDA_CLUSTER picks the thread-block clusters of the fused kernels
+// (sm_90+), so tests can check every size: "0" never uses clusters, "2", "4"
+// or "8" force that cluster size wherever the kernel can use it; unset (or
+// anything else), -1: the op chooses.
+int cluster_size_from_env();
+
 // Whether the current stream is capturing a CUDA graph. Replays cost no host
 // time, so there the unfused chain's tensor-core kernels win every shape but
 // the smallest, and the op's path choice changes accordingly.
 bool current_stream_is_capturing();
 
-inline int64_t ceil_div(int64_t a, int64_t b) {
+// An attribute of the current device (multiprocessor count, compute
+// capability), asked from the driver once per device and process.
+template <cudaDeviceAttr Attr>
+int cached_device_attribute() {
+  static std::array<std::atomic<int>, 64> cache{};  // value + 1; 0: not asked yet
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
+  if (cached) {
+    const int v = cache[device].load(std::memory_order_relaxed);
+    if (v != 0) return v - 1;
+  }
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, Attr, device));
+  if (cached) cache[device].store(value + 1, std::memory_order_relaxed);
+  return value;
+}
+
+// A launch on the current stream whose consecutive blocks along x form
+// thread-block clusters of `cluster` blocks (sm_90+; 1: no cluster). grid.x
+// must be a multiple of `cluster`. Launch it with cudaLaunchKernelEx.
+struct ClusterLaunch {
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute attr[1]{};
+
+  ClusterLaunch(dim3 grid, int threads, size_t smem_bytes, int cluster) {
+    config.gridDim = grid;
+    config.blockDim = dim3(static_cast<unsigned>(threads));
+    config.dynamicSmemBytes = smem_bytes;
+    config.stream = c10::cuda::getCurrentCUDAStream();
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = cluster > 1 ? 1 : 0;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;  // config.attrs points into this object
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 

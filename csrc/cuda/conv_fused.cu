@@ -22,22 +22,18 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include <ATen/Dispatch.h>
 
 #include "cuda/common.cuh"
 #include "cuda/conv_fused.cuh"
+#include "cuda/conv_fused_tile.cuh"
 
 namespace tucker_ops::cuda {
 namespace {
 
-constexpr int kTileH = 8, kTileW = 8, kTilePixels = kTileH * kTileW, kThreads = 256;
-constexpr int kPixelGroups = kTilePixels / 4;             // 16 groups of 4 pixels (half a tile row each)
-constexpr int kChannelGroups = kThreads / kPixelGroups;   // 16
-constexpr int kMaxRoPer = 8;                              // R_out <= kChannelGroups * kMaxRoPer
-constexpr int kChannelChunk = 16;                         // C_in staged per step of the projection
-constexpr int kProjTilesPerThread = 2;                    // 4x4 projection tiles a thread owns
-constexpr int kCoPerPass = 4 * kChannelGroups;            // output channels of one expansion pass
+using namespace fused_tile;
 
 struct FusedPlan {
   int patch_h, patch_w;
@@ -97,60 +93,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_forward_kernel(
     const int rc = static_cast<int>(r0 + plan.r_chunk < s.R_in ? plan.r_chunk : s.R_in - r0);
     if (first) {
       // 1. proj (rc, patch) = first[r0:r0+rc, :] x patch (C_in, patch).
-      const int nqg = (patch + 3) / 4, ntiles = ((rc + 3) / 4) * nqg;
-      F pacc[kProjTilesPerThread][4][4];
-#pragma unroll
-      for (int t = 0; t < kProjTilesPerThread; ++t)
-#pragma unroll
-        for (int k = 0; k < 4; ++k)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) pacc[t][k][q] = F(0);
-      for (int64_t c0 = 0; c0 < s.C_in; c0 += kc) {
-        const int cc = static_cast<int>(c0 + kc < s.C_in ? kc : s.C_in - c0);
-        // NHWC: consecutive threads read consecutive channels of one pixel.
-        for (int e = tid; e < cc * patch; e += kThreads) {
-          const int c = nhwc ? e % cc : e / patch, q = nhwc ? e / cc : e % patch;
-          xs[c * ps + q] = x_at(c0 + c, q);
-        }
-        // Rows rc..r_rows-1 and columns cc..kc-1 are zero: tiles read them.
-        for (int e = tid; e < plan.r_rows * kc; e += kThreads) {
-          const int r = e / kc, c = e % kc;
-          ws[e] = r < rc && c < cc ? static_cast<F>(first[(r0 + r) * s.C_in + c0 + c]) : F(0);
-        }
-        __syncthreads();
-#pragma unroll
-        for (int t = 0; t < kProjTilesPerThread; ++t) {
-          const int m = tid + t * kThreads;
-          if (m < ntiles) {
-            const int rg = m / nqg, qg = m % nqg;
-            for (int c = 0; c < cc; ++c) {
-              F xv[4], wv[4];
-#pragma unroll
-              for (int q = 0; q < 4; ++q) xv[q] = xs[c * ps + qg * 4 + q];
-#pragma unroll
-              for (int k = 0; k < 4; ++k) wv[k] = ws[(rg * 4 + k) * kc + c];
-#pragma unroll
-              for (int k = 0; k < 4; ++k)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) pacc[t][k][q] += wv[k] * xv[q];
-            }
-          }
-        }
-        __syncthreads();
-      }
-#pragma unroll
-      for (int t = 0; t < kProjTilesPerThread; ++t) {
-        const int m = tid + t * kThreads;
-        if (m < ntiles) {
-          const int rg = m / nqg, qg = m % nqg;
-#pragma unroll
-          for (int k = 0; k < 4; ++k)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              if (rg * 4 + k < rc && qg * 4 + q < patch) proj[(rg * 4 + k) * ps + qg * 4 + q] = pacc[t][k][q];
-            }
-        }
-      }
+      project_patch<T>(first, s.C_in, static_cast<int>(r0), rc, patch, ps, kc, plan.r_rows, nhwc, x_at, xs, ws, proj);
     } else {
       for (int e = tid; e < rc * patch; e += kThreads) {
         const int c = nhwc ? e % rc : e / patch, q = nhwc ? e / rc : e % patch;
@@ -170,22 +113,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_forward_kernel(
       __syncthreads();
       for (int r = 0; r < rn; ++r) {
         const F* pr = proj + (rs0 + r) * ps + py * sh * patch_w + px0 * sw;
-        for (int i = 0; i < s.kh; ++i) {
-          for (int j = 0; j < kw; ++j) {
-            const F* p = pr + i * dh * patch_w + j * dw;
-            F pv[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) pv[q] = p[q * sw];
-            const int tap = i * kw + j;
-#pragma unroll
-            for (int k = 0; k < RO_PER; ++k) {
-              const int ro = og + kChannelGroups * k;
-              const F c = ro < R_out ? core_s[(ro * rn + r) * taps + tap] : F(0);
-#pragma unroll
-              for (int q = 0; q < 4; ++q) acc[k][q] += c * pv[q];
-            }
-          }
-        }
+        core_rank_step<F, RO_PER>(pr, core_s + r * taps, rn * taps, R_out, og, static_cast<int>(s.kh), kw, dh, dw,
+                                  patch_w, sw, acc);
       }
       __syncthreads();  // core_s, then proj, are overwritten next
     }
@@ -221,51 +150,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_forward_kernel(
   __syncthreads();
   const int64_t co_begin = blockIdx.y * plan.co_per_split;
   const int64_t co_end = co_begin + plan.co_per_split < s.C_out ? co_begin + plan.co_per_split : s.C_out;
-  for (int64_t cb = co_begin + og * 4; cb < co_end; cb += kCoPerPass) {
-    F y[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const F b = bias && cb + i < co_end ? static_cast<F>(bias[cb + i]) : F(0);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) y[i][q] = b;
-    }
-#pragma unroll 4
-    for (int ro = 0; ro < R_out; ++ro) {
-      F qv[4], lv[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) qv[q] = q_s[ro * kTilePixels + pg * 4 + q];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) lv[i] = cb + i < co_end ? static_cast<F>(last[(cb + i) * R_out + ro]) : F(0);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) y[i][q] += lv[i] * qv[q];
-    }
-    if (oh >= s.H_out) continue;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (cb + i >= co_end) continue;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int64_t ow = ow0 + px0 + q;
-        if (ow < s.W_out) yn[(cb + i) * HWo + oh * s.W_out + ow] = static_cast<T>(y[i][q]);
-      }
-    }
-  }
-}
-
-// Multiprocessors of the current device, asked once per device.
-double multiprocessor_count() {
-  static std::array<std::atomic<int>, 64> cache{};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 0 || device >= static_cast<int>(cache.size())) return 132;
-  int count = cache[device].load(std::memory_order_relaxed);
-  if (count == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(count, std::memory_order_relaxed);
-  }
-  return count;
+  expand_tile<T>(q_s, last, bias, R_out, co_begin, co_end, og, pg, yn, HWo, s.W_out, s.H_out, oh, ow0 + px0);
 }
 
 int64_t round_up4(int64_t v) {
@@ -346,33 +231,76 @@ FusedMode fused_mode_from_env() {
   return FusedMode::kAuto;
 }
 
-bool fused_conv_preferred(const Conv2dSizes& s) {
+namespace {
+
+// Predicted GPU time of the CUDA-core kernels (cluster or single block) in
+// seconds, launch excluded; infinity where neither takes the shape. A model
+// fitted to them on an H200 (the sweep in benchmarks/RESULTS_GPU.md): waves
+// of two blocks per multiprocessor, each wave a fixed cost (the staging round
+// trips) plus one block's multiply-adds at one block's rate.
+double cuda_core_seconds(const Conv2dSizes& s, double sms) {
+  constexpr double kBlockSeconds = 8e-6, kMacsPerSecondPerBlock = 14e9;
+  const int cl = fused_conv_cluster_size(s, 4);
   FusedPlan plan{};
-  if (!make_plan(s, 4, &plan)) return false;
-  // A time model fitted to the kernel on an H200 (benchmarks/RESULTS_GPU.md):
-  // launch cost, then either the whole grid at the kernel's throughput or, for
-  // grids of few large blocks, the waves of blocks at one block's rate.
-  constexpr double kLaunchSeconds = 10e-6, kMacsPerSecondPerSm = 19e9, kMacsPerSecondPerBlock = 30e9;
+  if (cl < 2 && !make_plan(s, 4, &plan)) return std::numeric_limits<double>::infinity();
+  const double patch = static_cast<double>((kTileH - 1) * s.stride_h + (s.kh - 1) * s.dil_h + 1) *
+                       static_cast<double>((kTileW - 1) * s.stride_w + (s.kw - 1) * s.dil_w + 1);
+  const double tiles = static_cast<double>(s.N) * ceil_div(s.H_out, kTileH) * ceil_div(s.W_out, kTileW);
+  // Per block: the projection of its ranks over the patch, the core for its
+  // output ranks (all 16 channel groups busy, or idle ones still cost time),
+  // the expansion of its output channels. Cluster blocks split all three;
+  // single blocks split only the expansion (co_splits), recomputing the rest.
+  const double ranks_in = cl >= 2 ? static_cast<double>(ceil_div(s.R_in, cl)) : static_cast<double>(s.R_in);
+  const double ranks_out = cl >= 2 ? static_cast<double>(std::max<int64_t>(ceil_div(s.R_out, cl), kChannelGroups))
+                                   : static_cast<double>(s.R_out);
+  const double co = cl >= 2 ? static_cast<double>(ceil_div(s.C_out, cl)) : static_cast<double>(plan.co_per_split);
+  const double per_block = (s.has_first ? ranks_in * s.C_in * patch : 0.0) +
+                           ranks_out * s.R_in * s.kh * s.kw * kTilePixels +
+                           (s.has_last ? co * s.R_out * kTilePixels : 0.0);
+  const double blocks = tiles * (cl >= 2 ? cl : plan.co_splits);
+  const double waves = std::ceil(blocks / (2 * sms));
+  return waves * (kBlockSeconds + per_block / kMacsPerSecondPerBlock);
+}
+
+// Whether the tensor-core kernel runs this call: where it applies, when
+// forced, or when its model predicts it faster than the CUDA-core kernels.
+bool use_tensor_cores(const Conv2dSizes& s, c10::ScalarType dtype) {
+  if (!fused_conv_tc_applies(s, dtype)) return false;
+  if (fused_conv_tc_forced()) return true;
+  const double sms = cached_device_attribute<cudaDevAttrMultiProcessorCount>();
+  return fused_conv_tc_seconds(s, dtype, sms) <= cuda_core_seconds(s, sms);
+}
+
+}  // namespace
+
+int cluster_size_from_env() {
+  const char* v = std::getenv("TUCKER_OPS_CUDA_CLUSTER");
+  if (v == nullptr) return -1;
+  for (const int cl : {0, 2, 4, 8}) {
+    if (v[0] == static_cast<char>('0' + cl) && v[1] == '\0') return cl;
+  }
+  return -1;
+}
+
+bool fused_conv_preferred(const Conv2dSizes& s, c10::ScalarType dtype) {
+  constexpr double kLaunchSeconds = 10e-6;
   // Eager, the unfused chain costs a cuDNN call and up to two cuBLAS calls,
   // about 50 us of host time per forward whatever its GPU time: below that,
   // the one launch wins. Under graph capture only GPU time counts, and the
   // kernel beat the chain's replay only where it is launch-bound.
   const double chain_floor_seconds = current_stream_is_capturing() ? 12e-6 : 50e-6;
-  const double patch = static_cast<double>(plan.patch_h) * plan.patch_w;
-  const double per_block = (s.has_first ? static_cast<double>(s.R_in) * s.C_in * patch : 0.0) +
-                           static_cast<double>(s.R_out) * s.R_in * s.kh * s.kw * kTilePixels +
-                           (s.has_last ? static_cast<double>(plan.co_per_split) * s.R_out * kTilePixels : 0.0);
-  const double blocks = static_cast<double>(s.N) * plan.tiles_per_image * plan.co_splits;
-  const double sms = multiprocessor_count();
-  const double waves = std::ceil(blocks / (2 * sms));  // two blocks per multiprocessor
-  const double seconds = kLaunchSeconds + std::max(blocks * per_block / (sms * kMacsPerSecondPerSm),
-                                                   waves * per_block / kMacsPerSecondPerBlock);
-  return seconds < chain_floor_seconds;
+  const double sms = cached_device_attribute<cudaDevAttrMultiProcessorCount>();
+  double seconds = cuda_core_seconds(s, sms);
+  if (fused_conv_tc_applies(s, dtype)) seconds = std::min(seconds, fused_conv_tc_seconds(s, dtype, sms));
+  return kLaunchSeconds + seconds < chain_floor_seconds;
 }
 
 bool fused_conv_forward(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p) {
-  FusedPlan plan{};
+  if (use_tensor_cores(s, like.scalar_type()) && fused_conv_forward_tc(like, s, p)) return true;
   const int64_t acc_bytes = c10::elementSize(at::toOpMathType(like.scalar_type()));
+  const int cl = fused_conv_cluster_size(s, acc_bytes);
+  if (cl >= 2 && fused_conv_forward_cluster(like, s, p, cl)) return true;
+  FusedPlan plan{};
   if (!make_plan(s, acc_bytes, &plan)) return false;
   if (s.N == 0) return true;
   const dim3 grid(static_cast<unsigned>(s.N * plan.tiles_per_image), static_cast<unsigned>(plan.co_splits));

@@ -186,7 +186,8 @@ Tensor forward_before_layout(
   if (s.N == 0) return out;
   const FusedMode mode = fused_mode_from_env();
   const bool fits_32bit = indices_fit_32bit(s);
-  const bool try_fused = mode == FusedMode::kAlways || (mode == FusedMode::kAuto && fused_conv_preferred(s));
+  const bool try_fused =
+      mode == FusedMode::kAlways || (mode == FusedMode::kAuto && fused_conv_preferred(s, input.scalar_type()));
   if (!try_fused && fits_32bit) return chain_forward_aten(input, first, core, last, bias, stride, padding, dilation, s);
 
   const ConvTensors t = prepare(input, first, core, last, s);
