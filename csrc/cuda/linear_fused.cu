@@ -187,6 +187,10 @@ bool fused_linear_forward(const at::Tensor& like, const LinearSizes& s, const Li
   // elsewhere the last stage's outputs are split over blocks while the
   // recomputed earlier stages stay a small part of each block's work.
   const int64_t row_blocks = ceil_div(s.M, kRows);
+  // Only a forced call (TUCKER_OPS_CUDA_FUSED=1) gets here with that many rows:
+  // grid.x holds row blocks times the cluster size, below 2^31.
+  constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;
+  if (row_blocks * kMaxClusterSize > kMaxGridX) return false;
   const int forced = cluster_size_from_env();
   int cl = 1;
   if (cached_device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9) {
