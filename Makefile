@@ -8,6 +8,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEPS_STAMP  := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
+BENCH_STAMP := $(VENV)/.bench-deps-stamp
 CMAKE_DIR   := build-cmake
 
 # torch guesses CUDA_HOME=/usr/local from /usr/local/bin/nvcc and then fails to link
@@ -36,6 +37,12 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(CSRC) setup.py pyproject.toml
 	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
+# The benchmark extra beyond requirements.txt (pyproject's [bench]): ONNX Runtime
+# for the suite's ONNX Runtime columns, which skip with a reason without it.
+$(BENCH_STAMP): $(DEPS_STAMP)
+	$(PIP) install --quiet onnxruntime==1.32.0 onnx==1.23.2
+	touch $@
+
 venv: $(PY)
 deps: $(DEPS_STAMP)
 build: $(BUILD_STAMP)
@@ -46,7 +53,7 @@ test: $(BUILD_STAMP)
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/tucker-ops demo
 
-bench: $(BUILD_STAMP)
+bench: $(BUILD_STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 # Builds csrc/ a second way, with CMake and find_package(Torch), and loads the result
