@@ -33,10 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--cases", default="", help="comma-separated conv case names (default: all)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--columns", default=",".join(COLUMNS),
+                        help="comma-separated subset of " + ",".join(COLUMNS) + " (cluster sizes, tc)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_cluster_sweep.py: no CUDA GPU; nothing to measure", file=sys.stderr)
         return 2
+    columns = [c for c in COLUMNS if c in args.columns.split(",")]
     cases = [c for c in CASES if c.kind == "conv" and (not args.cases or c.name in args.cases.split(","))]
     rows = []
     with torch.inference_mode():
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                 for batch in (int(b) for b in args.batches.split(",")):
                     x = layer.input(batch)
                     times = {}
-                    for column in COLUMNS:
+                    for column in columns:
                         env = {"TUCKER_OPS_CUDA_FUSED": "1", "TUCKER_OPS_CUDA_TC": "1"}
                         if column != "tc":
                             env.update(TUCKER_OPS_CUDA_CLUSTER=column, TUCKER_OPS_CUDA_TC="0")
@@ -64,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Fused conv kernel GPU time (ms, CUDA-graph replay) per cluster size: {torch.cuda.get_device_name()}",
         "",
-        "| case | dtype | batch | " + " | ".join(f"cluster {s}" for s in SIZES) + " | tensor cores |",
-        "|---|---|---:|" + "---:|" * len(COLUMNS),
+        "| case | dtype | batch | " + " | ".join("tensor cores" if c == "tc" else f"cluster {c}" for c in columns) + " |",
+        "|---|---|---:|" + "---:|" * len(columns),
     ]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['dtype']} | {r['batch']} | " + " | ".join(f"{r[c]:.4f}" for c in COLUMNS) + " |")
+        lines.append(f"| {r['case']} | {r['dtype']} | {r['batch']} | " + " | ".join(f"{r[c]:.4f}" for c in columns) + " |")
     with open(args.out, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     with open(args.out + ".json", "w", encoding="utf-8") as f:

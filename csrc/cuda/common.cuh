@@ -117,4 +117,9 @@ __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// v rounded up to a multiple of m.
+__host__ __device__ inline int64_t round_up(int64_t v, int64_t m) {
+  return ceil_div(v, m) * m;
+}
+
 }  // namespace tucker_ops::cuda

@@ -17,8 +17,6 @@
 // When a batch has few tiles, C_out is split over several blocks (each
 // recomputes steps 1-2) so that small batches still fill the GPU.
 #include <algorithm>
-#include <array>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -153,10 +151,6 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_forward_kernel(
   expand_tile<T>(q_s, last, bias, R_out, co_begin, co_end, og, pg, yn, HWo, s.W_out, s.H_out, oh, ow0 + px0);
 }
 
-int64_t round_up4(int64_t v) {
-  return (v + 3) / 4 * 4;
-}
-
 // The launch plan, or false when the shape does not fit the kernel.
 bool make_plan(const Conv2dSizes& s, int64_t acc_bytes, FusedPlan* plan) {
   if (s.R_out > kChannelGroups * kMaxRoPer) return false;
@@ -164,7 +158,7 @@ bool make_plan(const Conv2dSizes& s, int64_t acc_bytes, FusedPlan* plan) {
   const int64_t patch_h = (kTileH - 1) * s.stride_h + (s.kh - 1) * s.dil_h + 1;
   const int64_t patch_w = (kTileW - 1) * s.stride_w + (s.kw - 1) * s.dil_w + 1;
   if (patch_h > budget || patch_w > budget || patch_h * patch_w > budget) return false;
-  const int64_t patch = patch_h * patch_w, ps = round_up4(patch), taps = s.kh * s.kw;
+  const int64_t patch = patch_h * patch_w, ps = round_up(patch, 4), taps = s.kh * s.kw;
   const int64_t kc = s.has_first ? std::min<int64_t>(kChannelChunk, s.C_in) : 0;
   // Largest rank chunk whose projection tiles the threads can hold and whose
   // buffers fit next to one rank's core slice.
@@ -174,13 +168,13 @@ bool make_plan(const Conv2dSizes& s, int64_t acc_bytes, FusedPlan* plan) {
     r_chunk = std::min<int64_t>(r_chunk, 4 * ((kProjTilesPerThread * kThreads) / nqg));
   }
   auto fits = [&](int64_t rc) {
-    const int64_t rows = round_up4(rc);
+    const int64_t rows = round_up(rc, 4);
     const int64_t stage1 = s.has_first ? kc * ps + rows * kc : 0;
     return rows * ps + std::max(stage1, s.R_out * taps) <= budget;
   };
   while (r_chunk > 0 && !fits(r_chunk)) r_chunk = r_chunk > 4 ? (r_chunk - 1) / 4 * 4 : r_chunk - 1;
   if (r_chunk < 1) return false;
-  const int64_t r_rows = round_up4(r_chunk);
+  const int64_t r_rows = round_up(r_chunk, 4);
   const int64_t r_sub = std::min<int64_t>(r_chunk, (budget - r_rows * ps) / (s.R_out * taps));
   if (r_sub < 1) return false;
   const int64_t q_elems = s.has_last ? s.R_out * kTilePixels : 0;
@@ -262,15 +256,6 @@ double cuda_core_seconds(const Conv2dSizes& s, double sms) {
   return waves * (kBlockSeconds + per_block / kMacsPerSecondPerBlock);
 }
 
-// Whether the tensor-core kernel runs this call: where it applies, when
-// forced, or when its model predicts it faster than the CUDA-core kernels.
-bool use_tensor_cores(const Conv2dSizes& s, c10::ScalarType dtype) {
-  if (!fused_conv_tc_applies(s, dtype)) return false;
-  if (fused_conv_tc_forced()) return true;
-  const double sms = cached_device_attribute<cudaDevAttrMultiProcessorCount>();
-  return fused_conv_tc_seconds(s, dtype, sms) <= cuda_core_seconds(s, sms);
-}
-
 }  // namespace
 
 int cluster_size_from_env() {
@@ -282,21 +267,36 @@ int cluster_size_from_env() {
   return -1;
 }
 
-bool fused_conv_preferred(const Conv2dSizes& s, c10::ScalarType dtype) {
-  constexpr double kLaunchSeconds = 10e-6;
-  // Eager, the unfused chain costs a cuDNN call and up to two cuBLAS calls,
-  // about 50 us of host time per forward whatever its GPU time: below that,
-  // the one launch wins. Under graph capture only GPU time counts, and the
-  // kernel beat the chain's replay only where it is launch-bound.
-  const double chain_floor_seconds = current_stream_is_capturing() ? 12e-6 : 50e-6;
+FusedConvChoice choose_fused_conv(const Conv2dSizes& s, c10::ScalarType dtype) {
   const double sms = cached_device_attribute<cudaDevAttrMultiProcessorCount>();
-  double seconds = cuda_core_seconds(s, sms);
-  if (fused_conv_tc_applies(s, dtype)) seconds = std::min(seconds, fused_conv_tc_seconds(s, dtype, sms));
-  return kLaunchSeconds + seconds < chain_floor_seconds;
+  const double cuda_cores = cuda_core_seconds(s, sms);
+  const double tensor_cores = fused_conv_tc_seconds(s, dtype, sms);
+  if (std::isfinite(tensor_cores) && (fused_conv_tc_forced() || tensor_cores <= cuda_cores)) {
+    return {FusedConvKernel::kTensorCores, tensor_cores};
+  }
+  if (std::isfinite(cuda_cores)) return {FusedConvKernel::kCudaCores, cuda_cores};
+  return {FusedConvKernel::kNone, std::numeric_limits<double>::infinity()};
 }
 
-bool fused_conv_forward(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p) {
-  if (use_tensor_cores(s, like.scalar_type()) && fused_conv_forward_tc(like, s, p)) return true;
+bool fused_conv_preferred(const Conv2dSizes& s, const FusedConvChoice& choice) {
+  if (choice.kernel == FusedConvKernel::kNone) return false;
+  // Under graph capture only GPU time counts, and the kernel beat the chain's
+  // replay only where it is launch-bound.
+  if (current_stream_is_capturing()) return 10e-6 + choice.seconds < 12e-6;
+  // Eager, each call of the unfused chain (a cuDNN conv, a cuDNN or cuBLAS
+  // 1x1 stage) costs about 18 us of host time whatever its GPU time, and the
+  // fused call about 15 us (checks, allocation, the launches), which the GPU
+  // time hides once it is longer. Both measured on the H200's host
+  // (benchmarks/RESULTS_GPU.md: 0.04-0.08 ms for the chains at small batch).
+  constexpr double kChainCallSeconds = 18e-6, kFusedHostSeconds = 15e-6;
+  const double chain_calls = 1.0 + (s.has_first ? 1.0 : 0.0) + (s.has_last ? 1.0 : 0.0);
+  return std::max(kFusedHostSeconds, choice.seconds) < kChainCallSeconds * chain_calls;
+}
+
+bool fused_conv_forward(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p,
+                        const FusedConvChoice& choice) {
+  if (choice.kernel == FusedConvKernel::kNone) return false;
+  if (choice.kernel == FusedConvKernel::kTensorCores && fused_conv_forward_tc(like, s, p)) return true;
   const int64_t acc_bytes = c10::elementSize(at::toOpMathType(like.scalar_type()));
   const int cl = fused_conv_cluster_size(s, acc_bytes);
   if (cl >= 2 && fused_conv_forward_cluster(like, s, p, cl)) return true;

@@ -18,11 +18,22 @@ struct ConvPointers {
   void* out;          // (N, C_out, H_out, W_out) contiguous
 };
 
-// Launches the fused kernel on the current stream and returns true, or returns
-// false without launching anything when the shape is outside what it takes
-// (R_out > 128, or a patch too large for shared memory); the caller then runs
-// an unfused chain. On sm_90+ it runs the cluster kernel where that fits.
-bool fused_conv_forward(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p);
+// The fused kernel a call runs, chosen once per call from the kernels' time
+// models, with its predicted GPU time (launch excluded; infinity for kNone).
+enum class FusedConvKernel { kNone, kTensorCores, kCudaCores };
+struct FusedConvChoice {
+  FusedConvKernel kernel = FusedConvKernel::kNone;
+  double seconds = 0.0;
+};
+FusedConvChoice choose_fused_conv(const Conv2dSizes& s, c10::ScalarType dtype);
+
+// Launches the chosen fused kernel (choose_fused_conv) on the current stream
+// and returns true, or returns false without launching anything when no fused
+// kernel takes the shape (R_out > 128, or a patch too large for shared
+// memory); the caller then runs an unfused chain. The CUDA-core choice runs
+// the cluster kernel on sm_90+ where that fits.
+bool fused_conv_forward(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p,
+                        const FusedConvChoice& choice);
 
 // The cluster kernel (conv_fused_cluster.cu, sm_90+): a cluster of cl blocks
 // shares each output tile. fused_conv_cluster_size gives the cl that
@@ -34,18 +45,16 @@ bool fused_conv_forward_cluster(const at::Tensor& like, const Conv2dSizes& s, co
 // The tensor-core kernel (conv_fused_tc.cu): float16 / bfloat16, and float32
 // through TF32 when torch.backends.cudnn.allow_tf32 is set (as nn.Conv2d);
 // Tucker-2 with ranks <= 128 and a patch that fits shared memory.
-// fused_conv_forward runs it where its time model beats the CUDA-core
-// kernels'; TUCKER_OPS_CUDA_TC=0 / =1 turns it off / forces it.
-bool fused_conv_tc_applies(const Conv2dSizes& s, c10::ScalarType dtype);
+// TUCKER_OPS_CUDA_TC=0 / =1 turns it off / forces it where it applies.
 bool fused_conv_tc_forced();
 bool fused_conv_forward_tc(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p);
-// Its predicted GPU time in seconds (launch cost excluded), for the op's choice
-// between the fused kernel and the unfused chain.
+// Its predicted GPU time in seconds (launch cost excluded); infinity where it
+// does not apply (dtype, switch, device or shape).
 double fused_conv_tc_seconds(const Conv2dSizes& s, c10::ScalarType dtype, double multiprocessors);
 
-// Whether the fused kernel is expected to beat the unfused chain on this shape:
-// a time model of the kernel against the chain's host-side floor, both
+// Whether the chosen fused kernel is expected to beat the unfused chain on
+// this shape: its time model against the chain's host-side cost, both
 // measured on an H200 (benchmarks/RESULTS_GPU.md).
-bool fused_conv_preferred(const Conv2dSizes& s, c10::ScalarType dtype);
+bool fused_conv_preferred(const Conv2dSizes& s, const FusedConvChoice& choice);
 
 }  // namespace tucker_ops::cuda

@@ -191,10 +191,10 @@ bool make_cluster_plan(const Conv2dSizes& s, int cl, int64_t acc_bytes, ClusterP
   const int64_t patch_h = (kTileH - 1) * s.stride_h + (s.kh - 1) * s.dil_h + 1;
   const int64_t patch_w = (kTileW - 1) * s.stride_w + (s.kw - 1) * s.dil_w + 1;
   if (patch_h > budget || patch_w > budget || patch_h * patch_w > budget) return false;
-  const int64_t patch = patch_h * patch_w, ps = (patch + 3) / 4 * 4, taps = s.kh * s.kw;
+  const int64_t patch = patch_h * patch_w, ps = round_up(patch, 4), taps = s.kh * s.kw;
   const int64_t rin_per = ceil_div(s.R_in, cl), ro_per = ceil_div(s.R_out, cl);
   if (ro_per > kChannelGroups * kMaxRoPer) return false;
-  const int64_t ws_rows = (rin_per + 3) / 4 * 4;
+  const int64_t ws_rows = round_up(rin_per, 4);
   const int64_t kc = s.has_first ? std::min<int64_t>(kChannelChunk, s.C_in) : 0;
   const int64_t proj = s.R_in * ps, z = s.has_last ? s.R_out * kTilePixels : 0;
   const int64_t stage1 = s.has_first ? kc * ps + ws_rows * kc : 0;

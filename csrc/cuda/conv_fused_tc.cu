@@ -3,14 +3,24 @@
 // torch.backends.cudnn.allow_tf32 flag nn.Conv2d obeys). Tucker-2 layers with
 // R_in, R_out <= 128.
 //
-// One block of 8 warps per (image, 4 x 16 output tile, slice of C_out). The
-// tile is 16 pixels wide so that one output row is one 16-row operand of the
-// tensor cores: its pixels sit at a fixed stride (stride_w positions) in the
-// projected patch, which the fragment loads take as their leading dimension,
-// so the core needs no im2col copy. Every stage is a warp-level matrix
-// product (WMMA, float accumulators) out of shared memory:
-//   1. pj (patch positions x R_in) = patch (positions x C_in) * first^T,
-//      C_in staged in chunks with the matching columns of `first`;
+// Two launches. The first packs every operand into a workspace, in the layout
+// the second's shared memory holds it: the input as zero-padded NHWC (the
+// convolution's padding, the tiles' overhang and C_in rounded up to the
+// staging chunk), the factors zero-padded to multiples of 16. So the fused
+// kernel stages with 16-byte asynchronous copies (cp.async) and no bounds
+// checks or per-element index math: the earlier version, which gathered,
+// converted and bounds-checked every element between barriers, spent most of
+// its time there (benchmarks/RESULTS_GPU.md).
+//
+// The fused kernel runs one block of 8 warps per (image, 4 x 16 output tile,
+// slice of C_out). The tile is 16 pixels wide so that one output row is one
+// 16-row operand of the tensor cores: its pixels sit at a fixed stride
+// (stride_w positions) in the projected patch, which the fragment loads take
+// as their leading dimension, so the core needs no im2col copy. Every stage is
+// a warp-level matrix product (WMMA, float accumulators) out of shared memory:
+//   1. pj (patch positions x R_in) = patch (positions x C_in) * first^T, C_in
+//      in chunks with the matching columns of `first`, the next chunk copied
+//      in while the tensor cores work on this one (two buffers, where they fit);
 //   2. z (64 pixels x R_out) = sum over taps t of pj shifted by t * core_t^T,
 //      the core staged tap by tap (as many taps as fit at once);
 //   3. out (64 pixels x C_out slice) = z * last^T + bias, `last` staged 64
@@ -21,12 +31,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include <mma.h>
 
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
 
 #include "cuda/common.cuh"
 #include "cuda/conv_fused.cuh"
@@ -42,6 +54,7 @@ constexpr int kMaxFragsPerWarp = 4;  // accumulator tiles a warp holds: R_out <=
 constexpr int kMaxRank = 128;
 constexpr int kCoChunk = 64;         // output channels per staged slice of `last`
 constexpr int kScratchFloats = 256;  // one 16 x 16 float tile per warp
+constexpr int kCopyBytes = 16;       // one cp.async
 constexpr int64_t kTcSharedMemBudget = 110 * 1024;  // two blocks per sm_80/sm_90 multiprocessor
 
 // Storage type in shared memory, WMMA fragment element type, pointer type the
@@ -79,25 +92,119 @@ __device__ __forceinline__ void load_operand(Fragment& f, const typename Tc<T>::
   }
 }
 
+// 16 bytes global -> shared without a register round trip; both addresses
+// 16-byte aligned. The copies a thread issued land at cp_async_wait.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// Waits until at most `Pending` of this thread's committed groups are in flight.
+template <int Pending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
+#endif
+}
+
 struct TcPlan {
   int ph, pw, m_pad;      // patch rows and columns; patch positions rounded up to 16
   int rin_pad, rout_pad;  // ranks rounded up to 16
   int kc;                 // input channels per staged chunk
+  int kc_shift;           // log2(kc / elements per 16-byte copy)
+  int x_buffers;          // step 1's staging buffers: 2 overlaps the next chunk's copy with this one's math
   int pad;                // elements added to every leading dimension (32 bytes: aligned rows, fewer bank conflicts)
   int taps_chunk;         // core taps staged at once
   int64_t tiles_w, tiles_per_image;
   int64_t co_splits, co_per_split;
   int64_t off_stage, off_scratch;  // byte offsets in shared memory
   size_t smem_bytes;
+  // The packed workspace, in elements: input (N, hp, wp, c_pad), first
+  // (rin_pad, c_pad), core (taps, rout_pad, rin_pad), last (co_rows, rout_pad).
+  int64_t hp, wp, c_pad, co_rows;
+  int64_t x_elems, first_elems, core_elems, last_elems;
 };
+
+// Packs the operands into the workspace `ws` (layout in TcPlan), zeros
+// wherever the fused kernel must read zeros: the convolution's padding, the
+// tiles' overhang past the image, channels and ranks past the real ones. Each
+// thread writes 16 bytes; for NCHW input consecutive threads take consecutive
+// pixels, so the reads coalesce.
+template <typename T>
+__global__ void __launch_bounds__(256) pack_tc_operands_kernel(
+    Conv2dSizes s, TcPlan plan, const T* __restrict__ x, bool nhwc, const T* __restrict__ first,
+    const T* __restrict__ core, const T* __restrict__ last, T* __restrict__ ws) {
+  constexpr int V = kCopyBytes / sizeof(T);
+  const int64_t x_vecs = plan.x_elems / V, first_vecs = plan.first_elems / V;
+  const int64_t core_vecs = plan.core_elems / V, last_vecs = plan.last_elems / V;
+  const int64_t total = x_vecs + first_vecs + core_vecs + last_vecs;
+  const T zero = static_cast<T>(0.0f);
+  const int64_t taps = s.kh * s.kw;
+  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < total;
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    alignas(16) T vals[V];
+    int64_t dst = v * V;  // the four regions are contiguous and multiples of V
+    if (v < x_vecs) {
+      const int64_t groups = plan.c_pad / V;
+      int64_t n, g, hh, ww;
+      if (nhwc) {
+        g = v % groups;
+        int64_t rest = v / groups;
+        ww = rest % plan.wp;
+        rest /= plan.wp;
+        hh = rest % plan.hp;
+        n = rest / plan.hp;
+      } else {
+        ww = v % plan.wp;
+        int64_t rest = v / plan.wp;
+        hh = rest % plan.hp;
+        rest /= plan.hp;
+        g = rest % groups;
+        n = rest / groups;
+      }
+      const int64_t ih = hh - s.pad_h, iw = ww - s.pad_w;
+      const bool inside = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
+#pragma unroll
+      for (int u = 0; u < V; ++u) {
+        const int64_t c = g * V + u;
+        vals[u] = inside && c < s.C_in
+                      ? x[nhwc ? ((n * s.H + ih) * s.W + iw) * s.C_in + c : ((n * s.C_in + c) * s.H + ih) * s.W + iw]
+                      : zero;
+      }
+      dst = ((n * plan.hp + hh) * plan.wp + ww) * plan.c_pad + g * V;
+    } else if (v < x_vecs + first_vecs) {
+      const int64_t e = (v - x_vecs) * V, r = e / plan.c_pad, c0 = e % plan.c_pad;
+#pragma unroll
+      for (int u = 0; u < V; ++u) vals[u] = r < s.R_in && c0 + u < s.C_in ? first[r * s.C_in + c0 + u] : zero;
+    } else if (v < x_vecs + first_vecs + core_vecs) {
+      const int64_t e = (v - x_vecs - first_vecs) * V, r0 = e % plan.rin_pad;
+      const int64_t ro = (e / plan.rin_pad) % plan.rout_pad, t = e / (plan.rin_pad * plan.rout_pad);
+#pragma unroll
+      for (int u = 0; u < V; ++u) {
+        vals[u] = ro < s.R_out && r0 + u < s.R_in ? core[(ro * s.R_in + r0 + u) * taps + t] : zero;
+      }
+    } else {
+      const int64_t e = (v - x_vecs - first_vecs - core_vecs) * V, co = e / plan.rout_pad, ro0 = e % plan.rout_pad;
+#pragma unroll
+      for (int u = 0; u < V; ++u) vals[u] = co < s.C_out && ro0 + u < s.R_out ? last[co * s.R_out + ro0 + u] : zero;
+    }
+    *reinterpret_cast<uint4*>(ws + dst) = *reinterpret_cast<const uint4*>(vals);
+  }
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
-    Conv2dSizes s, TcPlan plan, const T* __restrict__ x, bool nhwc, const T* __restrict__ first,
-    const T* __restrict__ core, const T* __restrict__ last, const T* __restrict__ bias, T* __restrict__ out) {
+    Conv2dSizes s, TcPlan plan, const T* __restrict__ ws, const T* __restrict__ bias, T* __restrict__ out) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using S = typename Tc<T>::S;
   constexpr int K = Tc<T>::K;
+  constexpr int V = kCopyBytes / sizeof(S);
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, K, typename Tc<T>::Frag, wmma::row_major>;
   using FragB = wmma::fragment<wmma::matrix_b, 16, 16, K, typename Tc<T>::Frag, wmma::col_major>;
   using FragC = wmma::fragment<wmma::accumulator, 16, 16, K, float>;
@@ -109,17 +216,19 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
 
   const int64_t n = blockIdx.x / plan.tiles_per_image, tile = blockIdx.x % plan.tiles_per_image;
   const int64_t oh0 = (tile / plan.tiles_w) * kRowsOut, ow0 = (tile % plan.tiles_w) * kColsOut;
-  const int64_t ih0 = oh0 * s.stride_h - s.pad_h, iw0 = ow0 * s.stride_w - s.pad_w;
   const int pw = plan.pw, patch = plan.ph * plan.pw, m_pad = plan.m_pad;
   const int rin_pad = plan.rin_pad, rout_pad = plan.rout_pad, kc = plan.kc;
   // Leading dimensions: the staged input, pj / z, the core and `last` slices.
   const int ld_x = kc + plan.pad, ld_p = rin_pad + plan.pad, ld_z = rout_pad + plan.pad;
-  const int R_in = static_cast<int>(s.R_in), R_out = static_cast<int>(s.R_out);
   const int sh = static_cast<int>(s.stride_h), sw = static_cast<int>(s.stride_w);
   const int dh = static_cast<int>(s.dil_h), dw = static_cast<int>(s.dil_w), kw = static_cast<int>(s.kw);
   const int taps = static_cast<int>(s.kh * s.kw);
-  const int64_t HW = s.H * s.W;
-  const T* xn = x + n * s.C_in * HW;
+  // The packed operands (pack_tc_operands_kernel); the tile's patch starts at
+  // packed row oh0 * sh, column ow0 * sw (the padding is in the packing).
+  const S* xg = reinterpret_cast<const S*>(ws) + ((n * plan.hp + oh0 * sh) * plan.wp + ow0 * sw) * plan.c_pad;
+  const S* fg = reinterpret_cast<const S*>(ws) + plan.x_elems;
+  const S* cg = fg + plan.first_elems;
+  const S* lg = cg + plan.core_elems;
 
   // A warp's accumulator tile, through its scratch tile, into shared memory in
   // the storage type: dst row r, column c at dst[r * ld + c].
@@ -129,37 +238,53 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
     for (int e = lane; e < 256; e += 32) dst[(e / 16) * ld + e % 16] = static_cast<S>(scratch[e]);
     __syncwarp();
   };
+  // Copies `rows` rows of `row_elems` elements (a multiple of V) from global
+  // src (row stride src_ld) into shared dst (row stride dst_ld).
+  auto copy_rows = [&](S* dst, int dst_ld, const S* src, int64_t src_ld, int rows, int row_elems) {
+    const int per_row = row_elems / V;
+    for (int v = tid; v < rows * per_row; v += kThreads) {
+      const int r = v / per_row, u = v - r * per_row;
+      cp_async16(dst + r * dst_ld + u * V, src + r * src_ld + u * V);
+    }
+  };
 
   // 1. pj = patch * first^T. Rows past the patch and ranks past R_in are zero.
   {
-    S* xs = stage;                 // (m_pad, ld_x), row-major A
-    S* fs = stage + m_pad * ld_x;  // (rin_pad, ld_x): first's rows, a column-major B
+    const int stage_elems = (m_pad + rin_pad) * ld_x;  // one buffer: xs (m_pad, ld_x) then fs (rin_pad, ld_x)
+    const int per_pos = 1 << plan.kc_shift;           // 16-byte copies per patch position and chunk
+    // The patch rows past its positions are never copied: zero them once.
+    for (int b = 0; b < plan.x_buffers; ++b) {
+      S* xs = stage + b * stage_elems;
+      for (int e = tid; e < (m_pad - patch) * kc; e += kThreads) xs[(patch + e / kc) * ld_x + e % kc] = static_cast<S>(0.0f);
+    }
+    // Queues the copies of input channels c0.. into buffer b.
+    auto stage_chunk = [&](int64_t c0, int b) {
+      S* xs = stage + b * stage_elems;
+      for (int v = tid; v < patch * per_pos; v += kThreads) {
+        const int q = v >> plan.kc_shift, u = v & (per_pos - 1), r = q / pw, j = q - r * pw;
+        cp_async16(xs + q * ld_x + u * V, xg + static_cast<int64_t>(r * plan.wp + j) * plan.c_pad + c0 + u * V);
+      }
+      copy_rows(xs + m_pad * ld_x, ld_x, fg + c0, plan.c_pad, rin_pad, kc);
+      cp_async_commit();
+    };
+    const int chunks = static_cast<int>(plan.c_pad / kc);
     const int n_tiles = rin_pad / 16, tiles = (m_pad / 16) * n_tiles;
     for (int base = 0; base < tiles; base += kWarps * kMaxFragsPerWarp) {
       FragC acc[kMaxFragsPerWarp];
 #pragma unroll
       for (int f = 0; f < kMaxFragsPerWarp; ++f) wmma::fill_fragment(acc[f], 0.0f);
-      for (int64_t c0 = 0; c0 < s.C_in; c0 += kc) {
-        const int cc = static_cast<int>(c0 + kc < s.C_in ? kc : s.C_in - c0);
-        // NHWC: consecutive threads read consecutive channels of one pixel;
-        // NCHW: consecutive positions of one channel.
-        for (int e = tid; e < m_pad * kc; e += kThreads) {
-          const int q = nhwc ? e / kc : e % m_pad, c = nhwc ? e % kc : e / m_pad;
-          float v = 0.0f;
-          if (c < cc && q < patch) {
-            const int64_t ih = ih0 + q / pw, iw = iw0 + q % pw;
-            if (ih >= 0 && ih < s.H && iw >= 0 && iw < s.W) {
-              v = static_cast<float>(nhwc ? xn[(ih * s.W + iw) * s.C_in + c0 + c] : xn[(c0 + c) * HW + ih * s.W + iw]);
-            }
-          }
-          xs[q * ld_x + c] = static_cast<S>(v);
-        }
-        for (int e = tid; e < rin_pad * kc; e += kThreads) {
-          const int r = e / kc, c = e % kc;
-          const float v = r < R_in && c < cc ? static_cast<float>(first[r * s.C_in + c0 + c]) : 0.0f;
-          fs[r * ld_x + c] = static_cast<S>(v);
+      stage_chunk(0, 0);
+      for (int ch = 0; ch < chunks; ++ch) {
+        const int b = plan.x_buffers == 2 ? ch & 1 : 0;
+        if (plan.x_buffers == 2 && ch + 1 < chunks) {
+          stage_chunk(static_cast<int64_t>(ch + 1) * kc, b ^ 1);
+          cp_async_wait<1>();
+        } else {
+          cp_async_wait<0>();
         }
         __syncthreads();
+        const S* xs = stage + b * stage_elems;
+        const S* fs = xs + m_pad * ld_x;
 #pragma unroll
         for (int f = 0; f < kMaxFragsPerWarp; ++f) {
           const int t = base + warp + f * kWarps;
@@ -167,14 +292,15 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
             const int mt = t / n_tiles, nt = t % n_tiles;
             for (int k0 = 0; k0 < kc; k0 += K) {
               FragA a;
-              FragB b;
+              FragB bf;
               load_operand<T>(a, xs + mt * 16 * ld_x + k0, ld_x);
-              load_operand<T>(b, fs + nt * 16 * ld_x + k0, ld_x);
-              wmma::mma_sync(acc[f], a, b, acc[f]);
+              load_operand<T>(bf, fs + nt * 16 * ld_x + k0, ld_x);
+              wmma::mma_sync(acc[f], a, bf, acc[f]);
             }
           }
         }
-        __syncthreads();
+        __syncthreads();  // buffer b is refilled two chunks on (one, single-buffered)
+        if (plan.x_buffers == 1 && ch + 1 < chunks) stage_chunk(static_cast<int64_t>(ch + 1) * kc, 0);
       }
 #pragma unroll
       for (int f = 0; f < kMaxFragsPerWarp; ++f) {
@@ -194,13 +320,9 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
   S* cs = stage;  // (taps_chunk, rout_pad, ld_p): per tap a column-major B
   for (int t0 = 0; t0 < taps; t0 += plan.taps_chunk) {
     const int tn = t0 + plan.taps_chunk < taps ? plan.taps_chunk : taps - t0;
-    for (int e = tid; e < tn * rout_pad * rin_pad; e += kThreads) {
-      const int r = e % rin_pad, ro = (e / rin_pad) % rout_pad, t = e / (rin_pad * rout_pad);
-      const float v = r < R_in && ro < R_out
-                          ? static_cast<float>(core[(static_cast<int64_t>(ro) * R_in + r) * taps + t0 + t])
-                          : 0.0f;
-      cs[(t * rout_pad + ro) * ld_p + r] = static_cast<S>(v);
-    }
+    copy_rows(cs, ld_p, cg + static_cast<int64_t>(t0) * rout_pad * rin_pad, rin_pad, tn * rout_pad, rin_pad);
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
 #pragma unroll
     for (int f = 0; f < kMaxFragsPerWarp; ++f) {
@@ -231,18 +353,17 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
   }
   __syncthreads();
 
-  // 3. out = z * last^T + bias for this block's slice of C_out.
+  // 3. out = z * last^T + bias for this block's slice of C_out. `last` is
+  // packed with kCoChunk zero rows past C_out, so every slice copies whole.
   const int64_t HWo = s.H_out * s.W_out;
   T* yn = out + n * s.C_out * HWo;
   const int64_t co_begin = blockIdx.y * plan.co_per_split;
   const int64_t co_end = co_begin + plan.co_per_split < s.C_out ? co_begin + plan.co_per_split : s.C_out;
   S* ls = stage;  // (kCoChunk, ld_z): last's rows, a column-major B
   for (int64_t cb = co_begin; cb < co_end; cb += kCoChunk) {
-    for (int e = tid; e < kCoChunk * rout_pad; e += kThreads) {
-      const int co = e / rout_pad, ro = e % rout_pad;
-      const float v = cb + co < co_end && ro < R_out ? static_cast<float>(last[(cb + co) * R_out + ro]) : 0.0f;
-      ls[co * ld_z + ro] = static_cast<S>(v);
-    }
+    copy_rows(ls, ld_z, lg + cb * rout_pad, rout_pad, kCoChunk, rout_pad);
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
     // 16 tiles (4 output rows x 4 groups of 16 channels), two per warp.
 #pragma unroll
@@ -276,10 +397,6 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
 #endif
 }
 
-int64_t round_up(int64_t v, int64_t m) {
-  return (v + m - 1) / m * m;
-}
-
 bool make_tc_plan(const Conv2dSizes& s, int64_t elem_bytes, TcPlan* plan) {
   if (!s.has_first || !s.has_last || s.R_in > kMaxRank || s.R_out > kMaxRank) return false;
   const int64_t ph = (kRowsOut - 1) * s.stride_h + (s.kh - 1) * s.dil_h + 1;
@@ -290,18 +407,22 @@ bool make_tc_plan(const Conv2dSizes& s, int64_t elem_bytes, TcPlan* plan) {
   const int64_t scratch = kWarps * kScratchFloats * 4;
   const int64_t avail = kTcSharedMemBudget - pj - scratch;
   if (avail <= 0) return false;
-  int64_t kc = 0;
-  for (const int64_t c : {64, 32, 16}) {
-    if ((m_pad + rin_pad) * (c + pad) * elem_bytes <= avail) {
-      kc = c;
-      break;
+  // The widest C_in chunk that double-buffers, else the widest that fits once.
+  auto stage1_bytes = [&](int64_t c) { return (m_pad + rin_pad) * (c + pad) * elem_bytes; };
+  int64_t kc = 0, buffers = 0;
+  for (const int64_t b : {2, 1}) {
+    for (const int64_t c : {64, 32, 16}) {
+      if (kc == 0 && b * stage1_bytes(c) <= avail && (b == 1 || c >= 32)) {
+        kc = c;
+        buffers = b;
+      }
     }
   }
   const int64_t per_tap = rout_pad * ld_p * elem_bytes, taps = s.kh * s.kw;
   const int64_t taps_chunk = std::min<int64_t>(taps, avail / per_tap);
   if (kc == 0 || taps_chunk < 1 || kCoChunk * ld_z * elem_bytes > avail) return false;
   const int64_t stage = round_up(
-      std::max({(m_pad + rin_pad) * (kc + pad) * elem_bytes, taps_chunk * per_tap, kCoChunk * ld_z * elem_bytes}), 128);
+      std::max({buffers * stage1_bytes(kc), taps_chunk * per_tap, kCoChunk * ld_z * elem_bytes}), 128);
 
   const int64_t tiles_h = ceil_div(s.H_out, kRowsOut), tiles_w = ceil_div(s.W_out, kColsOut);
   const int64_t blocks = s.N * tiles_h * tiles_w;
@@ -313,12 +434,17 @@ bool make_tc_plan(const Conv2dSizes& s, int64_t elem_bytes, TcPlan* plan) {
   if (blocks < sms) co_splits = std::clamp<int64_t>(ceil_div(sms, std::max<int64_t>(blocks, 1)), 1, ceil_div(s.C_out, kCoChunk));
   const int64_t co_per_split = round_up(ceil_div(s.C_out, co_splits), 16);
 
+  const int64_t per_copy = kCopyBytes / elem_bytes;
+  int kc_shift = 0;
+  while ((int64_t{1} << kc_shift) * per_copy < kc) ++kc_shift;
   plan->ph = static_cast<int>(ph);
   plan->pw = static_cast<int>(pw);
   plan->m_pad = static_cast<int>(m_pad);
   plan->rin_pad = static_cast<int>(rin_pad);
   plan->rout_pad = static_cast<int>(rout_pad);
   plan->kc = static_cast<int>(kc);
+  plan->kc_shift = kc_shift;
+  plan->x_buffers = static_cast<int>(buffers);
   plan->pad = static_cast<int>(pad);
   plan->taps_chunk = static_cast<int>(taps_chunk);
   plan->tiles_w = tiles_w;
@@ -328,19 +454,41 @@ bool make_tc_plan(const Conv2dSizes& s, int64_t elem_bytes, TcPlan* plan) {
   plan->off_stage = pj;
   plan->off_scratch = pj + stage;
   plan->smem_bytes = static_cast<size_t>(pj + stage + scratch);
+  // The packed input covers every patch of every tile, overhang included.
+  plan->hp = (tiles_h * kRowsOut - 1) * s.stride_h + (s.kh - 1) * s.dil_h + 1;
+  plan->wp = (tiles_w * kColsOut - 1) * s.stride_w + (s.kw - 1) * s.dil_w + 1;
+  plan->c_pad = round_up(s.C_in, kc);
+  plan->co_rows = round_up(s.C_out, 16) + kCoChunk;
+  plan->x_elems = s.N * plan->hp * plan->wp * plan->c_pad;
+  plan->first_elems = rin_pad * plan->c_pad;
+  plan->core_elems = taps * rout_pad * rin_pad;
+  plan->last_elems = plan->co_rows * rout_pad;
   return true;
 }
 
 template <typename T>
-void launch_tc(dim3 grid, cudaStream_t stream, const Conv2dSizes& s, const TcPlan& plan, const ConvPointers& p) {
+void launch_tc(const at::Tensor& like, const Conv2dSizes& s, const TcPlan& plan, const ConvPointers& p) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t elems = plan.x_elems + plan.first_elems + plan.core_elems + plan.last_elems;
+  // On the caching allocator and the current stream: graph-capture safe.
+  const at::Tensor ws = at::empty({elems}, like.options());
+  T* wsp = static_cast<T*>(ws.mutable_data_ptr());
+  const int64_t vecs = elems / (kCopyBytes / static_cast<int64_t>(sizeof(T)));
+  const int64_t sms = cached_device_attribute<cudaDevAttrMultiProcessorCount>();
+  const unsigned pack_blocks = static_cast<unsigned>(std::clamp<int64_t>(ceil_div(vecs, 256), 1, sms * 16));
+  pack_tc_operands_kernel<T><<<pack_blocks, 256, 0, stream>>>(
+      s, plan, static_cast<const T*>(p.x), p.nhwc, static_cast<const T*>(p.first), static_cast<const T*>(p.core),
+      static_cast<const T*>(p.last), wsp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
   auto kernel = fused_conv_tc_kernel<T>;
   if (plan.smem_bytes > static_cast<size_t>(kSharedMemBudget)) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(plan.smem_bytes)));
   }
-  kernel<<<grid, kThreads, plan.smem_bytes, stream>>>(
-      s, plan, static_cast<const T*>(p.x), p.nhwc, static_cast<const T*>(p.first), static_cast<const T*>(p.core),
-      static_cast<const T*>(p.last), static_cast<const T*>(p.bias), static_cast<T*>(p.out));
+  const dim3 grid(static_cast<unsigned>(s.N * plan.tiles_per_image), static_cast<unsigned>(plan.co_splits));
+  kernel<<<grid, kThreads, plan.smem_bytes, stream>>>(s, plan, wsp, static_cast<const T*>(p.bias),
+                                                       static_cast<T*>(p.out));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -351,18 +499,17 @@ const char* tc_env() {
   return std::getenv("TUCKER_OPS_CUDA_TC");
 }
 
-}  // namespace
-
-bool fused_conv_tc_applies(const Conv2dSizes& s, c10::ScalarType dtype) {
+// The dtype, the switch and the device allow the kernel (the shape aside):
+// TF32 for float32 only where cuDNN may use it, as nn.Conv2d.
+bool tc_enabled(c10::ScalarType dtype) {
   const bool tc_dtype = dtype == at::kHalf || dtype == at::kBFloat16 ||
                         (dtype == at::kFloat && at::globalContext().allowTF32CuDNN());
   const char* env = tc_env();
-  if (!tc_dtype || (env != nullptr && std::strcmp(env, "0") == 0) || cached_device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8) {
-    return false;
-  }
-  TcPlan plan{};
-  return make_tc_plan(s, dtype == at::kFloat ? 4 : 2, &plan);
+  return tc_dtype && !(env != nullptr && std::strcmp(env, "0") == 0) &&
+         cached_device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8;
 }
+
+}  // namespace
 
 bool fused_conv_tc_forced() {
   const char* env = tc_env();
@@ -371,33 +518,45 @@ bool fused_conv_tc_forced() {
 
 double fused_conv_tc_seconds(const Conv2dSizes& s, c10::ScalarType dtype, double multiprocessors) {
   TcPlan plan{};
-  if (!make_tc_plan(s, dtype == at::kFloat ? 4 : 2, &plan)) return 1.0;
-  // Per block: a fixed cost (the staging round trips of its steps), then its
+  const int64_t elem_bytes = dtype == at::kFloat ? 4 : 2;
+  if (!tc_enabled(dtype) || !make_tc_plan(s, elem_bytes, &plan)) return std::numeric_limits<double>::infinity();
+  // The packing pass: a launch, then its bytes read and written at a fraction
+  // of the copy bandwidth. Per block of the fused kernel: a fixed cost per
+  // staged chunk (step 1's double-buffered chunks count half), then its
   // multiply-adds at one block's rate, halved when two blocks share a
-  // multiprocessor (TF32: 1.3 times slower). Fitted to the "tensor cores"
-  // column of the H200 sweep in RESULTS_GPU.md.
-  constexpr double kBlockSeconds = 18e-6, kMacsPerSecondPerBlock = 56e9;
-  const double rate = dtype == at::kFloat ? kMacsPerSecondPerBlock / 1.3 : kMacsPerSecondPerBlock;
-  const double macs = static_cast<double>(plan.m_pad) * s.C_in * plan.rin_pad +
+  // multiprocessor (TF32: a third of the rate). Fitted by least squares to the
+  // "tensor cores" column of an H200 sweep (RESULTS_GPU.md); within 0.72-1.17x of a
+  // second sweep's times.
+  constexpr double kPackSeconds = 3e-6, kPackBytesPerSecond = 1.5e12;
+  constexpr double kRoundSeconds = 3.5e-6, kMacsPerSecondPerBlock = 450e9;
+  const double rate = dtype == at::kFloat ? kMacsPerSecondPerBlock / 3 : kMacsPerSecondPerBlock;
+  const double packed_bytes = static_cast<double>(plan.x_elems) * elem_bytes;
+  const double input_bytes = static_cast<double>(s.N) * s.C_in * s.H * s.W * elem_bytes;
+  const double pack = kPackSeconds + (packed_bytes + input_bytes) / kPackBytesPerSecond;
+  const double groups = std::ceil(static_cast<double>(plan.m_pad / 16) * (plan.rin_pad / 16) / (kWarps * kMaxFragsPerWarp));
+  const double chunks = static_cast<double>(plan.c_pad / plan.kc);
+  const double rounds = groups * (plan.x_buffers == 2 ? 1 + chunks / 2 : chunks) +
+                        std::ceil(static_cast<double>(s.kh * s.kw) / plan.taps_chunk) +
+                        std::ceil(static_cast<double>(plan.co_per_split) / kCoChunk);
+  const double macs = static_cast<double>(plan.m_pad) * plan.c_pad * plan.rin_pad +
                       static_cast<double>(kPixels) * plan.rout_pad * plan.rin_pad * s.kh * s.kw +
                       static_cast<double>(kPixels) * plan.co_per_split * plan.rout_pad;
   const double blocks = static_cast<double>(s.N) * plan.tiles_per_image * plan.co_splits;
   const double waves = std::ceil(blocks / (2 * multiprocessors));
   const double sharing = std::clamp(blocks / multiprocessors, 1.0, 2.0);
-  return waves * (kBlockSeconds + macs * sharing / rate);
+  return pack + waves * (rounds * kRoundSeconds + macs * sharing / rate);
 }
 
 bool fused_conv_forward_tc(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p) {
-  if (!fused_conv_tc_applies(s, like.scalar_type())) return false;
   TcPlan plan{};
-  if (!make_tc_plan(s, like.scalar_type() == at::kFloat ? 4 : 2, &plan)) return false;
+  if (!tc_enabled(like.scalar_type()) || !make_tc_plan(s, like.scalar_type() == at::kFloat ? 4 : 2, &plan)) {
+    return false;
+  }
   if (s.N == 0) return true;
-  const dim3 grid(static_cast<unsigned>(s.N * plan.tiles_per_image), static_cast<unsigned>(plan.co_splits));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_SWITCH(like.scalar_type(), "tucker_conv2d_cuda_tc",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { launch_tc<scalar_t>(grid, stream, s, plan, p); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { launch_tc<scalar_t>(grid, stream, s, plan, p); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch_tc<scalar_t>(grid, stream, s, plan, p); }));
+                     AT_DISPATCH_CASE(at::kFloat, [&] { launch_tc<scalar_t>(like, s, plan, p); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { launch_tc<scalar_t>(like, s, plan, p); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch_tc<scalar_t>(like, s, plan, p); }));
   return true;
 }
 

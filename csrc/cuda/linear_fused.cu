@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) fused_linear_forward_kernel(
 
 }  // namespace
 
-bool fused_linear_forward(const at::Tensor& like, const LinearSizes& s, const LinearPointers& p) {
+bool fused_linear_applies(const at::Tensor& like, const LinearSizes& s) {
   const int64_t early = (s.has_first ? s.R_in * s.in : 0) + (s.has_last ? s.R_out * s.R_in : 0);
   const int64_t final_stage = s.out * (s.has_last ? s.R_out : s.R_in);
   if (fused_mode_from_env() != FusedMode::kAlways) {
@@ -180,8 +180,16 @@ bool fused_linear_forward(const at::Tensor& like, const LinearSizes& s, const Li
   }
   const int64_t acc_bytes = c10::elementSize(at::toOpMathType(like.scalar_type()));
   const int64_t smem = kRows * ((s.has_first ? s.R_in : 0) + (s.has_last ? s.R_out : 0)) * acc_bytes;
-  if (smem > kSharedMemBudget) return false;
+  return smem <= kSharedMemBudget;
+}
+
+bool fused_linear_forward(const at::Tensor& like, const LinearSizes& s, const LinearPointers& p) {
+  if (!fused_linear_applies(like, s)) return false;
   if (s.M == 0 || s.out == 0) return true;
+  const int64_t early = (s.has_first ? s.R_in * s.in : 0) + (s.has_last ? s.R_out * s.R_in : 0);
+  const int64_t final_stage = s.out * (s.has_last ? s.R_out : s.R_in);
+  const int64_t acc_bytes = c10::elementSize(at::toOpMathType(like.scalar_type()));
+  const int64_t smem = kRows * ((s.has_first ? s.R_in : 0) + (s.has_last ? s.R_out : 0)) * acc_bytes;
 
   // Few row blocks: on sm_90+ a cluster of blocks shares each row block;
   // elsewhere the last stage's outputs are split over blocks while the

@@ -23,5 +23,8 @@ struct LinearPointers {
 // chain (factors too large for every block to stream them, or many rows).
 // TUCKER_OPS_CUDA_FUSED=0 in the environment forces false, as for the conv.
 bool fused_linear_forward(const at::Tensor& like, const LinearSizes& s, const LinearPointers& p);
+// Whether fused_linear_forward would launch on this shape: callers check it
+// before allocating the output, so the GEMM chain does not allocate twice.
+bool fused_linear_applies(const at::Tensor& like, const LinearSizes& s);
 
 }  // namespace tucker_ops::cuda

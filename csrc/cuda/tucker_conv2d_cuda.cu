@@ -182,13 +182,15 @@ Tensor forward_before_layout(
     c10::IntArrayRef dilation) {
   const Conv2dSizes s = check_tucker_conv2d_args(input, first, core, last, bias, stride, padding, dilation, kCudaDtypes);
   const c10::cuda::CUDAGuard guard(input.device());
-  Tensor out = at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options());
-  if (s.N == 0) return out;
+  if (s.N == 0) return at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options());
   const FusedMode mode = fused_mode_from_env();
   const bool fits_32bit = indices_fit_32bit(s);
-  const bool try_fused =
-      mode == FusedMode::kAlways || (mode == FusedMode::kAuto && fused_conv_preferred(s, input.scalar_type()));
+  // One choice per call: which fused kernel, and whether it beats the chain.
+  const FusedConvChoice choice =
+      mode == FusedMode::kNever ? FusedConvChoice{} : choose_fused_conv(s, input.scalar_type());
+  const bool try_fused = mode == FusedMode::kAlways || (mode == FusedMode::kAuto && fused_conv_preferred(s, choice));
   if (!try_fused && fits_32bit) return chain_forward_aten(input, first, core, last, bias, stride, padding, dilation, s);
+  Tensor out = at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options());
 
   const ConvTensors t = prepare(input, first, core, last, s);
   const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
@@ -197,7 +199,7 @@ Tensor forward_before_layout(
   const ConvPointers ptrs{t.x.const_data_ptr(), t.nhwc, s.has_first ? t.first.const_data_ptr() : nullptr,
                           t.core.const_data_ptr(), s.has_last ? t.last.const_data_ptr() : nullptr, bias_ptr,
                           out.mutable_data_ptr()};
-  if (mode != FusedMode::kNever && fused_conv_forward(t.x, s, ptrs)) return out;
+  if (fused_conv_forward(t.x, s, ptrs, choice)) return out;
   if (fits_32bit) return chain_forward_aten(input, first, core, last, bias, stride, padding, dilation, s);
   // Beyond 32-bit indexing and outside the fused kernel: the index-mapped GEMMs.
 

@@ -68,7 +68,7 @@ Tensor tucker_linear_cuda(
   const Tensor B = s.has_last ? last->contiguous() : Tensor();
   const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
 
-  if (fused_mode_from_env() != FusedMode::kNever) {
+  if (fused_mode_from_env() != FusedMode::kNever && fused_linear_applies(x, s)) {
     Tensor out = at::empty(shape, input.options());
     const LinearPointers ptrs{x.const_data_ptr(), s.has_first ? A.const_data_ptr() : nullptr, G.const_data_ptr(),
                               s.has_last ? B.const_data_ptr() : nullptr, s.has_bias ? b.const_data_ptr() : nullptr,
