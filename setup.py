@@ -63,7 +63,13 @@ def _write_build_info(with_cuda: bool) -> None:
 
 
 def _extension():
-    cpu_sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    # python/: the Python module with the direct op calls (needs libtorch_python, so
+    # only here; the CMake build leaves it out).
+    cpu_sources = sorted(
+        glob.glob(os.path.join(CSRC, "*.cpp"))
+        + glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
+        + glob.glob(os.path.join(CSRC, "python", "*.cpp"))
+    )
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     cxx_flags = ["-O3", "-std=c++20"]
     if _has_openmp():

@@ -35,6 +35,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     machine_info["cpu_model"] = _cpu_model()
     machine_info["logical_cpus"] = os.cpu_count()
+    # The vector ISA decides which hand-kernel variants run (and oneDNN's): a VM moved
+    # from an AVX-512 host to an AVX2 one runs everything 2-3x slower.
+    machine_info["cpu_isa"] = torch.backends.cpu.get_cpu_capability()
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["torch"] = torch.__version__
     try:

@@ -1,6 +1,6 @@
-// Times csrc/cpu/gemm.cpp's AVX-512 hand kernels (gemm_nn's and gemm_nt's
-// forms) against the BLAS call each would make, on one thread, for
-// benchmarks/gemm_crossover.py.
+// Times csrc/cpu/gemm.cpp's hand kernels (gemm_nn's and gemm_nt's forms), the
+// AVX-512 variants where the CPU has AVX-512 and else the AVX2 ones, against
+// the BLAS call each would make, on one thread, for benchmarks/gemm_crossover.py.
 // Includes gemm.cpp itself to reach its internal (anonymous-namespace) kernels.
 #include <torch/extension.h>
 
@@ -13,6 +13,10 @@
 namespace {
 
 using namespace tucker_ops::cpu;
+
+bool has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+}
 
 template <typename F>
 double best_ns(int64_t reps, const F& f) {
@@ -32,7 +36,11 @@ std::vector<double> time_nn(int64_t M, int64_t N, int64_t K, bool transposed_a, 
   std::vector<T> a(M * K, T(0.5)), b(K * N, T(0.25)), c(M * N);
   const int64_t a_rs = transposed_a ? 1 : K, a_cs = transposed_a ? M : 1;
   const double hand = best_ns(reps, [&] {
-    nn_avx512<T>(M, N, K, a.data(), a_rs, a_cs, b.data(), N, c.data(), N, false);
+    if (has_avx512()) {
+      nn_avx512<T>(M, N, K, a.data(), a_rs, a_cs, b.data(), N, c.data(), N, false);
+    } else {
+      nn_avx2<T>(M, N, K, a.data(), a_rs, a_cs, b.data(), N, c.data(), N, false);
+    }
   });
   const double blas = best_ns(reps, [&] {
     blas_call('N', transposed_a ? 'T' : 'N', int(N), int(M), int(K), b.data(), int(N), a.data(),
@@ -45,7 +53,13 @@ std::vector<double> time_nn(int64_t M, int64_t N, int64_t K, bool transposed_a, 
 template <typename T>
 std::vector<double> time_nt(int64_t M, int64_t N, int64_t K, int64_t reps) {
   std::vector<T> a(M * K, T(0.5)), b(N * K, T(0.25)), c(M * N);
-  const double hand = best_ns(reps, [&] { nt_avx512<T>(M, N, K, a.data(), K, b.data(), K, c.data(), N, false); });
+  const double hand = best_ns(reps, [&] {
+    if (has_avx512()) {
+      nt_avx512<T>(M, N, K, a.data(), K, b.data(), K, c.data(), N, false);
+    } else {
+      nt_avx2<T>(M, N, K, a.data(), K, b.data(), K, c.data(), N, false);
+    }
+  });
   const double blas = best_ns(reps, [&] {
     blas_call('T', 'N', int(N), int(M), int(K), b.data(), int(K), a.data(), int(K), T(0), c.data(), int(N));
   });
@@ -55,7 +69,7 @@ std::vector<double> time_nt(int64_t M, int64_t N, int64_t K, int64_t reps) {
 // form: "nn" (A row-major), "nn_at" (A stored transposed) or "nt".
 std::vector<double> time_gemm(const std::string& form, int64_t M, int64_t N, int64_t K, bool float64, int64_t reps) {
   TORCH_CHECK(blas_available(), "no BLAS linked into torch: nothing to compare against");
-  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"), "this CPU has no AVX-512");
+  TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), "this CPU has neither AVX-512 nor AVX2");
   if (form == "nt") return float64 ? time_nt<double>(M, N, K, reps) : time_nt<float>(M, N, K, reps);
   const bool transposed_a = form == "nn_at";
   return float64 ? time_nn<double>(M, N, K, transposed_a, reps) : time_nn<float>(M, N, K, transposed_a, reps);
@@ -65,4 +79,5 @@ std::vector<double> time_gemm(const std::string& form, int64_t M, int64_t N, int
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("time_gemm", &time_gemm);
+  m.def("isa", [] { return std::string(has_avx512() ? "avx512" : "avx2"); });
 }

@@ -1,5 +1,5 @@
-"""Where gemm_nn's AVX-512 hand kernel beats the BLAS: the measurement behind
-``nn_uses_blas`` in csrc/cpu/gemm.cpp.
+"""Where gemm_nn's hand kernel beats the BLAS: the measurement behind ``nn_uses_blas`` in
+csrc/cpu/gemm.cpp (the AVX-512 kernel where the CPU has AVX-512, else the AVX2 one).
 
 Compiles a small extension that includes gemm.cpp (torch.utils.cpp_extension, a C++
 compiler and ninja; a minute the first time), then times, on one thread, the hand kernels
@@ -54,7 +54,8 @@ def main() -> None:
         extra_cflags=["-O3"],
     )
     dtype = "float64" if args.float64 else "float32"
-    print(f"{platform.processor() or platform.machine()}, 1 thread, {dtype}, torch {torch.__version__}")
+    print(f"{platform.processor() or platform.machine()}, {ext.isa()} hand kernel, 1 thread, {dtype}, "
+          f"torch {torch.__version__}")
     print("| form | M | N | K | hand | BLAS | hand / BLAS | hand GFLOP/s |\n|---|---|---|---|---|---|---|---|")
     for form in args.forms:
         ratios = []

@@ -130,7 +130,9 @@ def write_markdown(summary: dict, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {m.get('cpu_model', '?')}, {m.get('logical_cpus', '?')} logical CPUs, "
+        f"Machine: {m.get('cpu_model', '?')}"
+        + (f" ({m['cpu_isa']})" if m.get("cpu_isa") else " (vector ISA not recorded)")
+        + f", {m.get('logical_cpus', '?')} logical CPUs, "
         f"torch {m.get('torch', '?')} with {m.get('torch_threads', '?')} threads; "
         f"ONNX Runtime {m.get('onnxruntime') or 'not installed'} with the same thread count.",
         "",

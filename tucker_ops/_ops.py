@@ -3,7 +3,11 @@
 Loads the compiled library (``tucker_ops._C``, which defines the schemas, the
 backend kernels and the autograd kernels of the forward ops), registers the fake
 (meta) kernels and the double-backward formulas of the ``*_backward`` ops, and
-exposes the entry points that pick the fused op or ``reference.py``.
+exposes the entry points that pick the fused op or ``reference.py``. In eager mode
+the entry points call the fused op through the compiled module's typed handles
+(csrc/python/fast_calls.cpp), the same dispatcher call as ``torch.ops`` without its
+boxed argument conversion; ``__torch_function__`` overrides and modes, and Dynamo,
+keep ``torch.ops``.
 
 The fake kernels repeat the C++ shape checks (csrc/checks.cpp) with
 ``torch._check_*`` so that meta tensors, fake tensors and symbolic shapes raise
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.machinery
+import importlib.util
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
 
@@ -36,9 +41,10 @@ def _library_loaded() -> bool:
     return hasattr(torch.ops.tucker_ops, "tucker_conv2d")
 
 
-def _load_library() -> None:
+def _load_library() -> str | None:
+    """Loads ``_C`` next to this file; returns its path, or None when another copy had loaded."""
     if _library_loaded():
-        return
+        return None
     # Look next to this file only: an import-system search could find the _C of
     # another copy of the package (an editable install's finder, say).
     here = pathlib.Path(__file__).resolve().parent
@@ -58,10 +64,38 @@ def _load_library() -> None:
             f"another torch than the installed {torch.__version__}; rebuild it with "
             "`pip install --no-build-isolation -e .`."
         ) from e
+    return origin
 
 
-_load_library()
+def _load_fast_calls(origin: str | None):
+    """The Python module of the same ``_C`` (csrc/python/fast_calls.cpp), or None.
+
+    Its ``tucker_conv2d`` / ``tucker_linear`` call the ops through a typed dispatcher handle,
+    without the boxed ``torch.ops`` route's per-argument conversion (several µs a call).
+    A library built without it (the CMake build) or a copy loaded elsewhere leaves None,
+    and the entry points below keep ``torch.ops``.
+    """
+    if origin is None:
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location("tucker_ops._C", origin)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError:
+        return None
+    return module if hasattr(module, "tucker_conv2d") and hasattr(module, "tucker_linear") else None
+
+
+_FAST = _load_fast_calls(_load_library())
 _OPS = torch.ops.tucker_ops
+_has_torch_function = torch._C._has_torch_function
+_is_compiling = torch.compiler.is_compiling
+
+
+def _fast_calls_apply(tensors: tuple) -> bool:
+    # The direct calls skip only torch.ops' Python layer: __torch_function__ overrides
+    # and modes, and Dynamo's tracing, need that layer, so they keep torch.ops.
+    return _FAST is not None and not _has_torch_function(tensors) and not _is_compiling()
 
 
 # -- shape checks for the fake kernels (mirror csrc/checks.cpp) -----------------------
@@ -611,6 +645,11 @@ def tucker_conv2d(
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if use_ref:
         return reference.tucker_conv2d(input, first, core, last, bias, stride, padding, dilation)
+    if _fast_calls_apply((input, first, core, last, bias)):
+        try:
+            return _FAST.tucker_conv2d(input, first, core, last, bias, stride, padding, dilation)
+        except TypeError:
+            pass  # arguments pybind11 does not convert (SymInts, ...), or the op's own TypeError: torch.ops decides
     return _OPS.tucker_conv2d(input, first, core, last, bias, stride, padding, dilation)
 
 
@@ -635,4 +674,9 @@ def tucker_linear(
     """
     if _runs_reference(backend):
         return reference.tucker_linear(input, first, core, last, bias)
+    if _fast_calls_apply((input, first, core, last, bias)):
+        try:
+            return _FAST.tucker_linear(input, first, core, last, bias)
+        except TypeError:
+            pass  # see tucker_conv2d
     return _OPS.tucker_linear(input, first, core, last, bias)

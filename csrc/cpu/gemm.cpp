@@ -365,8 +365,9 @@ bool use_blas(int64_t M, int64_t N, int64_t K) {
 // (32 x 4096 x 512 and 16 x 512 x 4096, 2M: 1.1-1.4x slower, MKL's packing
 // and prefetching win), nor where A is that large and stored transposed (its
 // columns are then read a cache line per k: 512 x 32 x 4096 with A^T,
-// 0.9-1.9x). Double (dgemm) was mixed, and the AVX2 and baseline kernels were
-// not measured against a BLAS of their own ISA: they keep use_blas's size rule.
+// 0.9-1.9x). Double (dgemm) was mixed. The AVX2 kernel, measured once on an
+// AVX2 EPYC (benchmarks/notes.md), beat MKL where B held up to about 32 K
+// elements and lost beyond; it and the baseline keep use_blas's size rule.
 constexpr int64_t kNnKernelMaxOperand = int64_t(1) << 20;  // elements (4 MiB of float)
 
 template <typename T>
