@@ -18,6 +18,25 @@ bool has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
 }
 
+// The two hand forms gemm_nn's kernel chooses between (gemm.cpp, packs), forced.
+#define TUCKER_FORMS(NAME, TARGET, BYTES)                                                                          \
+  template <typename T>                                                                                            \
+  TARGET void forced_##NAME(bool packed, int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,  \
+                            const T* b, int64_t b_rs, int64_t b_cs, T* c, int64_t ldc) {                           \
+    using V = typename Vec<T, BYTES>::type;                                                                        \
+    constexpr int64_t L = BYTES / sizeof(T);                                                                       \
+    if (packed && N % L == 0) {                                                                                    \
+      gemm_packed<T, V, false>(M, N, K, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, false);                              \
+    } else if (b_cs == 1) {                                                                                        \
+      gemm_nn_unpacked<T, V>(M, N, K, a, a_rs, a_cs, StridedRows<T>{b, b_rs}, c, ldc, false);                      \
+    } else {                                                                                                       \
+      gemm_nt_dots<T, V>(M, N, K, a, a_rs, StridedRows<T>{b, b_cs}, c, ldc, false);                                \
+    }                                                                                                              \
+  }
+TUCKER_FORMS(avx2, TUCKER_TARGET_AVX2, 32)
+TUCKER_FORMS(avx512, TUCKER_TARGET_AVX512, 64)
+#undef TUCKER_FORMS
+
 template <typename F>
 double best_ns(int64_t reps, const F& f) {
   double best = 1e300;
@@ -30,7 +49,8 @@ double best_ns(int64_t reps, const F& f) {
   return best;
 }
 
-// {hand ns, BLAS ns}: best of reps. transposed_a stores A as (K x M).
+// {hand ns (gemm_nn's choice), BLAS ns, in-place form ns, packed form ns}: best of reps
+// (packed: N a multiple of the vector width, else in place). transposed_a stores A as (K x M).
 template <typename T>
 std::vector<double> time_nn(int64_t M, int64_t N, int64_t K, bool transposed_a, int64_t reps) {
   std::vector<T> a(M * K, T(0.5)), b(K * N, T(0.25)), c(M * N);
@@ -43,11 +63,21 @@ std::vector<double> time_nn(int64_t M, int64_t N, int64_t K, bool transposed_a, 
       nn_avx2<T>(M, N, K, a.data(), a_rs, a_cs, b.data(), N, c.data(), N, false);
     }
   });
+  const auto forced = [&](bool packed) {
+    return best_ns(reps, [&] {
+      if (avx512) {
+        forced_avx512<T>(packed, M, N, K, a.data(), a_rs, a_cs, b.data(), N, 1, c.data(), N);
+      } else {
+        forced_avx2<T>(packed, M, N, K, a.data(), a_rs, a_cs, b.data(), N, 1, c.data(), N);
+      }
+    });
+  };
+  const double in_place = forced(false), packed = forced(true);
   const double blas = best_ns(reps, [&] {
     blas_call('N', transposed_a ? 'T' : 'N', int(N), int(M), int(K), b.data(), int(N), a.data(),
               int(transposed_a ? M : K), T(0), c.data(), int(N));
   });
-  return {hand, blas};
+  return {hand, blas, in_place, packed};
 }
 
 // C = A * B^T with A (M x K) and B (N x K) row-major: gemm_nt's form.
@@ -62,10 +92,20 @@ std::vector<double> time_nt(int64_t M, int64_t N, int64_t K, int64_t reps) {
       nt_avx2<T>(M, N, K, a.data(), K, b.data(), K, c.data(), N, false);
     }
   });
+  const auto forced = [&](bool packed) {
+    return best_ns(reps, [&] {
+      if (avx512) {
+        forced_avx512<T>(packed, M, N, K, a.data(), K, 1, b.data(), 1, K, c.data(), N);
+      } else {
+        forced_avx2<T>(packed, M, N, K, a.data(), K, 1, b.data(), 1, K, c.data(), N);
+      }
+    });
+  };
+  const double in_place = forced(false), packed = forced(true);
   const double blas = best_ns(reps, [&] {
     blas_call('T', 'N', int(N), int(M), int(K), b.data(), int(K), a.data(), int(K), T(0), c.data(), int(N));
   });
-  return {hand, blas};
+  return {hand, blas, in_place, packed};
 }
 
 // form: "nn" (A row-major), "nn_at" (A stored transposed) or "nt".

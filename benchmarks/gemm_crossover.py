@@ -6,7 +6,9 @@ compiler and ninja; a minute the first time), then times, on one thread, the han
 against the single-threaded sgemm/dgemm call gemm_nn / gemm_nt would make, for the products the
 CPU kernels run (conv stages per pixel block, linear stages per row block, weight
 gradients with A transposed), each the best of repeated calls on warm data. Prints one
-line per shape and the range of hand / BLAS time ratios::
+line per shape and the range of hand / BLAS time ratios. "hand" is the form gemm_nn /
+gemm_nt picks (gemm.cpp, packs); the last two columns force each: in place (gemm_nt: the
+dot-product form) and packed (where N is a multiple of the vector width)::
 
     python benchmarks/gemm_crossover.py
 """
@@ -56,17 +58,18 @@ def main() -> None:
     dtype = "float64" if args.float64 else "float32"
     print(f"{platform.processor() or platform.machine()}, {ext.isa()} hand kernel, 1 thread, {dtype}, "
           f"torch {torch.__version__}")
-    print("| form | M | N | K | hand | BLAS | hand / BLAS | hand GFLOP/s |\n|---|---|---|---|---|---|---|---|")
+    print("| form | M | N | K | hand | BLAS | hand / BLAS | hand GFLOP/s | in place / BLAS | packed / BLAS |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for form in args.forms:
         ratios = []
         shapes = [tuple(int(v) for v in x.split(",")) for x in args.shapes] if args.shapes else SHAPES
         for m, n, k in shapes:
             reps = max(5, min(2000, int(2e7 / (m * n * k))))
-            hand, blas = ext.time_gemm(form, m, n, k, args.float64, reps)
+            hand, blas, in_place, packed = ext.time_gemm(form, m, n, k, args.float64, reps)
             ratios.append(hand / blas)
             print(
                 f"| {form} | {m} | {n} | {k} | {hand / 1e3:.1f} us | {blas / 1e3:.1f} us | {hand / blas:.2f} "
-                f"| {2 * m * n * k / hand:.0f} |"
+                f"| {2 * m * n * k / hand:.0f} | {in_place / blas:.2f} | {packed / blas:.2f} |"
             )
         print(f"{form}: hand / BLAS min {min(ratios):.2f}, max {max(ratios):.2f}, "
               f"hand faster in {sum(r < 1 for r in ratios)} of {len(ratios)}")  # fmt: skip

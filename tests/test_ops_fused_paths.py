@@ -311,6 +311,70 @@ def test_gemm_variants(env):
     run_check_in_subprocess(_SUBPROCESS_CHECK, env)
 
 
+_PACKED_GEMM_CHECK = r"""
+import torch
+from test_ops_fused_paths import packed_gemm_cases_match
+packed_gemm_cases_match()
+print("ok")
+"""
+
+
+def packed_gemm_cases_match() -> None:
+    """Linear and conv layers whose products take every branch of the hand kernel's packed
+    form (gemm.cpp, gemm_packed; AVX2 and the baseline): K over one and several K blocks
+    with a partial last one, N over one column block and past it, with an N % vector tail,
+    M over one row block, panels of 7 and 8 leftover rows, A transposed (packed) and
+    row-major (in place), B packed from rows (gemm_nn) and from B^T's rows (gemm_nt), and
+    streamed weight gradients. Every output and gradient against the reference, float64 and
+    float32, the tolerance scaled by the reference's magnitude (long sums)."""
+    gen = torch.Generator().manual_seed(11)
+    linear = [  # (rows, in, R_in, R_out, out)
+        (150, 1100, 300, 70, 1030),  # weights dominate: whole-batch products, W X^T forward
+        (304, 520, 130, 40, 1100),  # transposed A spanning MiBs in the weight gradients
+        (37, 2100, 20, 24, 17),
+        (61, 700, 400, 100, 300),  # rows-block paths
+    ]
+    for dtype in (torch.float64, torch.float32):
+        tol = 1e-9 if dtype == torch.float64 else 2e-5
+        for rows, i, ri, ro, o in linear:
+            shapes = ((rows, i), (ri, i), (ro, ri), (o, ro), (o,))
+            tensors = [torch.randn(*s, dtype=dtype, generator=gen) for s in shapes]
+            _matches(lambda *t: ops.tucker_linear(*t), reference.tucker_linear, tensors, tol)
+        shapes = ((2, 288, 20, 22), (48, 288), (40, 48, 3, 3), (272, 40), (272,))
+        tensors = [torch.randn(*s, dtype=dtype, generator=gen) for s in shapes]
+        conv = lambda mod: lambda *t: mod.tucker_conv2d(*t, (1, 1), (1, 1), (1, 1))  # noqa: E731
+        _matches(conv(ops), conv(reference), tensors, tol)
+
+
+def _matches(fn, ref_fn, tensors, tol: float) -> None:
+    inputs = [t.detach().requires_grad_() for t in tensors]
+    y, y_ref = fn(*inputs), ref_fn(*inputs)
+    gy = torch.randn_like(y_ref)
+    got = torch.autograd.grad(y, inputs, gy)
+    want = torch.autograd.grad(y_ref, inputs, gy)
+    for name, a, r in zip(("output", "input", "first", "core", "last", "bias"), (y, *got), (y_ref, *want)):
+        scale = r.abs().max().item()
+        torch.testing.assert_close(a, r, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+
+
+def test_packed_gemm_paths():
+    """The packed hand-kernel form, with the kernel and instruction set this CPU picks."""
+    packed_gemm_cases_match()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"TUCKER_OPS_GEMM": "kernel", "TUCKER_OPS_ISA": "avx2"},
+        {"TUCKER_OPS_GEMM": "kernel", "TUCKER_OPS_ISA": "baseline"},
+    ],
+    ids=["kernel-avx2", "kernel-baseline"],
+)
+def test_packed_gemm_paths_forced_kernel(env):
+    """Every product on the hand kernel (gemm_nt's packed form included), per instruction set."""
+    run_check_in_subprocess(_PACKED_GEMM_CHECK, env)
+
+
 def conv_matches_reference(tensors, tol: float, padding=(1, 1)) -> None:
     """tucker_conv2d (stride and dilation 1) of `tensors` = (x, first, core, last, bias),
     forward and every gradient of its sum, equals the reference chain's to `tol`. For the

@@ -110,7 +110,7 @@ std::vector<T>& tail_buffer() {
 }
 
 template <typename T, typename V, bool Stream = false, typename Rows>
-TUCKER_INLINE void gemm_nn_impl(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
+TUCKER_INLINE void gemm_nn_unpacked(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
                                 const Rows& b, T* c, int64_t ldc, bool accumulate) {
   constexpr int L = sizeof(V) / sizeof(T);
   constexpr int MR = 6;
@@ -141,6 +141,224 @@ TUCKER_INLINE void gemm_nn_impl(int64_t M, int64_t N, int64_t K, const T* a, int
     for (int64_t m = 0; m < M; ++m) std::memcpy(ct + m * L, c + m * ldc + n, rem * sizeof(T));
   nn_rows<T, V, MR, 1>(M, K, a, a_rs, a_cs, StridedRows<T>{bt, L}, ct, L, accumulate);
   for (int64_t m = 0; m < M; ++m) std::memcpy(c + m * ldc + n, ct + m * L, rem * sizeof(T));
+}
+
+// ---- cache-blocked (packed) form ------------------------------------------------
+//
+// gemm_nn_unpacked reads each strip of B (K rows x two vectors) once per MR
+// rows of A, in place: with K long or B's rows far apart that strip falls out
+// of L1 between passes and every row of it is a different cache line (and,
+// 2 KiB apart, nearly a different page). The packed form copies B, a KC x NC
+// block at a time, into strips laid out k-major (one strip = KC contiguous
+// rows of two vectors, half of L1), and a transposed A into panels, so the
+// same micro-kernel streams from contiguous memory: each strip is read from
+// memory once per MC rows instead of once per MR, and the copy reads B whole
+// rows at a time (or, for gemm_nt's B^T, rows of B along K).
+template <typename T, typename V>
+struct PackedBlocking {
+  static constexpr int L = sizeof(V) / sizeof(T);
+  static constexpr int MR = 6;  // gemm_nn_unpacked's micro-tile height
+  static constexpr int NR = 2 * L;
+  static constexpr int64_t KC = 16384 / (NR * int64_t(sizeof(T)));  // one B strip = 16 KiB
+  static constexpr int64_t MC = 20 * MR;                             // A block: 120 x KC, in L2
+  static constexpr int64_t NC = (int64_t(1) << 20) / (KC * int64_t(sizeof(T)));  // B block: 1 MiB
+};
+
+// Per-thread pack space, grown as needed and kept (as tail_buffer), aligned
+// to a cache line so that each strip row of two vectors is one line.
+template <typename T>
+T* pack_buffer(int slot, int64_t elements) {
+  thread_local std::vector<T> bufs[2];
+  std::vector<T>& buf = bufs[slot];
+  const size_t pad = 64 / sizeof(T);
+  if (buf.size() < size_t(elements) + pad) buf.resize(size_t(elements) + pad);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<T*>((p + 63) & ~uintptr_t(63));
+}
+
+// One strip of B (kc rows x w columns, w = NR or L; element (k, n) at
+// b[k * b_rs + n * b_cs]) into dst, k-major: row k at dst + k * w.
+template <typename T, typename V>
+TUCKER_INLINE void pack_b_strip(int64_t kc, int64_t w, const T* b, int64_t b_rs, int64_t b_cs, T* dst) {
+  constexpr int L = PackedBlocking<T, V>::L, NR = PackedBlocking<T, V>::NR;
+  if (b_cs != 1) {
+    for (int64_t j = 0; j < w; ++j) {
+      const T* col = b + j * b_cs;
+      for (int64_t k = 0; k < kc; ++k) dst[k * w + j] = col[k * b_rs];
+    }
+  } else if (w == NR) {
+    for (int64_t k = 0; k < kc; ++k) {
+      store(dst + k * NR, load<V>(b + k * b_rs));
+      store(dst + k * NR + L, load<V>(b + k * b_rs + L));
+    }
+  } else {
+    for (int64_t k = 0; k < kc; ++k) store(dst + k * L, load<V>(b + k * b_rs));
+  }
+}
+
+// Rows of the panel starting at row p of an mc-row block: MR, except that
+// the last 7 or 8 rows split into two panels (4 + 3, 4 + 4) rather than MR
+// and 1 or 2. A panel of 1-2 rows has fewer independent accumulators than the
+// FMA latency covers, so it would run at the speed of a full one.
+template <int MR>
+TUCKER_INLINE int panel_rows(int64_t mc, int64_t p) {
+  const int64_t left = mc - p;
+  if (left > MR && left < MR + 3) return int((left + 1) / 2);
+  return int(std::min<int64_t>(MR, left));
+}
+
+// A block stored transposed (mc x kc, element (m, k) at a[m * a_rs + k * a_cs])
+// into panels of panel_rows rows, each k-major: the panel at row p starts at
+// dst + p * kc.
+template <typename T, int MR>
+TUCKER_INLINE void pack_a_block(int64_t mc, int64_t kc, const T* a, int64_t a_rs, int64_t a_cs, T* dst) {
+  for (int64_t p = 0, rows = 0; p < mc; p += rows) {
+    rows = panel_rows<MR>(mc, p);
+    T* out = dst + p * kc;
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* col = a + p * a_rs + k * a_cs;
+      for (int64_t i = 0; i < rows; ++i) out[k * rows + i] = col[i * a_rs];
+    }
+  }
+}
+
+// One panel of `rows` (1..MR) of A (element (m, k) at a[m * a_rs + k * a_cs])
+// against one packed B strip of NV vectors.
+template <typename T, typename V, int NV, bool Stream>
+TUCKER_INLINE void packed_tile(int rows, int64_t kc, const T* a, int64_t a_rs, int64_t a_cs, const T* bp, T* c,
+                               int64_t ldc, bool accumulate) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  const StridedRows<T> b{bp, NV * L};
+  switch (rows) {
+    case 6: nn_micro<T, V, 6, NV, Stream>(kc, a, a_rs, a_cs, b, c, ldc, accumulate); break;
+    case 5: nn_micro<T, V, 5, NV, Stream>(kc, a, a_rs, a_cs, b, c, ldc, accumulate); break;
+    case 4: nn_micro<T, V, 4, NV, Stream>(kc, a, a_rs, a_cs, b, c, ldc, accumulate); break;
+    case 3: nn_micro<T, V, 3, NV, Stream>(kc, a, a_rs, a_cs, b, c, ldc, accumulate); break;
+    case 2: nn_micro<T, V, 2, NV, Stream>(kc, a, a_rs, a_cs, b, c, ldc, accumulate); break;
+    default: nn_micro<T, V, 1, NV, Stream>(kc, a, a_rs, a_cs, b, c, ldc, accumulate); break;
+  }
+}
+
+// Asks for the lines of the next strip of B to be packed (kc rows of w
+// columns), while this one computes: the copy then finds them in cache rather
+// than waiting on memory for each row.
+template <typename T>
+TUCKER_INLINE void prefetch_b_strip(int64_t kc, int64_t w, const T* b, int64_t b_rs, int64_t b_cs) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  if (b_cs == 1) {
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t j = 0; j < w; j += kLine) __builtin_prefetch(b + k * b_rs + j, 0, 2);
+  } else {
+    for (int64_t j = 0; j < w; ++j)
+      for (int64_t k = 0; k < kc; k += kLine) __builtin_prefetch(b + j * b_cs + k * b_rs, 0, 2);
+  }
+}
+
+// C (M x N, N a multiple of L) = [C +] A * B with B's element (k, n) at
+// b[k * b_rs + n * b_cs], through packed strips of B. Each strip is packed
+// right before its first use (the first MC rows), so with few rows it is
+// still in L1 when it computes; later row blocks reuse the packed block.
+// A is packed only when stored transposed (its columns, one line per k, would
+// conflict in L1 the way B's rows do); row-major A is read in place, MR rows
+// streaming along K. Streams C only when one K block covers K (otherwise C
+// is read back for the next block).
+template <typename T, typename V, bool Stream>
+TUCKER_INLINE void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b,
+                               int64_t b_rs, int64_t b_cs, T* c, int64_t ldc, bool accumulate) {
+  using Blk = PackedBlocking<T, V>;
+  static_assert(Blk::MR == 6, "packed_tile dispatches up to 6 rows");
+  const bool pack_a = a_cs != 1;
+  T* bpack = pack_buffer<T>(0, Blk::KC * std::min<int64_t>(Blk::NC, N));
+  T* apack = pack_a ? pack_buffer<T>(1, Blk::KC * std::min<int64_t>(Blk::MC, M)) : nullptr;
+  for (int64_t jc = 0; jc < N; jc += Blk::NC) {
+    const int64_t nc = std::min<int64_t>(Blk::NC, N - jc);
+    for (int64_t pc = 0; pc < K; pc += Blk::KC) {
+      const int64_t kc = std::min<int64_t>(Blk::KC, K - pc);
+      const bool acc = accumulate || pc > 0;
+      const T* b_block = b + pc * b_rs + jc * b_cs;
+      for (int64_t ic = 0; ic < M; ic += Blk::MC) {
+        const int64_t mc = std::min<int64_t>(Blk::MC, M - ic);
+        const T* a_block = a + ic * a_rs + pc * a_cs;
+        if (pack_a) pack_a_block<T, Blk::MR>(mc, kc, a_block, a_rs, a_cs, apack);
+        for (int64_t s = 0; s < nc; s += Blk::NR) {
+          const int64_t w = std::min<int64_t>(Blk::NR, nc - s);
+          T* bp = bpack + s * kc;
+          if (ic == 0) {
+            pack_b_strip<T, V>(kc, w, b_block + s * b_cs, b_rs, b_cs, bp);
+            if (s + w < nc)
+              prefetch_b_strip(kc, std::min<int64_t>(Blk::NR, nc - s - w), b_block + (s + w) * b_cs, b_rs, b_cs);
+            else if (pc + kc < K)
+              prefetch_b_strip(std::min<int64_t>(Blk::KC, K - pc - kc), std::min<int64_t>(Blk::NR, nc),
+                               b_block + kc * b_rs, b_rs, b_cs);
+          }
+          T* cs = c + ic * ldc + jc + s;
+          for (int64_t p = 0, rows = 0; p < mc; p += rows) {
+            rows = panel_rows<Blk::MR>(mc, p);
+            const T* ap = pack_a ? apack + p * kc : a_block + p * a_rs;
+            const int64_t ars = pack_a ? 1 : a_rs, acs = pack_a ? rows : a_cs;
+            if (w == Blk::NR)
+              packed_tile<T, V, 2, Stream>(rows, kc, ap, ars, acs, bp, cs + p * ldc, ldc, acc);
+            else
+              packed_tile<T, V, 1, Stream>(rows, kc, ap, ars, acs, bp, cs + p * ldc, ldc, acc);
+          }
+        }
+      }
+    }
+  }
+  if constexpr (Stream) streaming_fence();
+}
+
+// Whether gemm_nn's hand kernel packs an (M x N x K) product whose B rows are
+// ldb elements apart and whose A is stored transposed with columns a_cs apart
+// (a_cs = 1: row-major). Packing pays where the in-place walk would miss in
+// L1: B's strip (K rows, ldb apart) spanning 1 MiB, or 256 KiB once A has
+// enough rows to reuse a packed strip, or rows a multiple of 1 KiB apart
+// (they then share a few L1 sets: 2 KiB apart, 2 of a 32 KiB 8-way L1's 64,
+// which 16 rows fill); or A's columns spanning 1 MiB. Measured on AVX2 (EPYC, one thread:
+// benchmarks/gemm_crossover.py's "in place" and "packed" columns): packing
+// ran 1.1-6x faster there (4096 x 512 x 32 with B rows 2 KiB apart: 0.74-0.93
+// against 1.18-1.23 of MKL's time; 32 x 512 x 4096: 1.0-1.1 against 5-6) and
+// 0-30% slower below it, where the copies outweigh the reuse (8-16 rows, or a
+// transposed A of 16-32 columns). AVX-512 keeps the in-place kernel its BLAS
+// rules (nn_uses_blas) were measured with.
+constexpr int64_t kPackSpanBytes = int64_t(1) << 20;
+constexpr int64_t kPackReusedSpanBytes = int64_t(256) << 10;
+constexpr int64_t kPackReuseRows = 32;
+
+template <typename T, typename V>
+TUCKER_INLINE bool packs(int64_t M, int64_t N, int64_t K, int64_t ldb, int64_t a_cs) {
+  using Blk = PackedBlocking<T, V>;
+  if constexpr (sizeof(V) > 32) {
+    return false;
+  } else {
+    if (M <= Blk::MR || N < Blk::NR) return false;
+    const int64_t row_bytes = ldb * int64_t(sizeof(T)), b_span = K * row_bytes;
+    const bool b_misses = b_span >= kPackSpanBytes ||
+                          (M >= kPackReuseRows && (b_span >= kPackReusedSpanBytes || (row_bytes % 1024 == 0 && K > 16)));
+    const bool a_misses = a_cs != 1 && K * a_cs * int64_t(sizeof(T)) >= kPackSpanBytes;
+    return b_misses || a_misses;
+  }
+}
+
+// gemm_nn's hand kernel: packed where that pays, else in place; the last
+// N % L columns always go through gemm_nn_unpacked's zero-padded tail.
+template <typename T, typename V, bool Stream = false, typename Rows>
+TUCKER_INLINE void gemm_nn_impl(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
+                                const Rows& b, T* c, int64_t ldc, bool accumulate) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  if constexpr (!Rows::kReadsPastN) {
+    if (packs<T, V>(M, N, K, b.ldb, a_cs)) {
+      const int64_t n_vec = N - N % L;
+      if (Stream && K <= PackedBlocking<T, V>::KC)
+        gemm_packed<T, V, true>(M, n_vec, K, a, a_rs, a_cs, b.b, b.ldb, 1, c, ldc, accumulate);
+      else
+        gemm_packed<T, V, false>(M, n_vec, K, a, a_rs, a_cs, b.b, b.ldb, 1, c, ldc, accumulate);
+      if (n_vec < N)
+        gemm_nn_unpacked<T, V>(M, N - n_vec, K, a, a_rs, a_cs, b.shifted(n_vec), c + n_vec, ldc, accumulate);
+      return;
+    }
+  }
+  gemm_nn_unpacked<T, V, Stream>(M, N, K, a, a_rs, a_cs, b, c, ldc, accumulate);
 }
 
 // Horizontal sum by halving (a log-depth tree of vector adds down to 16
@@ -250,6 +468,15 @@ template <typename T, typename V>
 TUCKER_INLINE void gemm_nt_impl(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
                                 T* c, int64_t ldc, bool accumulate) {
   constexpr int L = sizeof(V) / sizeof(T);
+  if (M >= kNtPackMinRows && N >= L && packs<T, V>(M, N, K, N, 1)) {
+    // Where gemm_nn would pack B^T (K x N) after the transpose below, pack it
+    // straight from B's rows instead (B^T's element (k, n) is b[n * ldb + k]).
+    const int64_t n_vec = N - N % L;
+    gemm_packed<T, V, false>(M, n_vec, K, a, lda, 1, b, 1, ldb, c, ldc, accumulate);
+    if (n_vec < N)
+      gemm_nt_dots<T, V>(M, N - n_vec, K, a, lda, StridedRows<T>{b + n_vec * ldb, ldb}, c + n_vec, ldc, accumulate);
+    return;
+  }
   if (M >= kNtPackMinRows && N >= L) {
     // Transpose B into K x N so the broadcast-A kernel (vectors along N,
     // no horizontal sums) runs; A is read in place through its strides.
@@ -365,15 +592,24 @@ bool use_blas(int64_t M, int64_t N, int64_t K) {
 // (32 x 4096 x 512 and 16 x 512 x 4096, 2M: 1.1-1.4x slower, MKL's packing
 // and prefetching win), nor where A is that large and stored transposed (its
 // columns are then read a cache line per k: 512 x 32 x 4096 with A^T,
-// 0.9-1.9x). Double (dgemm) was mixed. The AVX2 kernel, measured once on an
-// AVX2 EPYC (benchmarks/notes.md), beat MKL where B held up to about 32 K
-// elements and lost beyond; it and the baseline keep use_blas's size rule.
+// 0.9-1.9x). Double (dgemm) was mixed.
+//
+// The AVX2 float kernel, read in place, beat MKL only where B held up to about
+// 32 K elements (2.8-6.8x slower at 2-4M: B's strips thrash L1, see packs).
+// Packing the products that walk would miss on, it kept up with MKL at every
+// measured size (one thread, AVX2 EPYC): time hand / BLAS 0.53-1.15 over the
+// 97 shapes of gemm_crossover.py with A row-major and 0.53-1.30 with A stored
+// transposed, faster at 80 and 67 of them; 2048^3 0.96-1.02; linear_4096's
+// weight gradients 0.69-0.88. So with AVX2 every float gemm_nn runs on the
+// hand kernel; double and the baseline keep use_blas's size rule.
 constexpr int64_t kNnKernelMaxOperand = int64_t(1) << 20;  // elements (4 MiB of float)
 
 template <typename T>
 bool nn_uses_blas(int64_t M, int64_t N, int64_t K, bool a_row_major) {
-  if (gemm_nn_kernel_preferred<T>() && K * N <= kNnKernelMaxOperand && (a_row_major || M * K <= kNnKernelMaxOperand))
-    return false;
+  if (gemm_nn_kernel_preferred<T>()) {
+    if (kIsa == Isa::kAvx2) return false;
+    if (K * N <= kNnKernelMaxOperand && (a_row_major || M * K <= kNnKernelMaxOperand)) return false;
+  }
   return use_blas<T>(M, N, K);
 }
 
@@ -490,7 +726,7 @@ bool gemm_nn_uses_blas(int64_t M, int64_t N, int64_t K) {
 
 template <typename T>
 bool gemm_nn_kernel_preferred() {
-  return std::is_same_v<T, float> && kMode == GemmMode::kAuto && kIsa == Isa::kAvx512;
+  return std::is_same_v<T, float> && kMode == GemmMode::kAuto && kIsa != Isa::kBaseline;
 }
 template bool gemm_nn_kernel_preferred<float>();
 template bool gemm_nn_kernel_preferred<double>();

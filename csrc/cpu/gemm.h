@@ -6,8 +6,10 @@
 // time) and a hand-written register-blocked kernel compiled for AVX-512,
 // AVX2+FMA and a portable baseline, chosen at run time from cpuid. Small
 // products go to the hand kernel (a BLAS call costs about a microsecond
-// before any arithmetic), and with AVX-512 so do gemm_nn's larger ones, which
-// it ran faster than MKL (gemm.cpp, nn_uses_blas).
+// before any arithmetic), and for float with AVX-512 or AVX2 so do gemm_nn's
+// larger ones, which it ran about as fast as MKL or faster (gemm.cpp,
+// nn_uses_blas). Below AVX-512 the kernel packs B (and a transposed A) into
+// cache-sized blocks where reading them in place would miss (gemm.cpp, packs).
 //
 // Environment overrides, read once (for benchmarks and tests):
 //   TUCKER_OPS_GEMM = auto | blas | kernel
@@ -77,9 +79,10 @@ bool gemm_uses_blas(int64_t M, int64_t N, int64_t K);
 template <typename T>
 bool gemm_nn_uses_blas(int64_t M, int64_t N, int64_t K);
 
-// Whether gemm_nn's hand kernel is the measured-fast one (float, AVX-512, no
-// TUCKER_OPS_GEMM override): products are then worth rearranging into its
-// form (W times transposed activations) even at the price of transposing.
+// Whether gemm_nn's hand kernel is the measured-fast one (float, AVX-512 or
+// AVX2, no TUCKER_OPS_GEMM override): products are then worth rearranging
+// into its form (W times transposed activations) even at the price of
+// transposing.
 template <typename T>
 bool gemm_nn_kernel_preferred();
 
