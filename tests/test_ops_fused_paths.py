@@ -333,6 +333,8 @@ def packed_gemm_cases_match() -> None:
         (304, 520, 130, 40, 1100),  # transposed A spanning MiBs in the weight gradients
         (37, 2100, 20, 24, 17),
         (61, 700, 400, 100, 300),  # rows-block paths
+        (1, 1100, 300, 70, 1030),  # one row: K blocks of B against few rows, outer products
+        (5, 700, 40, 30, 900),
     ]
     for dtype in (torch.float64, torch.float32):
         tol = 1e-9 if dtype == torch.float64 else 2e-5

@@ -83,22 +83,27 @@ TUCKER_INLINE void nn_micro(int64_t K, const T* a, int64_t a_rs, int64_t a_cs, c
     }
 }
 
+// nn_micro for a run-time row count of 1..6.
+template <typename T, typename V, int NV, bool Stream, typename Rows>
+TUCKER_INLINE void nn_micro_rows(int rows, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const Rows& b, T* c,
+                                 int64_t ldc, bool accumulate) {
+  switch (rows) {
+    case 6: nn_micro<T, V, 6, NV, Stream>(K, a, a_rs, a_cs, b, c, ldc, accumulate); break;
+    case 5: nn_micro<T, V, 5, NV, Stream>(K, a, a_rs, a_cs, b, c, ldc, accumulate); break;
+    case 4: nn_micro<T, V, 4, NV, Stream>(K, a, a_rs, a_cs, b, c, ldc, accumulate); break;
+    case 3: nn_micro<T, V, 3, NV, Stream>(K, a, a_rs, a_cs, b, c, ldc, accumulate); break;
+    case 2: nn_micro<T, V, 2, NV, Stream>(K, a, a_rs, a_cs, b, c, ldc, accumulate); break;
+    default: nn_micro<T, V, 1, NV, Stream>(K, a, a_rs, a_cs, b, c, ldc, accumulate); break;
+  }
+}
+
 template <typename T, typename V, int MR, int NV, bool Stream = false, typename Rows>
 TUCKER_INLINE void nn_rows(int64_t M, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const Rows& b, T* c,
                            int64_t ldc, bool accumulate) {
   int64_t m = 0;
   for (; m + MR <= M; m += MR)
     nn_micro<T, V, MR, NV, Stream>(K, a + m * a_rs, a_rs, a_cs, b, c + m * ldc, ldc, accumulate);
-  const T* am = a + m * a_rs;
-  T* cm = c + m * ldc;
-  switch (M - m) {
-    case 0: break;
-    case 1: nn_micro<T, V, 1, NV, Stream>(K, am, a_rs, a_cs, b, cm, ldc, accumulate); break;
-    case 2: nn_micro<T, V, 2, NV, Stream>(K, am, a_rs, a_cs, b, cm, ldc, accumulate); break;
-    case 3: nn_micro<T, V, 3, NV, Stream>(K, am, a_rs, a_cs, b, cm, ldc, accumulate); break;
-    case 4: nn_micro<T, V, 4, NV, Stream>(K, am, a_rs, a_cs, b, cm, ldc, accumulate); break;
-    default: nn_micro<T, V, 5, NV, Stream>(K, am, a_rs, a_cs, b, cm, ldc, accumulate); break;
-  }
+  if (m < M) nn_micro_rows<T, V, NV, Stream>(int(M - m), K, a + m * a_rs, a_rs, a_cs, b, c + m * ldc, ldc, accumulate);
 }
 
 // Scratch for the last, narrower-than-a-vector column strip: B's strip and
@@ -222,23 +227,6 @@ TUCKER_INLINE void pack_a_block(int64_t mc, int64_t kc, const T* a, int64_t a_rs
   }
 }
 
-// One panel of `rows` (1..MR) of A (element (m, k) at a[m * a_rs + k * a_cs])
-// against one packed B strip of NV vectors.
-template <typename T, typename V, int NV, bool Stream>
-TUCKER_INLINE void packed_tile(int rows, int64_t kc, const T* a, int64_t a_rs, int64_t a_cs, const T* bp, T* c,
-                               int64_t ldc, bool accumulate) {
-  constexpr int L = sizeof(V) / sizeof(T);
-  const StridedRows<T> b{bp, NV * L};
-  switch (rows) {
-    case 6: nn_micro<T, V, 6, NV, Stream>(kc, a, a_rs, a_cs, b, c, ldc, accumulate); break;
-    case 5: nn_micro<T, V, 5, NV, Stream>(kc, a, a_rs, a_cs, b, c, ldc, accumulate); break;
-    case 4: nn_micro<T, V, 4, NV, Stream>(kc, a, a_rs, a_cs, b, c, ldc, accumulate); break;
-    case 3: nn_micro<T, V, 3, NV, Stream>(kc, a, a_rs, a_cs, b, c, ldc, accumulate); break;
-    case 2: nn_micro<T, V, 2, NV, Stream>(kc, a, a_rs, a_cs, b, c, ldc, accumulate); break;
-    default: nn_micro<T, V, 1, NV, Stream>(kc, a, a_rs, a_cs, b, c, ldc, accumulate); break;
-  }
-}
-
 // Asks for the lines of the next strip of B to be packed (kc rows of w
 // columns), while this one computes: the copy then finds them in cache rather
 // than waiting on memory for each row.
@@ -266,7 +254,7 @@ template <typename T, typename V, bool Stream>
 TUCKER_INLINE void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b,
                                int64_t b_rs, int64_t b_cs, T* c, int64_t ldc, bool accumulate) {
   using Blk = PackedBlocking<T, V>;
-  static_assert(Blk::MR == 6, "packed_tile dispatches up to 6 rows");
+  static_assert(Blk::MR == 6, "nn_micro_rows dispatches up to 6 rows");
   const bool pack_a = a_cs != 1;
   T* bpack = pack_buffer<T>(0, Blk::KC * std::min<int64_t>(Blk::NC, N));
   T* apack = pack_a ? pack_buffer<T>(1, Blk::KC * std::min<int64_t>(Blk::MC, M)) : nullptr;
@@ -296,10 +284,13 @@ TUCKER_INLINE void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a, int6
             rows = panel_rows<Blk::MR>(mc, p);
             const T* ap = pack_a ? apack + p * kc : a_block + p * a_rs;
             const int64_t ars = pack_a ? 1 : a_rs, acs = pack_a ? rows : a_cs;
+            // One panel of A against the strip, two vectors wide (or one).
             if (w == Blk::NR)
-              packed_tile<T, V, 2, Stream>(rows, kc, ap, ars, acs, bp, cs + p * ldc, ldc, acc);
+              nn_micro_rows<T, V, 2, Stream>(int(rows), kc, ap, ars, acs, StridedRows<T>{bp, Blk::NR}, cs + p * ldc,
+                                             ldc, acc);
             else
-              packed_tile<T, V, 1, Stream>(rows, kc, ap, ars, acs, bp, cs + p * ldc, ldc, acc);
+              nn_micro_rows<T, V, 1, Stream>(int(rows), kc, ap, ars, acs, StridedRows<T>{bp, Blk::L}, cs + p * ldc,
+                                             ldc, acc);
           }
         }
       }
@@ -340,6 +331,17 @@ TUCKER_INLINE bool packs(int64_t M, int64_t N, int64_t K, int64_t ldb, int64_t a
   }
 }
 
+// In-place orders for the shapes packing skips (AVX2 and the baseline): an
+// outer product of inner dimension at most kRowOrderMaxK with B in half of L1
+// (as a batch-1 linear's weight gradients) runs rows of C outermost; at most
+// MR rows against a B beyond L1 (a batch-1 linear's input-side products) run
+// kRowsPerKBlock rows of B at a time. Both are limited to the shapes they
+// were measured on (benchmarks/notes.md, Design: in-place orders).
+constexpr int64_t kRowOrderMaxK = 8;
+constexpr int64_t kRowOrderMaxBBytes = int64_t(16) << 10;
+constexpr int64_t kRowsPerKBlock = 16;
+constexpr int64_t kL1Bytes = int64_t(32) << 10;
+
 // gemm_nn's hand kernel: packed where that pays, else in place; the last
 // N % L columns always go through gemm_nn_unpacked's zero-padded tail.
 template <typename T, typename V, bool Stream = false, typename Rows>
@@ -355,6 +357,28 @@ TUCKER_INLINE void gemm_nn_impl(int64_t M, int64_t N, int64_t K, const T* a, int
         gemm_packed<T, V, false>(M, n_vec, K, a, a_rs, a_cs, b.b, b.ldb, 1, c, ldc, accumulate);
       if (n_vec < N)
         gemm_nn_unpacked<T, V>(M, N - n_vec, K, a, a_rs, a_cs, b.shifted(n_vec), c + n_vec, ldc, accumulate);
+      return;
+    }
+  }
+  if constexpr (sizeof(V) <= 32) {
+    constexpr int64_t MR = PackedBlocking<T, V>::MR;
+    const int64_t b_bytes = K * N * int64_t(sizeof(T));
+    if (M > MR && K <= kRowOrderMaxK && b_bytes <= kRowOrderMaxBBytes) {
+      // An outer product of a small B: rows of C outermost, so C is written
+      // row block by row block, each row in order, rather than a column strip
+      // at a time.
+      for (int64_t m0 = 0; m0 < M; m0 += MR)
+        gemm_nn_unpacked<T, V, Stream>(std::min(MR, M - m0), N, K, a + m0 * a_rs, a_rs, a_cs, b, c + m0 * ldc, ldc,
+                                       accumulate);
+      return;
+    }
+    if (M <= MR && K > kRowsPerKBlock && b_bytes > kL1Bytes) {
+      // A few rows against a B from beyond L1: a block of B's rows at a time,
+      // so that each is read whole while it is in cache, not a column strip
+      // down all K rows at a time.
+      for (int64_t k0 = 0; k0 < K; k0 += kRowsPerKBlock)
+        gemm_nn_unpacked<T, V>(M, N, std::min(kRowsPerKBlock, K - k0), a + k0 * a_cs, a_rs, a_cs, b.skip(k0), c, ldc,
+                               accumulate || k0 > 0);
       return;
     }
   }
