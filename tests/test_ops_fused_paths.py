@@ -341,7 +341,7 @@ def packed_gemm_cases_match() -> None:
         for rows, i, ri, ro, o in linear:
             shapes = ((rows, i), (ri, i), (ro, ri), (o, ro), (o,))
             tensors = [torch.randn(*s, dtype=dtype, generator=gen) for s in shapes]
-            _matches(lambda *t: ops.tucker_linear(*t), reference.tucker_linear, tensors, tol)
+            _matches(ops.tucker_linear, reference.tucker_linear, tensors, tol)
         shapes = ((2, 288, 20, 22), (48, 288), (40, 48, 3, 3), (272, 40), (272,))
         tensors = [torch.randn(*s, dtype=dtype, generator=gen) for s in shapes]
         conv = lambda mod: lambda *t: mod.tucker_conv2d(*t, (1, 1), (1, 1), (1, 1))  # noqa: E731

@@ -83,7 +83,10 @@ TUCKER_INLINE void nn_micro(int64_t K, const T* a, int64_t a_rs, int64_t a_cs, c
     }
 }
 
-// nn_micro for a run-time row count of 1..6.
+// Rows of C per micro-tile of the broadcast kernel (in place and packed).
+constexpr int kMicroRows = 6;
+
+// nn_micro for a run-time row count of 1..kMicroRows.
 template <typename T, typename V, int NV, bool Stream, typename Rows>
 TUCKER_INLINE void nn_micro_rows(int rows, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const Rows& b, T* c,
                                  int64_t ldc, bool accumulate) {
@@ -118,7 +121,7 @@ template <typename T, typename V, bool Stream = false, typename Rows>
 TUCKER_INLINE void gemm_nn_unpacked(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
                                 const Rows& b, T* c, int64_t ldc, bool accumulate) {
   constexpr int L = sizeof(V) / sizeof(T);
-  constexpr int MR = 6;
+  constexpr int MR = kMicroRows;
   int64_t n = 0;
   for (; n + 2 * L <= N; n += 2 * L)
     nn_rows<T, V, MR, 2, Stream>(M, K, a, a_rs, a_cs, b.shifted(n), c + n, ldc, accumulate);
@@ -162,7 +165,7 @@ TUCKER_INLINE void gemm_nn_unpacked(int64_t M, int64_t N, int64_t K, const T* a,
 template <typename T, typename V>
 struct PackedBlocking {
   static constexpr int L = sizeof(V) / sizeof(T);
-  static constexpr int MR = 6;  // gemm_nn_unpacked's micro-tile height
+  static constexpr int MR = kMicroRows;
   static constexpr int NR = 2 * L;
   static constexpr int64_t KC = 16384 / (NR * int64_t(sizeof(T)));  // one B strip = 16 KiB
   static constexpr int64_t MC = 20 * MR;                             // A block: 120 x KC, in L2
@@ -620,8 +623,8 @@ bool use_blas(int64_t M, int64_t N, int64_t K) {
 //
 // The AVX2 float kernel, read in place, beat MKL only where B held up to about
 // 32 K elements (2.8-6.8x slower at 2-4M: B's strips thrash L1, see packs).
-// Packing the products that walk would miss on, it kept up with MKL at every
-// measured size (one thread, AVX2 EPYC): time hand / BLAS 0.53-1.15 over the
+// Packing the products that walk would miss on, it stayed within reach of MKL
+// at every measured size (one thread, AVX2 EPYC): time hand / BLAS 0.53-1.15 over the
 // 97 shapes of gemm_crossover.py with A row-major and 0.53-1.30 with A stored
 // transposed, faster at 80 and 67 of them; 2048^3 0.96-1.02; linear_4096's
 // weight gradients 0.69-0.88. So with AVX2 every float gemm_nn runs on the
