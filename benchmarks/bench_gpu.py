@@ -164,6 +164,7 @@ FORCED_PATHS = {
     "chain": {"TUCKER_OPS_CUDA_FUSED": "0"},
     "kernel": {"TUCKER_OPS_CUDA_FUSED": "1"},
     "block": {"TUCKER_OPS_CUDA_FUSED": "1", "TUCKER_OPS_CUDA_CLUSTER": "0", "TUCKER_OPS_CUDA_TC": "0"},
+    "grid": {"TUCKER_OPS_CUDA_LINEAR_GRID": "1"},  # linear cases only
 }
 
 
@@ -276,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                     # its fused kernel, and its first fused kernel (CUDA cores,
                     # one block per tile: no tensor cores, no clusters).
                     for column, env in FORCED_PATHS.items():
+                        if column == "grid" and c.kind != "linear":
+                            continue
                         os.environ.update(env)
                         try:
                             times[column] = timed(impls["fused"])
@@ -297,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{c.name:14s} {row['dtype']:8s} b={batch:<4d} fused {times['fused']:.4f} ms  "
                           f"seq {times['sequential']:.4f} ms  dense {times['dense']:.4f} ms  "
                           f"chain {times['chain']:.4f} ms  kernel {times['kernel']:.4f} ms  block {times['block']:.4f} ms  "
-                          f"err {err:.1e}", flush=True)
+                          + (f"grid {times['grid']:.4f} ms  " if "grid" in times else "")
+                          + f"err {err:.1e}", flush=True)
                     del x
 
     report = render(rows, card, bandwidth, peaks, " ".join([os.path.basename(sys.executable), *sys.argv]),
@@ -333,16 +337,19 @@ def render(rows: list[dict], card: str, bandwidth: float, peaks: dict, command: 
         "- fused ms: the op as shipped (it picks its fused kernel or its unfused cuDNN/cuBLAS chain per shape); "
         "chain ms / kernel ms: the op with TUCKER_OPS_CUDA_FUSED=0 / =1 forcing one path; "
         "block ms: the fused kernel with TUCKER_OPS_CUDA_CLUSTER=0 TUCKER_OPS_CUDA_TC=0 (CUDA cores, one block per tile: "
-        "the design before tensor cores and clusters)",
+        "the design before tensor cores and clusters); "
+        "grid ms (linear layers): the whole-GPU kernel, forced with TUCKER_OPS_CUDA_LINEAR_GRID=1",
         "- bw / flop: bytes / bandwidth / time and FLOPs / peak / time of the fused op (fraction of the roofline)",
         "",
-        "| case | dtype | batch | fused ms | seq ms | dense ms | chain ms | kernel ms | block ms | vs seq | vs dense | FLOPs chain/dense | bw | flop | err |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | dtype | batch | fused ms | seq ms | dense ms | chain ms | kernel ms | block ms | grid ms | vs seq | vs dense | FLOPs chain/dense | bw | flop | err |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        grid = f"{r['grid_ms']:.4f}" if "grid_ms" in r else "-"
         lines.append(
             f"| {r['case']} | {r['dtype']} | {r['batch']} | {r['fused_ms']:.4f} | {r['sequential_ms']:.4f} | "
-            f"{r['dense_ms']:.4f} | {r['chain_ms']:.4f} | {r['kernel_ms']:.4f} | {r['block_ms']:.4f} | {r['vs_seq']:.2f}x | {r['vs_dense']:.2f}x | {r['flop_ratio']:.3f} | "
+            f"{r['dense_ms']:.4f} | {r['chain_ms']:.4f} | {r['kernel_ms']:.4f} | {r['block_ms']:.4f} | {grid} | "
+            f"{r['vs_seq']:.2f}x | {r['vs_dense']:.2f}x | {r['flop_ratio']:.3f} | "
             f"{r['bw_frac']:.2f} | {r['flop_frac']:.3f} | {r['err']:.1e} |"
         )
     lines += ["", "## Targets", ""]

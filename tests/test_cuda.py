@@ -12,8 +12,9 @@ unfused chain), so both are checked on the same kind of shapes; the even seeds
 also cycle TUCKER_OPS_CUDA_CLUSTER through 2, 4, 8 and 0 (the thread-block
 cluster kernels of sm_90+ at every cluster size, then the single-block ones,
 with TUCKER_OPS_CUDA_TC=0: float16/bfloat16 Tucker-2 shapes otherwise go to
-the tensor-core kernel).
-The other tests leave the op to choose. TUCKER_OPS_TEST_DEVICES=cuda (comma-separated) restricts the
+the tensor-core kernel), and every fourth seed (2, 6, ...) sets
+TUCKER_OPS_CUDA_LINEAR_GRID=1 (the linear's whole-GPU kernel).
+The other tests leave the op to choose, but for those named after a path. TUCKER_OPS_TEST_DEVICES=cuda (comma-separated) restricts the
 device parameter, as benchmarks/gpu_check.sh does to spend GPU time on the GPU.
 """
 
@@ -63,6 +64,8 @@ def _select_path(device: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> Non
         # Tucker-2 shapes); with clusters off it is off too, so the CUDA-core
         # kernels see those shapes.
         monkeypatch.setenv("TUCKER_OPS_CUDA_TC", "0" if cluster == "0" else "1")
+        if seed % 4 == 2:
+            monkeypatch.setenv("TUCKER_OPS_CUDA_LINEAR_GRID", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -380,6 +383,55 @@ def test_linear_row_blocks_and_output_splits(
     _check_against_reference(_ops.tucker_linear, reference.tucker_linear, t, torch.float32, rows + 1)
 
 
+# The whole-GPU kernel (linear_grid.cu): 16-byte loads where K is a multiple of
+# the vector and the rows are aligned ("aligned", "wide"), element loads where
+# not ("odd" sizes; "offset": aligned sizes, but the input starts one element
+# into its storage); "wide" has a long first stage over few outputs, which
+# splits K over several warps of a block.
+GRID_LAYERS = {
+    "aligned": (520, 72, 48, 300, 0),
+    "odd": (301, 37, 29, 203, 0),
+    "offset": (520, 72, 48, 300, 1),
+    "wide": (4096, 24, 40, 1024, 0),
+}
+
+
+@pytest.mark.parametrize("rows", [1, 9, 40])
+@pytest.mark.parametrize("sides", ["tucker2", "no_first", "no_last", "core_only"])
+@pytest.mark.parametrize("layer", list(GRID_LAYERS))
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_whole_gpu_kernel(
+    device: str, dtype: torch.dtype, layer: str, sides: str, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On the CPU the switch means nothing: the same checks run against the CPU kernels.
+    _require(device, dtype)
+    monkeypatch.setenv("TUCKER_OPS_CUDA_LINEAR_GRID", "1")
+    n_in, r_in, r_out, n_out, offset = GRID_LAYERS[layer]
+    has_first, has_last = sides in ("tucker2", "no_last"), sides in ("tucker2", "no_first")
+    gen = torch.Generator().manual_seed(rows)
+    x = _randn((rows * n_in + offset,), dtype, device, gen)[offset:].view(rows, n_in)
+    t = (
+        x,
+        _randn((r_in, n_in), dtype, device, gen) if has_first else None,
+        _randn((r_out, r_in if has_first else n_in), dtype, device, gen),
+        _randn((n_out, r_out), dtype, device, gen) if has_last else None,
+        _randn((n_out if has_last else r_out,), dtype, device, gen) if rows != 9 else None,
+    )
+    _check_against_reference(_ops.tucker_linear, reference.tucker_linear, t, dtype, rows + 3)
+    with torch.no_grad():
+        assert torch.equal(_ops.tucker_linear(*t), _ops.tucker_linear(*t)), "repeated calls differ"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_whole_gpu_kernel_gradcheck_and_opcheck(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUCKER_OPS_CUDA_LINEAR_GRID", "1")
+    lin = _leaves(device, 4, (3, 2, 9), (4, 9), (5, 4), (7, 5), (7,))
+    assert torch.autograd.gradcheck(_ops.tucker_linear, lin)
+    if device == "cuda":  # on CPU tests/test_ops.py covers it
+        opcheck(OPS.tucker_linear.default, tuple(lin))
+
+
 # -- gradcheck and opcheck (float64) --------------------------------------------------
 
 
@@ -515,10 +567,14 @@ def _graph_step(x, xl, conv, lin):
 
 
 @CUDA_ONLY
-@pytest.mark.parametrize("path", ["auto", "fused", "chain"])
+@pytest.mark.parametrize("path", ["auto", "fused", "chain", "linear_grid"])
 def test_cuda_graph_capture_forward_and_backward(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # "auto" lets the op choose, which it does differently while a graph is captured.
-    if path != "auto":
+    # "linear_grid": the linear's whole-GPU kernel, a cooperative launch, captured.
+    if path == "linear_grid":
+        monkeypatch.setenv("TUCKER_OPS_CUDA_LINEAR_GRID", "1")
+        monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1")  # the conv on one path, eager and captured
+    elif path != "auto":
         monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1" if path == "fused" else "0")
     conv, lin = _graph_operands("cuda")
     gen = torch.Generator().manual_seed(22)

@@ -671,6 +671,9 @@ def tucker_linear(
 
     On CUDA the forward runs one fused kernel for small factor sets, else three cuBLAS
     products (``TUCKER_OPS_CUDA_FUSED=1`` / ``=0`` force one path).
+    ``TUCKER_OPS_CUDA_LINEAR_GRID=1`` runs a whole-GPU fused kernel instead (one cooperative
+    launch for large factor sets at few rows); it is not chosen automatically until measured
+    on a GPU (benchmarks/RESULTS_GPU.md).
     """
     if _runs_reference(backend):
         return reference.tucker_linear(input, first, core, last, bias)

@@ -1,6 +1,7 @@
 // CUDA kernels for tucker_ops::tucker_linear and its backward. The forward
 // runs the fused kernel (linear_fused.cu) for small factor sets and few rows,
-// else three cuBLAS products (ATen's mm/addmm):
+// the whole-GPU kernel (linear_grid.cu) where TUCKER_OPS_CUDA_LINEAR_GRID=1
+// asks for it, else three cuBLAS products (ATen's mm/addmm):
 //   forward:  t1 = X first^T,  t2 = t1 core^T,  Y = t2 last^T + bias
 // The backward is a chain of the index-mapped GEMM (gemm.cu) with rank-sized
 // intermediates kept in the accumulation type:
@@ -19,6 +20,7 @@
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
 #include "cuda/linear_fused.cuh"
+#include "cuda/linear_grid.cuh"
 
 namespace tucker_ops::cuda {
 namespace {
@@ -68,12 +70,19 @@ Tensor tucker_linear_cuda(
   const Tensor B = s.has_last ? last->contiguous() : Tensor();
   const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
 
-  if (fused_mode_from_env() != FusedMode::kNever && fused_linear_applies(x, s)) {
-    Tensor out = at::empty(shape, input.options());
-    const LinearPointers ptrs{x.const_data_ptr(), s.has_first ? A.const_data_ptr() : nullptr, G.const_data_ptr(),
-                              s.has_last ? B.const_data_ptr() : nullptr, s.has_bias ? b.const_data_ptr() : nullptr,
-                              out.mutable_data_ptr()};
-    if (fused_linear_forward(x, s, ptrs)) return out;
+  if (fused_mode_from_env() != FusedMode::kNever) {
+    const bool grid = grid_linear_applies(x, s);
+    if (grid || fused_linear_applies(x, s)) {
+      Tensor out = at::empty(shape, input.options());
+      const LinearPointers ptrs{x.const_data_ptr(), s.has_first ? A.const_data_ptr() : nullptr, G.const_data_ptr(),
+                                s.has_last ? B.const_data_ptr() : nullptr, s.has_bias ? b.const_data_ptr() : nullptr,
+                                out.mutable_data_ptr()};
+      if (grid) {
+        grid_linear_forward(x, s, ptrs);
+        return out;
+      }
+      if (fused_linear_forward(x, s, ptrs)) return out;
+    }
   }
   // cuBLAS: each weight is streamed once per output tile, with tensor cores
   // where torch.backends.cuda.matmul allows them, as torch.nn.Linear.
