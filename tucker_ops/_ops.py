@@ -90,6 +90,9 @@ _FAST = _load_fast_calls(_load_library())
 _OPS = torch.ops.tucker_ops
 _has_torch_function = torch._C._has_torch_function
 _is_compiling = torch.compiler.is_compiling
+# torch.func transforms refuse the ops' C++ autograd kernels: while one is active the
+# entry points take the autograd.Function classes of _functorch.py.
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def _fast_calls_apply(tensors: tuple) -> bool:
@@ -640,11 +643,17 @@ def tucker_conv2d(
     unfused chain through cuDNN/cuBLAS under torch's global settings (TF32 follows
     ``torch.backends.cudnn.allow_tf32`` as for ``nn.Conv2d``); the environment variable
     ``TUCKER_OPS_CUDA_FUSED=1`` / ``=0`` forces one path (benchmarks/RESULTS_GPU.md).
+
+    ``torch.func`` transforms (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap) work on it.
     """
     use_ref = _runs_reference(backend)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if use_ref:
         return reference.tucker_conv2d(input, first, core, last, bias, stride, padding, dilation)
+    if _transforms_active():
+        from . import _functorch
+
+        return _functorch.tucker_conv2d(input, first, core, last, bias, stride, padding, dilation)
     if _fast_calls_apply((input, first, core, last, bias)):
         try:
             return _FAST.tucker_conv2d(input, first, core, last, bias, stride, padding, dilation)
@@ -674,9 +683,15 @@ def tucker_linear(
     ``TUCKER_OPS_CUDA_LINEAR_GRID=1`` runs a whole-GPU fused kernel instead (one cooperative
     launch for large factor sets at few rows); it is not chosen automatically until measured
     on a GPU (benchmarks/RESULTS_GPU.md).
+
+    ``torch.func`` transforms (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap) work on it.
     """
     if _runs_reference(backend):
         return reference.tucker_linear(input, first, core, last, bias)
+    if _transforms_active():
+        from . import _functorch
+
+        return _functorch.tucker_linear(input, first, core, last, bias)
     if _fast_calls_apply((input, first, core, last, bias)):
         try:
             return _FAST.tucker_linear(input, first, core, last, bias)
