@@ -129,94 +129,52 @@ def _spread(selected: Sequence[Tensor], mask: Sequence[bool]) -> list[Tensor | N
 class _BackwardFunction(torch.autograd.Function):
     """A ``*_backward`` op (forward), with its own derivatives through the reference chain.
 
-    Returns only the gradients the mask asks for, in argument order. Subclasses set
-    ``forward(grad_output, input, first, core, last, static)``, where ``static.value``
-    is ``(extra, mask)`` (extra: the op's other non-tensor arguments), and ``_chain(extra)``
-    (the reference chain with those bound).
+    ``apply(grad_output, input, first, core, last, _Static((kind, extra, mask)))``: kind
+    ``"conv"`` (extra: stride, padding, dilation) or ``"linear"`` (extra: ``()``). Returns
+    only the gradients the mask asks for, in argument order.
     """
 
-    @classmethod
-    def _vmap(cls, info, in_dims, *args):
-        return _per_sample(cls.apply, info.batch_size, in_dims, args)
+    @staticmethod
+    def forward(grad_output, input, first, core, last, static):
+        kind, extra, mask = static.value
+        with _below_autograd():
+            if kind == "conv":
+                grads = _OPS.tucker_conv2d_backward(grad_output, input, first, core, last, *extra, list(mask))
+            else:
+                grads = _OPS.tucker_linear_backward(grad_output, input, first, core, last, list(mask))
+        return _selected(grads, mask)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         grad_output, input, first, core, last, static = inputs
         ctx.save_for_backward(grad_output, input, first, core, last)
         ctx.save_for_forward(grad_output, input, first, core, last)
-        ctx.extra, ctx.mask = static.value
+        ctx.kind, ctx.extra, ctx.mask = static.value
         ctx.outputs_like = [(g.shape, g.dtype, g.device) for g in output]
 
-    @classmethod
-    def _reference(cls, ctx) -> Callable:
-        out_features = ctx.saved_tensors[0].shape[cls._out_dim]
-        return _reference_grads(cls._chain(ctx.extra), ctx.mask, out_features)
+    @staticmethod
+    def _reference(ctx) -> Callable:
+        grad_output = ctx.saved_tensors[0]
+        if ctx.kind == "conv":
+            extra = ctx.extra
+            return _reference_grads(lambda *ops: reference.tucker_conv2d(*ops, *extra), ctx.mask, grad_output.shape[1])
+        return _reference_grads(reference.tucker_linear, ctx.mask, grad_output.shape[-1])
 
-    @classmethod
-    def _backward(cls, ctx, *cotangents):
+    @staticmethod
+    def backward(ctx, *cotangents):
         cotangents = tuple(
             c if c is not None else torch.zeros(shape, dtype=dtype, device=device)
             for c, (shape, dtype, device) in zip(cotangents, ctx.outputs_like)
         )
-        return (*_vjp(cls._reference(ctx), ctx.saved_tensors, cotangents), None)
-
-    @classmethod
-    def _jvp(cls, ctx, *tangents):
-        return _jvp(cls._reference(ctx), ctx.saved_tensors, tangents[:5])
-
-
-class _Conv2dBackwardFunction(_BackwardFunction):
-    _out_dim = 1
-
-    @staticmethod
-    def forward(grad_output, input, first, core, last, static):
-        extra, mask = static.value
-        with _below_autograd():
-            grads = _OPS.tucker_conv2d_backward(grad_output, input, first, core, last, *extra, list(mask))
-        return _selected(grads, mask)
-
-    @staticmethod
-    def _chain(extra) -> Callable[..., Tensor]:
-        return lambda *operands: reference.tucker_conv2d(*operands, *extra)
-
-    @staticmethod
-    def backward(ctx, *cotangents):
-        return _Conv2dBackwardFunction._backward(ctx, *cotangents)
+        return (*_vjp(_BackwardFunction._reference(ctx), ctx.saved_tensors, cotangents), None)
 
     @staticmethod
     def jvp(ctx, *tangents):
-        return _Conv2dBackwardFunction._jvp(ctx, *tangents)
+        return _jvp(_BackwardFunction._reference(ctx), ctx.saved_tensors, tangents[:5])
 
     @staticmethod
     def vmap(info, in_dims, *args):
-        return _Conv2dBackwardFunction._vmap(info, in_dims, *args)
-
-
-class _LinearBackwardFunction(_BackwardFunction):
-    _out_dim = -1
-
-    @staticmethod
-    def forward(grad_output, input, first, core, last, static):
-        _, mask = static.value
-        with _below_autograd():
-            grads = _OPS.tucker_linear_backward(grad_output, input, first, core, last, list(mask))
-        return _selected(grads, mask)
-
-    @staticmethod
-    def _chain(extra) -> Callable[..., Tensor]:
-        return reference.tucker_linear
-
-    @staticmethod
-    def backward(ctx, *cotangents):
-        return _LinearBackwardFunction._backward(ctx, *cotangents)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        return _LinearBackwardFunction._jvp(ctx, *tangents)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _LinearBackwardFunction._vmap(info, in_dims, *args)
+        return _per_sample(_BackwardFunction.apply, info.batch_size, in_dims, args)
 
 
 def _tangent(apply: Callable[..., Tensor], primals: Sequence, tangents: Sequence, bias_tangent, zeros: Tensor):
@@ -253,8 +211,8 @@ class TuckerConv2dFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         input, first, core, last = ctx.saved_tensors
         mask = _mask(ctx, first, last, ctx.has_bias)
-        static = _Static((ctx.conv_args.value, tuple(mask)))
-        grads = _Conv2dBackwardFunction.apply(grad, input, first, core, last, static)
+        static = _Static(("conv", ctx.conv_args.value, tuple(mask)))
+        grads = _BackwardFunction.apply(grad, input, first, core, last, static)
         return (*_spread(grads, mask), None)
 
     @staticmethod
@@ -299,7 +257,7 @@ class TuckerLinearFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         input, first, core, last = ctx.saved_tensors
         mask = _mask(ctx, first, last, ctx.has_bias)
-        grads = _LinearBackwardFunction.apply(grad, input, first, core, last, _Static(((), tuple(mask))))
+        grads = _BackwardFunction.apply(grad, input, first, core, last, _Static(("linear", (), tuple(mask))))
         return tuple(_spread(grads, mask))
 
     @staticmethod
