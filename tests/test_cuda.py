@@ -14,8 +14,9 @@ cluster kernels of sm_90+ at every cluster size, then the single-block ones,
 with TUCKER_OPS_CUDA_TC=0: float16/bfloat16 Tucker-2 shapes otherwise go to
 the tensor-core kernel), and every fourth seed (2, 6, ...) sets
 TUCKER_OPS_CUDA_LINEAR_GRID=1 (the linear's whole-GPU kernel).
-The other tests leave the op to choose, but for those named after a path. TUCKER_OPS_TEST_DEVICES=cuda (comma-separated) restricts the
-device parameter, as benchmarks/gpu_check.sh does to spend GPU time on the GPU.
+Tests named after a path force that path; the others leave the op to choose.
+TUCKER_OPS_TEST_DEVICES=cuda (comma-separated) restricts the device parameter, as
+benchmarks/gpu_check.sh does to spend GPU time on the GPU.
 """
 
 from __future__ import annotations

@@ -72,11 +72,11 @@ int cluster_size_from_env();
 // the smallest, and the op's path choice changes accordingly.
 bool current_stream_is_capturing();
 
-// An attribute of the current device (multiprocessor count, compute
-// capability), asked from the driver once per device and process.
-template <cudaDeviceAttr Attr>
-int cached_device_attribute() {
-  static std::array<std::atomic<int>, 64> cache{};  // value + 1; 0: not asked yet
+// compute(device) for the current device, run once per device and process:
+// each call site (each lambda type) has its own cache. Values are >= 0.
+template <typename Compute>
+int cached_per_device(Compute compute) {
+  static std::array<std::atomic<int>, 64> cache{};  // value + 1; 0: not computed yet
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   const bool cached = device >= 0 && device < static_cast<int>(cache.size());
@@ -84,10 +84,20 @@ int cached_device_attribute() {
     const int v = cache[device].load(std::memory_order_relaxed);
     if (v != 0) return v - 1;
   }
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, Attr, device));
+  const int value = compute(device);
   if (cached) cache[device].store(value + 1, std::memory_order_relaxed);
   return value;
+}
+
+// An attribute of the current device (multiprocessor count, compute
+// capability), asked from the driver once per device and process.
+template <cudaDeviceAttr Attr>
+int cached_device_attribute() {
+  return cached_per_device([](int device) {
+    int value = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, Attr, device));
+    return value;
+  });
 }
 
 // A launch on the current stream whose consecutive blocks along x form

@@ -239,8 +239,11 @@ void launch(const at::Tensor& like, const LinearSizes& s, const LinearPointers& 
   // Every block must be resident at once for the grid barrier: at most the
   // occupancy limit per multiprocessor, and no more blocks than the largest
   // stage has tasks.
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, grid_linear_kernel<T>, kThreads, 0));
+  const int per_sm = cached_per_device([](int /*device*/) {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, grid_linear_kernel<T>, kThreads, 0));
+    return blocks;
+  });
   TORCH_CHECK(per_sm > 0, "tucker_linear: the whole-GPU kernel does not fit on a multiprocessor");
   const int64_t sms = cached_device_attribute<cudaDevAttrMultiProcessorCount>();
   auto tasks_of = [&](const GridStage& st) { return ceil_div(st.n, kOuts) * ceil_div(s.M, kRows); };
