@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tucker_ops
-from tucker_ops import CheckpointError, TuckerConv2d, TuckerLinear, serialization
+from tucker_ops import CheckpointError, TuckerConv2d, TuckerConv2dReLUPool, TuckerLinear, serialization
 
 
 class Dense(nn.Module):
@@ -249,3 +249,100 @@ def test_compress_runs_with_bias_none_dilation_and_same_padding() -> None:
     assert model.stem.bias is None and model.block[0].padding == "same" and model.block[0].dilation == (2, 2)
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     torch.testing.assert_close(model(x), dense(x), rtol=1e-9, atol=1e-10)
+
+
+# -- fused epilogues ------------------------------------------------------------------
+
+
+class Pooled(nn.Module):
+    """conv -> ReLU -> AvgPool2d(2) and conv -> ReLU: fuse_epilogues fuses both (pools 2 and 1)."""
+
+    def __init__(self, relu: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), relu(), nn.AvgPool2d(2), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU()
+        )
+        self.head = nn.Linear(6 * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+class Untraceable(Pooled):
+    """fx cannot trace the whole model (control flow on a value), only ``features``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.features(x).flatten(1)
+        return self.head(y) if y.sum() > 0 else -self.head(y)
+
+
+POOLED_RANKS = {"features.0": (2, 4), "features.3": (4, 3), "head": (5, 3)}
+FUSED = {"features.0": 2, "features.3": 1}
+
+
+def _pools(model: nn.Module) -> dict[str, int]:
+    return {name: m.pool for name, m in model.named_modules() if isinstance(m, TuckerConv2dReLUPool)}
+
+
+def _compressed(cls: type[nn.Module]) -> nn.Module:
+    pytest.importorskip("tensorly", reason="compress decomposes with tensorly")
+    torch.manual_seed(0)
+    model, _ = tucker_ops.compress(cls().double(), ranks=POOLED_RANKS)
+    return model.eval()
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def test_fused_epilogues_are_fused_again_on_load(tmp_path) -> None:
+    fused = tucker_ops.fuse_epilogues(_compressed(Pooled))
+    assert _pools(fused) == FUSED
+    path = tmp_path / "fused.pt"
+    tucker_ops.save(fused, path)
+    assert {e["name"]: e.get("epilogue_pool") for e in tucker_ops.load(path).plan} == {**FUSED, "head": None}
+    loaded = tucker_ops.load(path, lambda: Pooled().double())
+    assert _pools(loaded) == FUSED
+    _same_state(loaded, fused)
+    with torch.no_grad():
+        assert torch.equal(loaded(_x()), fused(_x()))
+
+
+def test_fused_submodule_of_an_untraceable_model(tmp_path) -> None:
+    model = _compressed(Untraceable)
+    model.features = tucker_ops.fuse_epilogues(model.features)  # as fuse_epilogues' error advises
+    path = tmp_path / "fused.pt"
+    tucker_ops.save(model, path)
+    loaded = tucker_ops.load(path, lambda: Untraceable().double())
+    assert type(loaded) is Untraceable and _pools(loaded) == FUSED
+    with torch.no_grad():
+        assert torch.equal(loaded(_x()), model(_x()))
+
+
+def test_a_fused_layer_saved_alone(tmp_path) -> None:
+    layer = TuckerConv2dReLUPool(3, 6, 3, (2, 4), padding=1, pool=2, dtype=torch.float64)
+    path = tmp_path / "layer.pt"
+    tucker_ops.save(layer, path)
+    loaded = tucker_ops.load(path, lambda: nn.Conv2d(3, 6, 3, padding=1).double())
+    assert type(loaded) is TuckerConv2dReLUPool and loaded.pool == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(_x()), layer(_x()))
+
+
+def test_a_missing_epilogue_pattern_loads_unfused_with_a_warning(tmp_path) -> None:
+    fused = tucker_ops.fuse_epilogues(_compressed(Pooled))
+    path = tmp_path / "fused.pt"
+    tucker_ops.save(fused, path)
+    # The factory's first conv no longer feeds a ReLU: that layer cannot be fused again.
+    with pytest.warns(RuntimeWarning, match=r"\['features\.0'\] were saved fused"):
+        loaded = tucker_ops.load(path, lambda: Pooled(relu=nn.Identity).double())
+    assert _pools(loaded) == {"features.3": 1}
+    _same_state(loaded, fused)
+
+
+@pytest.mark.parametrize("pool", [0, True, "2", 1.5])
+def test_a_malformed_epilogue_pool_is_a_checkpoint_error(pool) -> None:
+    plan = serialization.compression_plan(TuckerConv2dReLUPool(3, 6, 3, (2, 4), pool=2))
+    plan[0]["epilogue_pool"] = pool
+    with pytest.raises(CheckpointError, match="malformed epilogue_pool"):
+        serialization.apply_compression_plan(nn.Conv2d(3, 6, 3), plan)

@@ -7,10 +7,11 @@ strings, numbers, tensors), so ``torch.load(path, weights_only=True)`` reads it:
      "model_class": "mypkg.MyNet", "plan": [<layer entry>, ...], "state_dict": {...}}
 
 The plan lists every ``TuckerConv2d`` / ``TuckerLinear`` of the model with its
-name, kind, ranks and layer options. ``load`` builds the dense model from a
-factory, replaces the planned layers by Tucker modules of the same ranks (no
-decomposition: only the structure), then loads the state_dict, so the round
-trip is exact. Writes are atomic: the file is written next to its destination,
+name, kind, ranks and layer options (and, for a layer fused with its ReLU /
+average-pool epilogue by ``fuse_epilogues``, the pool). ``load`` builds the dense
+model from a factory, replaces the planned layers by Tucker modules of the same
+ranks (no decomposition: only the structure), loads the state_dict, then fuses the
+epilogues again where the saved model had them, so the round trip is exact. Writes are atomic: the file is written next to its destination,
 fsynced, then renamed over it, so an interrupted save leaves the previous file.
 """
 
@@ -20,6 +21,7 @@ import io
 import os
 import pickle
 import secrets
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .epilogues import TuckerConv2dReLUPool, fuse_epilogues
 from .modules import TuckerConv2d, TuckerLinear
 
 __all__ = [
@@ -71,9 +74,11 @@ class Checkpoint:
     def restore(self, model: nn.Module | ModelFactory, *, strict: bool = True) -> nn.Module:
         """Re-compress ``model`` (a dense model, or a factory making one) by the plan and load the weights.
 
-        Returns the model (which may be a new object when the model itself is one
-        planned layer). Raises :class:`CheckpointError` when the plan or the
-        state_dict does not fit.
+        Returns the model: a new object when the model itself is one planned layer,
+        or the ``torch.fx.GraphModule`` of ``fuse_epilogues`` when the saved model had
+        fused epilogues (fused again here; a submodule's, where only that submodule
+        was fused). Raises :class:`CheckpointError` when the plan or the state_dict
+        does not fit.
         """
         if not isinstance(model, nn.Module):
             if not callable(model):
@@ -89,7 +94,7 @@ class Checkpoint:
             model.load_state_dict(self.state_dict, strict=strict)
         except RuntimeError as e:
             raise CheckpointError(f"the checkpoint's state_dict does not fit the model: {e}") from e
-        return model
+        return _refuse_epilogues(model, self.plan)
 
 
 # -- the plan -------------------------------------------------------------------------
@@ -105,6 +110,8 @@ def _layer_entry(name: str, module: TuckerConv2d | TuckerLinear) -> dict[str, An
         "backend": module.backend,
         "reconstruction_error": module.reconstruction_error,
     }
+    if isinstance(module, TuckerConv2dReLUPool):
+        entry["epilogue_pool"] = module.pool
     if isinstance(module, TuckerConv2d):
         padding = module.padding if isinstance(module.padding, str) else list(module.padding)
         entry.update(
@@ -130,7 +137,9 @@ def compression_plan(model: nn.Module) -> list[dict[str, Any]]:
     (``"conv2d"`` / ``"linear"``), ``ranks`` ``[r_in, r_out]``, ``bias``, ``dtype``,
     ``backend``, ``reconstruction_error`` and the layer options: ``in_channels``,
     ``out_channels``, ``kernel_size``, ``stride``, ``padding``, ``dilation``,
-    ``padding_mode`` for conv; ``in_features``, ``out_features`` for linear.
+    ``padding_mode`` for conv; ``in_features``, ``out_features`` for linear. A conv fused
+    with its ReLU / average-pool epilogue (:class:`TuckerConv2dReLUPool`) also has
+    ``epilogue_pool``.
     """
     return [_layer_entry(name, m) for name, m in model.named_modules() if isinstance(m, (TuckerConv2d, TuckerLinear))]
 
@@ -183,6 +192,11 @@ def _check_entry(entry: Any) -> None:
         or not all(r is None or (isinstance(r, int) and not isinstance(r, bool) and r >= 1) for r in ranks)
     ):
         raise CheckpointError(f"plan entry {entry['name']!r} has malformed ranks {ranks!r}")
+    pool = entry.get("epilogue_pool")
+    if pool is not None and (kind != "conv2d" or isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
+        raise CheckpointError(
+            f"plan entry {entry['name']!r} has malformed epilogue_pool {pool!r} (expected an int >= 1 on a conv2d layer)"
+        )
 
 
 def _build(entry: Mapping[str, Any], layer: nn.Module) -> TuckerConv2d | TuckerLinear:
@@ -271,6 +285,52 @@ def apply_compression_plan(model: nn.Module, plan: list[Mapping[str, Any]]) -> n
             model = replacement
         for parent, attr in slots.get(id(layer), []):
             setattr(parent, attr, replacement)
+    return model
+
+
+def _fused_pools(model: nn.Module) -> dict[str, int]:
+    return {name: m.pool for name, m in model.named_modules() if isinstance(m, TuckerConv2dReLUPool)}
+
+
+def _refuse_epilogues(model: nn.Module, plan: list[Mapping[str, Any]]) -> nn.Module:
+    """``model`` with the epilogues fused again where the plan records them.
+
+    ``fuse_epilogues`` traces the whole model or, where fx cannot trace it (a user
+    then fuses a traceable submodule, as its error message advises), the outermost
+    traceable module around each recorded layer. A layer whose pattern is not found
+    stays unfused (same results, without the fused kernel's speed), with a warning.
+    """
+    wanted = {entry["name"]: entry["epilogue_pool"] for entry in plan if entry.get("epilogue_pool")}
+    if not wanted:
+        return model
+    if "" in wanted:  # the model is the fused layer itself: nothing for fx to match
+        return TuckerConv2dReLUPool.from_tucker(model, wanted[""])
+    try:
+        model = fuse_epilogues(model)
+    except TypeError:
+        for name in sorted(wanted):
+            if _fused_pools(model).get(name) == wanted[name]:
+                continue
+            ancestors = name.split(".")[:-1]
+            for depth in range(1, len(ancestors) + 1):
+                scope = ".".join(ancestors[:depth])
+                try:
+                    fused = fuse_epilogues(model.get_submodule(scope))
+                except TypeError:
+                    continue
+                parent, _, attr = scope.rpartition(".")
+                setattr(model.get_submodule(parent), attr, fused)
+                break
+    got = _fused_pools(model)
+    missing = sorted(name for name, pool in wanted.items() if got.get(name) != pool)
+    if missing:
+        warnings.warn(
+            f"tucker_ops.load: layers {missing} were saved fused with their ReLU / average-pool epilogue, but "
+            "fuse_epilogues does not find that pattern in the loaded model; they load unfused (same results, "
+            "without the fused kernel's speed)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return model
 
 
@@ -374,8 +434,9 @@ def load(
         path: the checkpoint file.
         model_factory: a callable returning a fresh model of the original (dense)
             architecture, or such a model itself (changed in place). Its planned
-            layers are replaced by Tucker modules of the saved ranks and the
-            state_dict is loaded. None returns the file's :class:`Checkpoint`
+            layers are replaced by Tucker modules of the saved ranks, the
+            state_dict is loaded and fused epilogues are fused again (see
+            :meth:`Checkpoint.restore`). None returns the file's :class:`Checkpoint`
             (plan and state_dict) instead, for :meth:`Checkpoint.restore` later.
         map_location: as ``torch.load``.
         strict: as ``nn.Module.load_state_dict``.
