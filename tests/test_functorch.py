@@ -5,8 +5,8 @@ entry points take tucker_ops/_functorch.py's autograd.Function classes. Every ch
 here runs a transform on the fused entry point and on backend="reference" (plain
 PyTorch, which functorch differentiates itself) in float64 and compares the results:
 first derivatives (grad, jacrev, jvp, jacfwd), per-sample gradients (vmap of grad),
-second derivatives (hessian, jacrev of jacrev), and modules through
-torch.func.functional_call. vmap over the input alone must fold the batch into one
+second derivatives (hessian, jacrev of jacrev), modules through
+torch.func.functional_call, and forward-mode AD with dual tensors (forward_ad). vmap over the input alone must fold the batch into one
 op call.
 """
 
@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import tucker_ops
@@ -113,6 +114,23 @@ def test_jvp_and_jacfwd(kind: str, sides: str) -> None:
     primals = tuple(t[i] for i in pos)
     _assert_close(*_both(kind, lambda op: jvp(_as_function_of(op, t, pos), primals, tangents)))
     _assert_close(*_both(kind, lambda op: jacfwd(_as_function_of(op, t, (2,)))(t[2])))
+
+
+@pytest.mark.parametrize("sides", SIDES)
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_forward_ad_dual_tensors(kind: str, sides: str) -> None:
+    # torch.autograd.forward_ad outside torch.func: the same jvp rule.
+    t = _tensors(kind, sides, True, seed=12)
+    gen = torch.Generator().manual_seed(13)
+    tangents = [torch.randn(v.shape, dtype=torch.float64, generator=gen) if v is not None else None for v in t]
+
+    def tangent_out(backend):
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(v, d) if v is not None else None for v, d in zip(t, tangents)]
+            return fwAD.unpack_dual(_op(kind, backend)(*duals))
+
+    fused, ref = tangent_out("fused"), tangent_out("reference")
+    _assert_close((fused.primal, fused.tangent), (ref.primal, ref.tangent))
 
 
 @pytest.mark.parametrize("sides", SIDES)

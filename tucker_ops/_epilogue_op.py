@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from ._ops import _OPS, _conv2d_output_shape, _conv_memory_format, _pair, _runs_reference, _transforms_active
+from ._ops import _OPS, _conv2d_output_shape, _conv_memory_format, _pair, _needs_python_autograd, _runs_reference
 
 __all__ = ["tucker_conv2d_relu_pool"]
 
@@ -76,7 +76,7 @@ def tucker_conv2d_relu_pool(
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if _runs_reference(backend):
         return _relu_pool(reference.tucker_conv2d(input, first, core, last, bias, stride, padding, dilation), pool)
-    if _transforms_active():  # torch.func: the composite, through _functorch.py's conv Function
+    if _needs_python_autograd():  # torch.func, forward AD: the composite, through _functorch.py's conv Function
         from . import _functorch
 
         y = _relu_pool(_functorch.tucker_conv2d(input, first, core, last, bias, stride, padding, dilation), pool)

@@ -4,8 +4,9 @@ The ops' autograd kernels are C++ (csrc/autograd.cpp): they keep a training step
 per-call overhead low, but functorch's transforms (``torch.func.grad``, ``vjp``,
 ``jacrev``, ``jvp``, ``jacfwd``, ``hessian``, and ``vmap`` around them) refuse a C++
 ``torch::autograd::Function``, and the ``*_backward`` ops' double-backward
-registration (``torch.library.register_autograd``) too. While a transform is active,
-the entry points (``tucker_conv2d``, ``tucker_linear``, ``tucker_conv2d_relu_pool``)
+registration (``torch.library.register_autograd``) too; so does forward-mode AD
+(``torch.autograd.forward_ad``). While a transform or a dual level is active, the
+entry points (``tucker_conv2d``, ``tucker_linear``, ``tucker_conv2d_relu_pool``)
 route through the ``torch.autograd.Function`` classes here instead:
 
 - forward: the same op, called below the autograd dispatch key;

@@ -23,6 +23,7 @@ import pathlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import reference
@@ -90,9 +91,14 @@ _FAST = _load_fast_calls(_load_library())
 _OPS = torch.ops.tucker_ops
 _has_torch_function = torch._C._has_torch_function
 _is_compiling = torch.compiler.is_compiling
-# torch.func transforms refuse the ops' C++ autograd kernels: while one is active the
-# entry points take the autograd.Function classes of _functorch.py.
 _transforms_active = torch._C._are_functorch_transforms_active
+
+
+def _needs_python_autograd() -> bool:
+    """torch.func transforms and forward-mode AD (dual tensors inside ``dual_level``)
+    refuse the ops' C++ autograd kernels; the entry points then take the
+    autograd.Function classes of _functorch.py."""
+    return _transforms_active() or _forward_ad._current_level >= 0
 
 
 def _fast_calls_apply(tensors: tuple) -> bool:
@@ -644,13 +650,14 @@ def tucker_conv2d(
     ``torch.backends.cudnn.allow_tf32`` as for ``nn.Conv2d``); the environment variable
     ``TUCKER_OPS_CUDA_FUSED=1`` / ``=0`` forces one path (benchmarks/RESULTS_GPU.md).
 
-    ``torch.func`` transforms (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap) work on it.
+    ``torch.func`` transforms (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap) and forward-mode AD
+    (``torch.autograd.forward_ad``) work on it.
     """
     use_ref = _runs_reference(backend)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if use_ref:
         return reference.tucker_conv2d(input, first, core, last, bias, stride, padding, dilation)
-    if _transforms_active():
+    if _needs_python_autograd():
         from . import _functorch
 
         return _functorch.tucker_conv2d(input, first, core, last, bias, stride, padding, dilation)
@@ -684,11 +691,12 @@ def tucker_linear(
     launch for large factor sets at few rows); it is not chosen automatically until measured
     on a GPU (benchmarks/RESULTS_GPU.md).
 
-    ``torch.func`` transforms (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap) work on it.
+    ``torch.func`` transforms (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap) and forward-mode AD
+    (``torch.autograd.forward_ad``) work on it.
     """
     if _runs_reference(backend):
         return reference.tucker_linear(input, first, core, last, bias)
-    if _transforms_active():
+    if _needs_python_autograd():
         from . import _functorch
 
         return _functorch.tucker_linear(input, first, core, last, bias)
