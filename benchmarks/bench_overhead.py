@@ -1,7 +1,7 @@
 """Per-call overhead of the fused ops: layers too small for their arithmetic to register.
 
-A 1x1 conv of 2 -> 2 -> 2 -> 2 channels on a 2x2 image, and a linear layer of 4 -> 2 -> 2
--> 4 features, at batch 1: a few dozen multiply-adds, nanoseconds of arithmetic, so the
+A 1x1 conv of 2 -> 2 -> 2 -> 2 channels on a 2x2 image, the same conv with its ReLU and 2x2
+average pool fused (on a 4x4 image), and a linear layer of 4 -> 2 -> 2 -> 4 features, at batch 1: a few dozen multiply-adds, nanoseconds of arithmetic, so the
 call's time is its overhead (dispatch, argument checks, output allocation, the kernel's
 setup). Timed as an inference call and as a forward that records the autograd graph, with
 ``nn.Sequential``'s three layers alongside for scale.
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tucker_ops import _ops
+from tucker_ops._epilogue_op import tucker_conv2d_relu_pool
 
 OPS = ("fused", "fused_grad", "sequential")
 
@@ -32,6 +33,23 @@ def _conv():
     return x, (first, core, last, bias), fused, seq
 
 
+def _conv_relu_pool():
+    # The fused-epilogue op (fuse_epilogues) on a 4x4 image: conv, ReLU, 2x2 average pool.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 4, 4, generator=g)
+    first, core = torch.randn(2, 2, generator=g), torch.randn(2, 2, 1, 1, generator=g)
+    last = torch.randn(2, 2, generator=g)
+    bias = torch.randn(2, generator=g)
+    seq = nn.Sequential(
+        nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 1), nn.ReLU(), nn.AvgPool2d(2)
+    )
+
+    def fused(x, first=first, core=core, last=last, bias=bias):
+        return tucker_conv2d_relu_pool(x, first, core, last, bias, 1, 0, 1, 2, backend="fused")
+
+    return x, (first, core, last, bias), fused, seq
+
+
 def _linear():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, generator=g)
@@ -46,10 +64,10 @@ def _linear():
 
 
 @pytest.mark.parametrize("impl", OPS)
-@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("kind", ["conv", "conv_relu_pool", "linear"])
 def test_overhead(benchmark, kind: str, impl: str) -> None:
     benchmark.group = f"overhead: tiny {kind} / batch 1 / forward"
-    x, params, fused, seq = _conv() if kind == "conv" else _linear()
+    x, params, fused, seq = {"conv": _conv, "conv_relu_pool": _conv_relu_pool, "linear": _linear}[kind]()
     if impl == "fused_grad":
         for p in params:
             p.requires_grad_()

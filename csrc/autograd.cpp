@@ -1,5 +1,5 @@
-// Autograd kernels for tucker_conv2d and tucker_linear, one per op at the
-// Autograd key (so every backend, meta included, shares them).
+// Autograd kernels for tucker_conv2d, tucker_linear and tucker_conv2d_relu_pool,
+// one per op at the Autograd key (so every backend, meta included, shares them).
 //
 // Each is a torch::autograd::Function: forward calls the op again below
 // autograd, so the backend kernel (which runs the checks in checks.cpp) does
@@ -19,6 +19,8 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/avg_pool2d_backward.h>
+#include <ATen/ops/threshold_backward.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/ArrayRef.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -47,6 +49,9 @@ using Conv2dKeptFn = Kept(
 using Conv2dBackwardFn = Grads(
     const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, c10::IntArrayRef,
     c10::IntArrayRef, c10::IntArrayRef, Mask, const OptTensor&, const OptTensor&);
+using Conv2dReluPoolFn = Tensor(
+    const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const OptTensor&, c10::IntArrayRef,
+    c10::IntArrayRef, c10::IntArrayRef, int64_t);
 using LinearFn = Tensor(const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const OptTensor&);
 using LinearKeptFn = Kept(const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const OptTensor&);
 using LinearBackwardFn = Grads(
@@ -67,6 +72,11 @@ const c10::TypedOperatorHandle<Conv2dFn>& conv2d_op() {
 
 const c10::TypedOperatorHandle<Conv2dKeptFn>& conv2d_kept_op() {
   static const auto op = find_op<Conv2dKeptFn>("tucker_ops::tucker_conv2d_with_intermediates");
+  return op;
+}
+
+const c10::TypedOperatorHandle<Conv2dReluPoolFn>& conv2d_relu_pool_op() {
+  static const auto op = find_op<Conv2dReluPoolFn>("tucker_ops::tucker_conv2d_relu_pool");
   return op;
 }
 
@@ -218,6 +228,79 @@ class TuckerConv2dFunction : public torch::autograd::Function<TuckerConv2dFuncti
   }
 };
 
+// avg_pool2d(relu(conv), pool, pool) in one op. Its forward never writes the
+// conv output, so backward recomputes it (on the CPU with the intermediates,
+// in the same pass, where the conv would keep them), takes the pool's and the
+// ReLU's backward with ATen's own formulas, and hands the result to
+// tucker_conv2d_backward. With create_graph=True the recomputation and those
+// formulas run through autograd, so a double backward records.
+class TuckerConv2dReluPoolFunction : public torch::autograd::Function<TuckerConv2dReluPoolFunction> {
+ public:
+  static Tensor forward(
+      AutogradContext* ctx,
+      const Tensor& input,
+      const OptTensor& first,
+      const Tensor& core,
+      const OptTensor& last,
+      const OptTensor& bias,
+      c10::IntArrayRef stride,
+      c10::IntArrayRef padding,
+      c10::IntArrayRef dilation,
+      int64_t pool) {
+    Tensor output;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      output = conv2d_relu_pool_op().call(input, first, core, last, bias, stride, padding, dilation, pool);
+    }
+    ctx->save_for_backward({input, present(first) ? *first : Tensor(), core, present(last) ? *last : Tensor(),
+                            present(bias) ? *bias : Tensor()});
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["pool"] = pool;
+    return output;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    constexpr size_t kNumArgs = 9;  // input, first, core, last, bias, stride, padding, dilation, pool
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &first = saved[1], &core = saved[2], &last = saved[3], &bias = saved[4];
+    const Mask mask = grad_mask(ctx, first.defined(), last.defined(), bias.defined());
+    if (!any(mask)) return variable_list(kNumArgs);
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    const int64_t pool = ctx->saved_data["pool"].toInt();
+    Tensor y, projection, core_output;
+    if (c10::GradMode::is_enabled()) {
+      y = conv2d_op().call(input, as_optional(first), core, as_optional(last), as_optional(bias), stride, padding,
+                           dilation);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      const bool keep = input.device().is_cpu() && (first.defined() || last.defined()) &&
+                        cpu::keep_intermediates_mode() != cpu::KeepIntermediates::kNever;
+      if (keep) {
+        std::tie(y, projection, core_output) = conv2d_kept_op().call(
+            input, as_optional(first), core, as_optional(last), as_optional(bias), stride, padding, dilation);
+      } else {
+        y = conv2d_op().call(input, as_optional(first), core, as_optional(last), as_optional(bias), stride,
+                             padding, dilation);
+      }
+    }
+    // Floor mode: conv rows and columns past the last whole window get no gradient.
+    const Tensor grad_relu = pool > 1 ? at::avg_pool2d_backward(grad_outputs[0], y, {pool, pool}, {pool, pool},
+                                                                {0, 0}, false, true, std::nullopt)
+                                      : grad_outputs[0];
+    const Tensor grad_y = at::threshold_backward(grad_relu, y, 0);
+    return to_result(
+        call_backward(
+            conv2d_backward_op(), grad_y, input, as_optional(first), core, as_optional(last), stride, padding,
+            dilation, mask, as_optional(first.defined() ? projection : Tensor()),
+            as_optional(last.defined() ? core_output : Tensor())),
+        mask, kNumArgs);
+  }
+};
+
 class TuckerLinearFunction : public torch::autograd::Function<TuckerLinearFunction> {
  public:
   static Tensor forward(
@@ -291,10 +374,25 @@ Tensor tucker_linear_autograd(
   return TuckerLinearFunction::apply(input, as_optional(first), core, as_optional(last), as_optional(bias), keep);
 }
 
+Tensor tucker_conv2d_relu_pool_autograd(
+    const Tensor& input,
+    const OptTensor& first,
+    const Tensor& core,
+    const OptTensor& last,
+    const OptTensor& bias,
+    c10::IntArrayRef stride,
+    c10::IntArrayRef padding,
+    c10::IntArrayRef dilation,
+    int64_t pool) {
+  return TuckerConv2dReluPoolFunction::apply(
+      input, as_optional(first), core, as_optional(last), as_optional(bias), stride, padding, dilation, pool);
+}
+
 }  // namespace
 }  // namespace tucker_ops
 
 TORCH_LIBRARY_IMPL(tucker_ops, Autograd, m) {
   m.impl("tucker_conv2d", TORCH_FN(tucker_ops::tucker_conv2d_autograd));
   m.impl("tucker_linear", TORCH_FN(tucker_ops::tucker_linear_autograd));
+  m.impl("tucker_conv2d_relu_pool", TORCH_FN(tucker_ops::tucker_conv2d_relu_pool_autograd));
 }

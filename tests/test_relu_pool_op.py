@@ -157,6 +157,47 @@ def test_gradcheck(sides: str) -> None:
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("pool", [1, 2, 3])
+@pytest.mark.parametrize("sides", ["tucker2", "no_last"])
+def test_double_backward(sides: str, pool: int) -> None:
+    # create_graph=True: the backward recomputes the conv and applies the pool's and
+    # the ReLU's backward through autograd, then tucker_conv2d_backward's own formula.
+    gen = torch.Generator().manual_seed(14)
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=gen).requires_grad_()
+
+    x, first, core = leaf(1, 2, 7, 5), leaf(2, 2), leaf(3, 2, 2, 2)
+    last = leaf(2, 3) if sides == "tucker2" else None
+    bias = leaf(2 if last is not None else 3)
+    inputs = tuple(t for t in (x, first, core, last, bias) if t is not None)
+
+    def fn(*leaves):
+        args = list(leaves) if last is not None else [*leaves[:3], None, leaves[3]]
+        return tucker_conv2d_relu_pool(*args, (1, 1), (1, 1), (1, 1), pool)
+
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_backward_node_is_the_cpp_one_and_kept_intermediates_change_nothing() -> None:
+    import tucker_ops
+
+    gen = torch.Generator().manual_seed(15)
+    t = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((2, 3, 9, 8), (2, 3), (3, 2, 3, 3), (5, 3), (5,))]
+
+    def grads():
+        leaves = [u.clone().requires_grad_() for u in t]
+        y = tucker_conv2d_relu_pool(*leaves, (1, 1), (1, 1), (1, 1), 2)
+        assert "CppNode<tucker_ops::TuckerConv2dReluPoolFunction>" in y.grad_fn.name()
+        return torch.autograd.grad(y.square().sum(), leaves)
+
+    kept = grads()  # the CPU backward recomputes the conv with its intermediates
+    with tucker_ops.keep_intermediates(False):
+        recomputed = grads()
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_opcheck(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(12)

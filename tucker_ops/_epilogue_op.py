@@ -6,11 +6,12 @@ output is never written (ThesisNet's conv1 at batch 10,000: 500 MB that an eager
 ReLU and AvgPool2d would write and read again). Elsewhere (CUDA, the reference
 backend) the same result comes from the composite.
 
-The schema lives in csrc/ops.cpp with the others; this module registers its fake
-kernel, the CUDA composite and the autograd formula, and holds the Python entry
-point. The backward recomputes the conv output (the forward never stored it; on
-the CPU with its intermediates, in the same pass), masks the pooled gradient by ReLU
-and hands the rest to ``tucker_conv2d_backward``.
+The schema lives in csrc/ops.cpp with the others, and its autograd kernel in
+csrc/autograd.cpp: the backward recomputes the conv output (the forward never
+stored it; on the CPU with its intermediates, in the same pass), takes the pool's
+and the ReLU's backward and hands the rest to ``tucker_conv2d_backward``. This
+module registers its fake kernel and the CUDA composite, and holds the Python entry
+point.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from ._ops import _OPS, _conv2d_output_shape, _conv_memory_format, _pair, _needs_python_autograd, _runs_reference
+from ._ops import (
+    _FAST,
+    _OPS,
+    _conv2d_output_shape,
+    _conv_memory_format,
+    _fast_calls_apply,
+    _needs_python_autograd,
+    _pair,
+    _runs_reference,
+)
 
 __all__ = ["tucker_conv2d_relu_pool"]
 
@@ -81,6 +91,11 @@ def tucker_conv2d_relu_pool(
 
         y = _relu_pool(_functorch.tucker_conv2d(input, first, core, last, bias, stride, padding, dilation), pool)
         return y.contiguous(memory_format=_conv_memory_format(input))
+    if _fast_calls_apply((input, first, core, last, bias)):
+        try:
+            return _FAST.tucker_conv2d_relu_pool(input, first, core, last, bias, stride, padding, dilation, pool)
+        except TypeError:
+            pass  # arguments pybind11 does not convert, or the op's own TypeError: torch.ops decides
     return _OPS.tucker_conv2d_relu_pool(input, first, core, last, bias, stride, padding, dilation, pool)
 
 
@@ -100,48 +115,3 @@ def _cuda_composite(input, first, core, last, bias, stride, padding, dilation, p
     return y.contiguous(memory_format=_conv_memory_format(input))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    input, first, core, last, bias, stride, padding, dilation, pool = inputs
-    ctx.save_for_backward(input, first, core, last, bias)
-    ctx.conv_args = (stride, padding, dilation)
-    ctx.pool = pool
-
-
-def _recompute_conv(input, first, core, last, bias, conv_args) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The conv output, plus its intermediates for the conv backward where the CPU kernel
-    can write them in the same pass (not while a double-backward graph is recorded: that
-    op has no autograd; not when keep_intermediates(False) or
-    TUCKER_OPS_KEEP_INTERMEDIATES=0 asks to recompute, as for the plain op)."""
-    keep = (
-        input.device.type == "cpu"
-        and not torch.is_grad_enabled()
-        and (first is not None or last is not None)
-        and _OPS._keep_intermediates_mode() != 0
-    )
-    if not keep:
-        return _OPS.tucker_conv2d(input, first, core, last, bias, *conv_args), None, None
-    y, projection, core_output = _OPS.tucker_conv2d_with_intermediates(input, first, core, last, bias, *conv_args)
-    return y, projection if first is not None else None, core_output if last is not None else None
-
-
-def _backward(ctx, grad: Tensor):
-    input, first, core, last, bias = ctx.saved_tensors
-    pool = ctx.pool
-    y, projection, core_output = _recompute_conv(input, first, core, last, bias, ctx.conv_args)
-    # d avg_pool: each pooled gradient spread evenly over its window; rows and
-    # columns the floor mode dropped get none. Then the ReLU mask.
-    grad_y = torch.zeros_like(y)
-    hp, wp = grad.shape[-2], grad.shape[-1]
-    if pool > 1:
-        spread = grad.repeat_interleave(pool, -2).repeat_interleave(pool, -1) / (pool * pool)
-    else:
-        spread = grad
-    grad_y[..., : hp * pool, : wp * pool] = spread
-    grad_y = grad_y * (y > 0)
-    present = (True, first is not None, True, last is not None, bias is not None)
-    mask = [bool(ctx.needs_input_grad[i]) and present[i] for i in range(5)]
-    grads = _OPS.tucker_conv2d_backward(grad_y, input, first, core, last, *ctx.conv_args, mask, projection, core_output)
-    return (*[g if mask[i] else None for i, g in enumerate(grads)], None, None, None, None)
-
-
-torch.library.register_autograd("tucker_ops::tucker_conv2d_relu_pool", _backward, setup_context=_setup_context)

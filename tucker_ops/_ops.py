@@ -84,7 +84,8 @@ def _load_fast_calls(origin: str | None):
         spec.loader.exec_module(module)
     except ImportError:
         return None
-    return module if hasattr(module, "tucker_conv2d") and hasattr(module, "tucker_linear") else None
+    calls = ("tucker_conv2d", "tucker_linear", "tucker_conv2d_relu_pool")
+    return module if all(hasattr(module, name) for name in calls) else None
 
 
 _FAST = _load_fast_calls(_load_library())

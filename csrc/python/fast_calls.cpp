@@ -1,5 +1,6 @@
-// Direct Python entry points for tucker_conv2d and tucker_linear, which
-// tucker_ops/_ops.py calls in eager mode instead of torch.ops.tucker_ops.*.
+// Direct Python entry points for tucker_conv2d, tucker_linear and
+// tucker_conv2d_relu_pool, which tucker_ops/_ops.py and _epilogue_op.py call in
+// eager mode instead of torch.ops.tucker_ops.*.
 //
 // Both routes end in the same dispatcher call, so every dispatch key still
 // runs (autograd, autocast, tracing, Python modes such as FakeTensorMode).
@@ -27,6 +28,9 @@ using Conv2dSignature = Tensor(const Tensor&, const OptionalTensor&, const Tenso
                                const OptionalTensor&, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef);
 using LinearSignature =
     Tensor(const Tensor&, const OptionalTensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&);
+using Conv2dReluPoolSignature = Tensor(const Tensor&, const OptionalTensor&, const Tensor&, const OptionalTensor&,
+                                       const OptionalTensor&, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef,
+                                       int64_t);
 
 Tensor tucker_conv2d(const Tensor& input, const OptionalTensor& first, const Tensor& core, const OptionalTensor& last,
                      const OptionalTensor& bias, const std::vector<int64_t>& stride,
@@ -43,6 +47,18 @@ Tensor tucker_linear(const Tensor& input, const OptionalTensor& first, const Ten
   return op.call(input, first, core, last, bias);
 }
 
+// Its autograd and CUDA kernels are registered from Python (_epilogue_op.py);
+// the dispatcher takes the GIL back for those.
+Tensor tucker_conv2d_relu_pool(const Tensor& input, const OptionalTensor& first, const Tensor& core,
+                               const OptionalTensor& last, const OptionalTensor& bias,
+                               const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                               const std::vector<int64_t>& dilation, int64_t pool) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("tucker_ops::tucker_conv2d_relu_pool", "")
+                             .typed<Conv2dReluPoolSignature>();
+  return op.call(input, first, core, last, bias, stride, padding, dilation, pool);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -51,4 +67,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the GIL is released while the op runs, as torch's own bindings do.
   m.def("tucker_conv2d", torch::wrap_pybind_function_no_gil(tucker_conv2d));
   m.def("tucker_linear", torch::wrap_pybind_function_no_gil(tucker_linear));
+  m.def("tucker_conv2d_relu_pool", torch::wrap_pybind_function_no_gil(tucker_conv2d_relu_pool));
 }
