@@ -19,33 +19,20 @@ from tucker_ops._epilogue_op import tucker_conv2d_relu_pool
 OPS = ("fused", "fused_grad", "sequential")
 
 
-def _conv():
+def _conv(epilogue: bool = False):
+    # epilogue: the fused-epilogue op (fuse_epilogues) on a 4x4 image: conv, ReLU, 2x2 average pool.
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 2, 2, 2, generator=g)
+    x = torch.randn(1, 2, *((4, 4) if epilogue else (2, 2)), generator=g)
     first, core = torch.randn(2, 2, generator=g), torch.randn(2, 2, 1, 1, generator=g)
     last = torch.randn(2, 2, generator=g)
     bias = torch.randn(2, generator=g)
-    seq = nn.Sequential(nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 1))
+    chain = [nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 1)]
+    seq = nn.Sequential(*chain, *((nn.ReLU(), nn.AvgPool2d(2)) if epilogue else ()))
 
     def fused(x, first=first, core=core, last=last, bias=bias):
+        if epilogue:
+            return tucker_conv2d_relu_pool(x, first, core, last, bias, 1, 0, 1, 2, backend="fused")
         return _ops.tucker_conv2d(x, first, core, last, bias, 1, 0, 1, backend="fused")
-
-    return x, (first, core, last, bias), fused, seq
-
-
-def _conv_relu_pool():
-    # The fused-epilogue op (fuse_epilogues) on a 4x4 image: conv, ReLU, 2x2 average pool.
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 2, 4, 4, generator=g)
-    first, core = torch.randn(2, 2, generator=g), torch.randn(2, 2, 1, 1, generator=g)
-    last = torch.randn(2, 2, generator=g)
-    bias = torch.randn(2, generator=g)
-    seq = nn.Sequential(
-        nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 1), nn.ReLU(), nn.AvgPool2d(2)
-    )
-
-    def fused(x, first=first, core=core, last=last, bias=bias):
-        return tucker_conv2d_relu_pool(x, first, core, last, bias, 1, 0, 1, 2, backend="fused")
 
     return x, (first, core, last, bias), fused, seq
 
@@ -67,7 +54,7 @@ def _linear():
 @pytest.mark.parametrize("kind", ["conv", "conv_relu_pool", "linear"])
 def test_overhead(benchmark, kind: str, impl: str) -> None:
     benchmark.group = f"overhead: tiny {kind} / batch 1 / forward"
-    x, params, fused, seq = {"conv": _conv, "conv_relu_pool": _conv_relu_pool, "linear": _linear}[kind]()
+    x, params, fused, seq = _linear() if kind == "linear" else _conv(epilogue=kind == "conv_relu_pool")
     if impl == "fused_grad":
         for p in params:
             p.requires_grad_()

@@ -15,6 +15,7 @@
 #include <optional>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
@@ -172,6 +173,23 @@ variable_list to_result(Grads&& grads, const Mask& mask, size_t num_args) {
   return result;
 }
 
+// The conv's stride, padding and dilation, kept in the context for backward.
+struct ConvArgs {
+  std::vector<int64_t> stride, padding, dilation;
+};
+
+void save_conv_args(AutogradContext* ctx, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                    c10::IntArrayRef dilation) {
+  ctx->saved_data["stride"] = stride.vec();
+  ctx->saved_data["padding"] = padding.vec();
+  ctx->saved_data["dilation"] = dilation.vec();
+}
+
+ConvArgs saved_conv_args(AutogradContext* ctx) {
+  return {ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+          ctx->saved_data["dilation"].toIntVector()};
+}
+
 }  // namespace
 
 // Outside the anonymous namespace so the graph node reads
@@ -204,9 +222,7 @@ class TuckerConv2dFunction : public torch::autograd::Function<TuckerConv2dFuncti
     // reads their presence from the saved tensors.
     ctx->save_for_backward({input, present(first) ? *first : Tensor(), core, present(last) ? *last : Tensor(),
                             present(first) ? projection : Tensor(), present(last) ? core_output : Tensor()});
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
+    save_conv_args(ctx, stride, padding, dilation);
     ctx->saved_data["has_bias"] = present(bias);
     return output;
   }
@@ -217,13 +233,11 @@ class TuckerConv2dFunction : public torch::autograd::Function<TuckerConv2dFuncti
     const Tensor &input = saved[0], &first = saved[1], &core = saved[2], &last = saved[3];
     const Mask mask = grad_mask(ctx, first.defined(), last.defined(), ctx->saved_data["has_bias"].toBool());
     if (!any(mask)) return variable_list(kNumArgs);
-    const auto stride = ctx->saved_data["stride"].toIntVector();
-    const auto padding = ctx->saved_data["padding"].toIntVector();
-    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    const ConvArgs args = saved_conv_args(ctx);
     return to_result(
         call_backward(
-            conv2d_backward_op(), grad_outputs[0], input, as_optional(first), core, as_optional(last), stride,
-            padding, dilation, mask, as_optional(saved[4]), as_optional(saved[5])),
+            conv2d_backward_op(), grad_outputs[0], input, as_optional(first), core, as_optional(last), args.stride,
+            args.padding, args.dilation, mask, as_optional(saved[4]), as_optional(saved[5])),
         mask, kNumArgs);
   }
 };
@@ -254,9 +268,7 @@ class TuckerConv2dReluPoolFunction : public torch::autograd::Function<TuckerConv
     }
     ctx->save_for_backward({input, present(first) ? *first : Tensor(), core, present(last) ? *last : Tensor(),
                             present(bias) ? *bias : Tensor()});
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
+    save_conv_args(ctx, stride, padding, dilation);
     ctx->saved_data["pool"] = pool;
     return output;
   }
@@ -267,24 +279,24 @@ class TuckerConv2dReluPoolFunction : public torch::autograd::Function<TuckerConv
     const Tensor &input = saved[0], &first = saved[1], &core = saved[2], &last = saved[3], &bias = saved[4];
     const Mask mask = grad_mask(ctx, first.defined(), last.defined(), bias.defined());
     if (!any(mask)) return variable_list(kNumArgs);
-    const auto stride = ctx->saved_data["stride"].toIntVector();
-    const auto padding = ctx->saved_data["padding"].toIntVector();
-    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    const ConvArgs args = saved_conv_args(ctx);
     const int64_t pool = ctx->saved_data["pool"].toInt();
     Tensor y, projection, core_output;
-    if (c10::GradMode::is_enabled()) {
-      y = conv2d_op().call(input, as_optional(first), core, as_optional(last), as_optional(bias), stride, padding,
-                           dilation);
-    } else {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      const bool keep = input.device().is_cpu() && (first.defined() || last.defined()) &&
+    {
+      // Through autograd when a double-backward graph is recorded, below it otherwise.
+      const bool graph = c10::GradMode::is_enabled();
+      std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+      if (!graph) below.emplace();
+      const bool keep = !graph && input.device().is_cpu() && (first.defined() || last.defined()) &&
                         cpu::keep_intermediates_mode() != cpu::KeepIntermediates::kNever;
+      const OptTensor first_or_none = as_optional(first), last_or_none = as_optional(last);
+      const OptTensor bias_or_none = as_optional(bias);
       if (keep) {
         std::tie(y, projection, core_output) = conv2d_kept_op().call(
-            input, as_optional(first), core, as_optional(last), as_optional(bias), stride, padding, dilation);
+            input, first_or_none, core, last_or_none, bias_or_none, args.stride, args.padding, args.dilation);
       } else {
-        y = conv2d_op().call(input, as_optional(first), core, as_optional(last), as_optional(bias), stride,
-                             padding, dilation);
+        y = conv2d_op().call(input, first_or_none, core, last_or_none, bias_or_none, args.stride, args.padding,
+                             args.dilation);
       }
     }
     // Floor mode: conv rows and columns past the last whole window get no gradient.
@@ -294,8 +306,8 @@ class TuckerConv2dReluPoolFunction : public torch::autograd::Function<TuckerConv
     const Tensor grad_y = at::threshold_backward(grad_relu, y, 0);
     return to_result(
         call_backward(
-            conv2d_backward_op(), grad_y, input, as_optional(first), core, as_optional(last), stride, padding,
-            dilation, mask, as_optional(first.defined() ? projection : Tensor()),
+            conv2d_backward_op(), grad_y, input, as_optional(first), core, as_optional(last), args.stride,
+            args.padding, args.dilation, mask, as_optional(first.defined() ? projection : Tensor()),
             as_optional(last.defined() ? core_output : Tensor())),
         mask, kNumArgs);
   }
