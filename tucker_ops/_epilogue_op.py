@@ -40,7 +40,8 @@ _OP = "tucker_conv2d_relu_pool"
 
 
 def _check_pool(pool: int) -> None:
-    # A plain check: torch._check_value cost 3.6 µs a call, a third of the op's overhead.
+    # A plain check: through torch._check_value it was the slowest step of the entry point
+    # (benchmarks/notes.md, the 13:25 run).
     if not (isinstance(pool, int) and not isinstance(pool, bool) and pool >= 1):
         raise ValueError(
             f"{_OP}: expected pool to be an int >= 1 (the average pool's window and stride; "

@@ -368,7 +368,7 @@ void launch(const at::Tensor& like, const LinearSizes& s, const LinearPointers& 
   F* t1 = scratch.mutable_data_ptr<F>();
   F* t2 = t1 + t1_elems;
 
-  // Tensor cores where the rows fill their 8-row tiles (and mma.sync exists).
+  // Tensor cores past the 8 rows one CUDA-core task covers (where mma.sync exists).
   const bool tensor_cores = kHasTensorCores<T> && s.M >= kTcMinRows &&
                             cached_device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8;
   GridParams gp{};
