@@ -164,8 +164,19 @@ FORCED_PATHS = {
     "chain": {"TUCKER_OPS_CUDA_FUSED": "0"},
     "kernel": {"TUCKER_OPS_CUDA_FUSED": "1"},
     "block": {"TUCKER_OPS_CUDA_FUSED": "1", "TUCKER_OPS_CUDA_CLUSTER": "0", "TUCKER_OPS_CUDA_TC": "0"},
-    "grid": {"TUCKER_OPS_CUDA_LINEAR_GRID": "1"},  # linear cases only
+    # The whole-GPU kernels, where they apply (grid_applies).
+    "grid": {"TUCKER_OPS_CUDA_LINEAR_GRID": "1", "TUCKER_OPS_CUDA_CONV_GRID": "1"},
 }
+
+
+def grid_applies(c: Case, dtype: torch.dtype) -> bool:
+    """Whether the forced whole-GPU kernel runs on this case (conv_grid.cuh's rule:
+    R_in a multiple of one 16-byte run of the dtype); elsewhere its column would
+    time another path."""
+    if c.kind == "linear":
+        return True
+    r_in = c.ranks[0] or c.c_in
+    return r_in % (16 // torch.empty((), dtype=dtype).element_size()) == 0
 
 
 def time_ms(fn: Callable[[], object], reps: int, warmup: int, target_ms: float = 2.0) -> float:
@@ -275,10 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                     times = {name: timed(fn) for name, fn in impls.items()}
                     # The op with each forward path forced: its unfused chain,
                     # its fused kernel, its first fused kernel (CUDA cores, one
-                    # block per tile: no tensor cores, no clusters) and, for the
-                    # linear layers, the whole-GPU kernel.
+                    # block per tile: no tensor cores, no clusters) and, where it
+                    # applies, the whole-GPU kernel.
                     for column, env in FORCED_PATHS.items():
-                        if column == "grid" and c.kind != "linear":
+                        if column == "grid" and not grid_applies(c, dtype):
                             continue
                         os.environ.update(env)
                         try:
@@ -345,7 +356,8 @@ def render(rows: list[dict], card: str, bandwidth: float, peaks: dict, command: 
         "chain ms / kernel ms: the op with TUCKER_OPS_CUDA_FUSED=0 / =1 forcing one path; "
         "block ms: the fused kernel with TUCKER_OPS_CUDA_CLUSTER=0 TUCKER_OPS_CUDA_TC=0 (CUDA cores, one block per tile: "
         "the design before tensor cores and clusters); "
-        "grid ms (linear layers): the whole-GPU kernel, forced with TUCKER_OPS_CUDA_LINEAR_GRID=1",
+        "grid ms: the whole-GPU kernel (linear_grid.cu, conv_grid.cu), forced with TUCKER_OPS_CUDA_LINEAR_GRID=1 "
+        "TUCKER_OPS_CUDA_CONV_GRID=1; - where it does not apply",
         "- bw / flop: bytes / bandwidth / time and FLOPs / peak / time of the fused op (fraction of the roofline)",
         "",
         "| case | dtype | batch | fused ms | seq ms | dense ms | chain ms | kernel ms | block ms | grid ms | vs seq | vs dense | FLOPs chain/dense | bw | flop | err |",

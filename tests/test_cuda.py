@@ -13,7 +13,8 @@ also cycle TUCKER_OPS_CUDA_CLUSTER through 2, 4, 8 and 0 (the thread-block
 cluster kernels of sm_90+ at every cluster size, then the single-block ones,
 with TUCKER_OPS_CUDA_TC=0: float16/bfloat16 Tucker-2 shapes otherwise go to
 the tensor-core kernel), and every fourth seed (2, 6, ...) sets
-TUCKER_OPS_CUDA_LINEAR_GRID=1 (the linear's whole-GPU kernel).
+TUCKER_OPS_CUDA_LINEAR_GRID=1 and TUCKER_OPS_CUDA_CONV_GRID=1 (the whole-GPU
+kernels).
 Tests named after a path force that path; the others leave the op to choose.
 TUCKER_OPS_TEST_DEVICES=cuda (comma-separated) restricts the device parameter, as
 benchmarks/gpu_check.sh does to spend GPU time on the GPU.
@@ -67,6 +68,7 @@ def _select_path(device: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> Non
         monkeypatch.setenv("TUCKER_OPS_CUDA_TC", "0" if cluster == "0" else "1")
         if seed % 4 == 2:
             monkeypatch.setenv("TUCKER_OPS_CUDA_LINEAR_GRID", "1")
+            monkeypatch.setenv("TUCKER_OPS_CUDA_CONV_GRID", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -433,6 +435,147 @@ def test_linear_whole_gpu_kernel_gradcheck_and_opcheck(device: str, monkeypatch:
         opcheck(OPS.tucker_linear.default, tuple(lin))
 
 
+# The whole-GPU conv kernel (conv_grid.cu): (N, C_in, H, W, R_in, R_out, C_out,
+# kernel, stride, padding, dilation). It takes R_in (C_in without `first`) in
+# multiples of the dtype's 16-byte run: "odd" (R_in 6, C_in 10) only in float64,
+# so the other dtypes check that the switch falls back. "wide" has a long first
+# stage over few pixels, which splits K over several warps of a block.
+GRID_CONVS = {
+    "resnet": (1, 32, 7, 7, 16, 16, 40, (3, 3), (1, 1), (1, 1), (1, 1)),
+    "strided": (3, 24, 9, 11, 8, 24, 20, (3, 2), (2, 1), (1, 0), (1, 2)),
+    "pointwise_core": (2, 16, 5, 6, 8, 8, 12, (1, 1), (1, 1), (0, 0), (1, 1)),
+    "odd": (2, 10, 6, 5, 6, 7, 9, (3, 3), (1, 1), (1, 1), (1, 1)),
+    "wide": (1, 256, 3, 3, 16, 8, 24, (3, 3), (1, 1), (1, 1), (1, 1)),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("sides", ["tucker2", "no_first", "no_last", "core_only"])
+@pytest.mark.parametrize("layer", list(GRID_CONVS))
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_whole_gpu_kernel(
+    device: str, dtype: torch.dtype, layer: str, sides: str, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On the CPU the switch means nothing: the same checks run against the CPU kernels.
+    _require(device, dtype)
+    monkeypatch.setenv("TUCKER_OPS_CUDA_CONV_GRID", "1")
+    n, c_in, h, w, r_in, r_out, c_out, kernel, stride, padding, dilation = GRID_CONVS[layer]
+    has_first, has_last = sides in ("tucker2", "no_last"), sides in ("tucker2", "no_first")
+    gen = torch.Generator().manual_seed(len(layer) + len(sides))
+    core_in = r_in if has_first else c_in
+    t = (
+        _conv_input((n, c_in, h, w), layout, dtype, device, gen),
+        _randn((r_in, c_in), dtype, device, gen) if has_first else None,
+        _randn((r_out, core_in, *kernel), dtype, device, gen),
+        _randn((c_out, r_out), dtype, device, gen) if has_last else None,
+        _randn((c_out if has_last else r_out,), dtype, device, gen) if layer != "strided" else None,
+    )
+
+    def fused(*a):
+        return _ops.tucker_conv2d(*a, stride, padding, dilation)
+
+    def ref(*a):
+        return reference.tucker_conv2d(*a, stride, padding, dilation)
+
+    _check_against_reference(fused, ref, t, dtype, len(layer))
+    with torch.no_grad():
+        y = fused(*t)
+        assert torch.equal(y, fused(*t)), "repeated calls differ"
+        assert y.is_contiguous(memory_format=conv_output_format(t[0])), "output layout"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_whole_gpu_kernel_gradcheck_and_opcheck(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUCKER_OPS_CUDA_CONV_GRID", "1")
+    # R_in 4 and C_in 6: float64's 16-byte run is 2 elements, so the kernel takes both sides.
+    for f in ((4, 6), None):
+        conv = _leaves(device, 5, (2, 6, 5, 4), f, (3, 4 if f else 6, 2, 3), (5, 3), (5,))
+        assert torch.autograd.gradcheck(lambda *t: _ops.tucker_conv2d(*t, (2, 1), (1, 1), (1, 2)), conv)
+        if device == "cuda":  # on CPU tests/test_ops.py covers it
+            opcheck(OPS.tucker_conv2d.default, (*conv, (2, 1), (1, 1), (1, 2)))
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layer", list(GRID_CONVS))
+def test_conv_whole_gpu_kernel_tf32(layer: str, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # float32 stages past 8 rows on TF32 tensor cores, as nn.Conv2d runs with cuDNN's TF32
+    # switch on (the core's gather needs R_in % 8 == 0; "odd" keeps CUDA cores there):
+    # TF32 rounds operands to 10 mantissa bits, so 5e-3, not 1e-4.
+    if "cuda" not in _WANTED:
+        pytest.skip("TUCKER_OPS_TEST_DEVICES excludes cuda")
+    monkeypatch.setenv("TUCKER_OPS_CUDA_CONV_GRID", "1")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    n, c_in, h, w, r_in, r_out, c_out, kernel, stride, padding, dilation = GRID_CONVS[layer]
+    gen = torch.Generator().manual_seed(len(layer))
+    t = (
+        _conv_input((n, c_in, h, w), layout, torch.float32, "cuda", gen),
+        _randn((r_in, c_in), torch.float32, "cuda", gen),
+        _randn((r_out, r_in, *kernel), torch.float32, "cuda", gen),
+        _randn((c_out, r_out), torch.float32, "cuda", gen),
+        _randn((c_out,), torch.float32, "cuda", gen),
+    )
+    with torch.no_grad():
+        y = _ops.tucker_conv2d(*t, stride, padding, dilation)
+    want = reference.tucker_conv2d(*(a.double() for a in t), stride, padding, dilation)
+    err = _rel_err(y, want)
+    assert err <= 5e-3, f"relative error {err:.2e} > 5e-3"
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("rows", [9, 40])
+@pytest.mark.parametrize("layer", list(GRID_LAYERS))
+def test_linear_whole_gpu_kernel_tf32(layer: str, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same for the linear, under cuBLAS's TF32 switch (nn.Linear's; off by default).
+    if "cuda" not in _WANTED:
+        pytest.skip("TUCKER_OPS_TEST_DEVICES excludes cuda")
+    monkeypatch.setenv("TUCKER_OPS_CUDA_LINEAR_GRID", "1")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    n_in, r_in, r_out, n_out, offset = GRID_LAYERS[layer]
+    gen = torch.Generator().manual_seed(rows)
+    x = _randn((rows * n_in + offset,), torch.float32, "cuda", gen)[offset:].view(rows, n_in)
+    t = (
+        x,
+        _randn((r_in, n_in), torch.float32, "cuda", gen),
+        _randn((r_out, r_in), torch.float32, "cuda", gen),
+        _randn((n_out, r_out), torch.float32, "cuda", gen),
+        _randn((n_out,), torch.float32, "cuda", gen),
+    )
+    with torch.no_grad():
+        y = _ops.tucker_linear(*t)
+    err = _rel_err(y, reference.tucker_linear(*(a.double() for a in t)))
+    assert err <= 5e-3, f"relative error {err:.2e} > 5e-3"
+
+
+def _cuda_kernel_names(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events()}
+
+
+@CUDA_ONLY
+def test_whole_gpu_kernels_run_where_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The switches must really select the kernels: the tests above would also pass
+    # on a path that silently ignored them.
+    gen = torch.Generator().manual_seed(31)
+    x = _randn((2, 16, 6, 6), torch.float32, "cuda", gen)
+    conv = [_randn(s, torch.float32, "cuda", gen) for s in ((8, 16), (12, 8, 3, 3), (20, 12), (20,))]
+    odd = [_randn(s, torch.float32, "cuda", gen) for s in ((6, 16), (12, 6, 3, 3), (20, 12), (20,))]
+    xl = _randn((3, 40), torch.float32, "cuda", gen)
+    lin = [_randn(s, torch.float32, "cuda", gen) for s in ((12, 40), (10, 12), (30, 10), (30,))]
+    monkeypatch.setenv("TUCKER_OPS_CUDA_CONV_GRID", "1")
+    monkeypatch.setenv("TUCKER_OPS_CUDA_LINEAR_GRID", "1")
+    with torch.no_grad():
+        assert any("grid_conv_kernel" in k for k in _cuda_kernel_names(lambda: _ops.tucker_conv2d(x, *conv, 1, 1, 1)))
+        # R_in 6 is not a multiple of float32's 4-element run: another path runs.
+        assert not any("grid_conv_kernel" in k for k in _cuda_kernel_names(lambda: _ops.tucker_conv2d(x, *odd, 1, 1, 1)))
+        assert any("grid_linear_kernel" in k for k in _cuda_kernel_names(lambda: _ops.tucker_linear(xl, *lin)))
+        monkeypatch.setenv("TUCKER_OPS_CUDA_CONV_GRID", "0")
+        assert not any("grid_conv_kernel" in k for k in _cuda_kernel_names(lambda: _ops.tucker_conv2d(x, *conv, 1, 1, 1)))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_func_transforms(device: str) -> None:
     # tests/test_functorch.py covers the transforms on the CPU; here the same route runs
@@ -594,13 +737,14 @@ def _graph_step(x, xl, conv, lin):
 
 
 @CUDA_ONLY
-@pytest.mark.parametrize("path", ["auto", "fused", "chain", "linear_grid"])
+@pytest.mark.parametrize("path", ["auto", "fused", "chain", "grid"])
 def test_cuda_graph_capture_forward_and_backward(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # "auto" lets the op choose, which it does differently while a graph is captured.
-    # "linear_grid": the linear's whole-GPU kernel, a cooperative launch, captured.
-    if path == "linear_grid":
+    # "grid": the whole-GPU kernels of both ops, cooperative launches, captured.
+    if path == "grid":
         monkeypatch.setenv("TUCKER_OPS_CUDA_LINEAR_GRID", "1")
-        monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1")  # the conv on one path, eager and captured
+        monkeypatch.setenv("TUCKER_OPS_CUDA_CONV_GRID", "1")
+        monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1")  # one path, eager and captured
     elif path != "auto":
         monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1" if path == "fused" else "0")
     conv, lin = _graph_operands("cuda")

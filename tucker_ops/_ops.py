@@ -650,6 +650,9 @@ def tucker_conv2d(
     unfused chain through cuDNN/cuBLAS under torch's global settings (TF32 follows
     ``torch.backends.cudnn.allow_tf32`` as for ``nn.Conv2d``); the environment variable
     ``TUCKER_OPS_CUDA_FUSED=1`` / ``=0`` forces one path (benchmarks/RESULTS_GPU.md).
+    ``TUCKER_OPS_CUDA_CONV_GRID=1`` runs a whole-GPU fused kernel instead where R_in is a
+    multiple of 16 bytes' worth of the dtype (one cooperative launch, for layers with few
+    output pixels); it is not chosen automatically until measured on a GPU.
 
     ``torch.func`` transforms (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap) and forward-mode AD
     (``torch.autograd.forward_ad``) work on it.

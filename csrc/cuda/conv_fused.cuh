@@ -15,7 +15,7 @@ struct ConvPointers {
   const void* core;   // (R_out, R_in, kh, kw) contiguous
   const void* last;   // (C_out, R_out) contiguous, or null
   const void* bias;   // (C_out,) or null
-  void* out;          // (N, C_out, H_out, W_out) contiguous
+  void* out;          // (N, C_out, H_out, W_out): NCHW contiguous (grid_conv_forward: NHWC on request)
 };
 
 // The fused kernel a call runs, chosen once per call from the kernels' time

@@ -29,6 +29,7 @@
 #include "layout.h"
 #include "cuda/common.cuh"
 #include "cuda/conv_fused.cuh"
+#include "cuda/conv_grid.cuh"
 #include "cuda/gemm.cuh"
 
 namespace tucker_ops::cuda {
@@ -77,6 +78,17 @@ ConvTensors prepare(const Tensor& input, const std::optional<Tensor>& first, con
   auto [x, nhwc] = input_layout(input);
   return {x, nhwc, s.has_first ? first->contiguous() : Tensor(), core.contiguous(),
           s.has_last ? last->contiguous() : Tensor()};
+}
+
+// The fused kernels' operands; `bias` undefined when absent.
+ConvPointers conv_pointers(const Conv2dSizes& s, const ConvTensors& t, const Tensor& bias, Tensor& out) {
+  return ConvPointers{t.x.const_data_ptr(),
+                      t.nhwc,
+                      s.has_first ? t.first.const_data_ptr() : nullptr,
+                      t.core.const_data_ptr(),
+                      s.has_last ? t.last.const_data_ptr() : nullptr,
+                      s.has_bias ? bias.const_data_ptr() : nullptr,
+                      out.mutable_data_ptr()};
 }
 
 // P = first * X: (N, R_in, H, W) in the accumulation type.
@@ -184,6 +196,15 @@ Tensor forward_before_layout(
   const c10::cuda::CUDAGuard guard(input.device());
   if (s.N == 0) return at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options());
   const FusedMode mode = fused_mode_from_env();
+  if (mode != FusedMode::kNever && grid_conv_applies(s, input.scalar_type())) {
+    // The whole-GPU kernel writes the output in the input's layout directly.
+    const at::MemoryFormat format = conv_memory_format(input);
+    Tensor out = at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options().memory_format(format));
+    const ConvTensors t = prepare(input, first, core, last, s);
+    const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
+    grid_conv_forward(t.x, s, conv_pointers(s, t, b, out), format == at::MemoryFormat::ChannelsLast);
+    return out;
+  }
   const bool fits_32bit = indices_fit_32bit(s);
   // One choice per call: which fused kernel, and whether it beats the chain.
   const FusedConvChoice choice =
@@ -195,11 +216,7 @@ Tensor forward_before_layout(
   const ConvTensors t = prepare(input, first, core, last, s);
   const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
   const void* bias_ptr = s.has_bias ? b.const_data_ptr() : nullptr;
-
-  const ConvPointers ptrs{t.x.const_data_ptr(), t.nhwc, s.has_first ? t.first.const_data_ptr() : nullptr,
-                          t.core.const_data_ptr(), s.has_last ? t.last.const_data_ptr() : nullptr, bias_ptr,
-                          out.mutable_data_ptr()};
-  if (fused_conv_forward(t.x, s, ptrs, choice)) return out;
+  if (fused_conv_forward(t.x, s, conv_pointers(s, t, b, out), choice)) return out;
   if (fits_32bit) return chain_forward_aten(input, first, core, last, bias, stride, padding, dilation, s);
   // Beyond 32-bit indexing and outside the fused kernel: the index-mapped GEMMs.
 

@@ -1,0 +1,242 @@
+// Fused tucker_conv2d forward over the whole GPU (conv_grid.cuh).
+//
+// At batch 1-8 a ResNet 14x14 or 7x7 layer has 49-1568 output pixels: a
+// handful of conv_fused_tc.cu's 64-pixel tiles, each running its three steps
+// one after another on one multiprocessor (resnet50_3x3 at batch 1: 0.063 ms
+// of GPU time against cuDNN's dense 0.022 ms, RESULTS_GPU.md). Here every
+// stage is a product spread over all the grid's warps (grid_stage.cuh):
+//   prep:    the core repacked to (R_out, taps, R_in), so that the k of the
+//            implicit im2col runs over channels within a tap; an NCHW input
+//            transposed to NHWC accumulation-type scratch;
+//   stage 1: P (pixels x R_in) = x (pixels x C_in) first^T (dense rows);
+//   stage 2: Q (out pixels x R_out) = im2col(P) core^T (GatherSource);
+//   stage 3: out = Q last^T + bias, written NCHW or NHWC (OutputDest);
+// with a grid-wide barrier between stages, P and Q in L2 scratch in the
+// accumulation type. Tucker-1 layers drop stage 1 or 3. float32 stages take
+// TF32 tensor cores where torch.backends.cudnn.allow_tf32 is set, as nn.Conv2d.
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+
+#include "cuda/conv_grid.cuh"
+#include "cuda/grid_stage.cuh"
+
+namespace tucker_ops::cuda {
+namespace {
+
+using namespace grid;
+
+constexpr int kTile = 32;  // the input transposes 32 channels x 32 pixels per block step
+
+struct ConvGridParams {
+  // The core (R_out, R_in, taps) to core_packed (R_out, taps, R_in), call's dtype.
+  const void* core;
+  void* core_packed;
+  int64_t R_out, R_in, taps;
+  // An NCHW input (N, C, pixels) to xt (N * pixels, C) in the accumulation
+  // type; xt null: the input is NHWC and read in place.
+  const void* x;
+  void* xt;
+  int64_t N, C, pixels;
+  bool sync_after_prep;  // the first stage reads what prep writes
+  int stages;
+  GridStage stage[3];
+};
+
+template <typename T>
+__device__ void repack_core(const ConvGridParams& p) {
+  const T* core = static_cast<const T*>(p.core);
+  T* packed = static_cast<T*>(p.core_packed);
+  const int64_t total = p.R_out * p.taps * p.R_in;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t r = e % p.R_in, tap = (e / p.R_in) % p.taps, ro = e / (p.R_in * p.taps);
+    packed[e] = core[(ro * p.R_in + r) * p.taps + tap];
+  }
+}
+
+// Through a shared-memory tile, so that both the reads (along pixels) and the
+// writes (along channels) coalesce.
+template <typename T>
+__device__ void transpose_input(const ConvGridParams& p, acc_t<T>* tile) {
+  using F = acc_t<T>;
+  constexpr int kLd = kTile + 1;  // no bank conflicts on the column reads
+  const T* x = static_cast<const T*>(p.x);
+  F* xt = static_cast<F*>(p.xt);
+  const int64_t c_tiles = ceil_div(p.C, kTile), p_tiles = ceil_div(p.pixels, kTile);
+  const int64_t tiles = p.N * c_tiles * p_tiles;
+  const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
+  constexpr int kRowsPerPass = kThreads / kTile;
+  for (int64_t tile_id = blockIdx.x; tile_id < tiles; tile_id += gridDim.x) {  // uniform per block
+    const int64_t n = tile_id / (c_tiles * p_tiles), rest = tile_id % (c_tiles * p_tiles);
+    const int64_t c0 = (rest / p_tiles) * kTile, p0 = (rest % p_tiles) * kTile;
+    for (int i = ty; i < kTile; i += kRowsPerPass) {
+      const int64_t c = c0 + i, pix = p0 + tx;
+      tile[i * kLd + tx] = c < p.C && pix < p.pixels ? static_cast<F>(x[(n * p.C + c) * p.pixels + pix]) : F(0);
+    }
+    __syncthreads();
+    for (int i = ty; i < kTile; i += kRowsPerPass) {
+      const int64_t pix = p0 + i, c = c0 + tx;
+      if (c < p.C && pix < p.pixels) xt[(n * p.pixels + pix) * p.C + c] = tile[tx * kLd + i];
+    }
+    __syncthreads();  // the tile is refilled next step
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) grid_conv_kernel(const __grid_constant__ ConvGridParams p) {
+  using F = acc_t<T>;
+  __shared__ __align__(16) unsigned char red[kReduceBytes];
+  __shared__ int4 tables[kWarps][kTcRows];
+  static_assert(kTile * (kTile + 1) * sizeof(F) <= kReduceBytes, "the transpose tile fits");
+  int4* table = tables[threadIdx.x / 32];
+  repack_core<T>(p);
+  if (p.xt != nullptr) transpose_input<T>(p, reinterpret_cast<F*>(red));
+  for (int i = 0; i < p.stages; ++i) {
+    // What the previous stage (or prep) wrote is complete and visible grid-wide.
+    if (i > 0 || p.sync_after_prep) cooperative_groups::this_grid().sync();
+    const GridStage& st = p.stage[i];
+    if (st.gather) {  // the core: its weights were repacked in this launch
+      if (st.src_scratch) {
+        if (st.dst_output) {
+          run_any_stage<T, GatherSource<F, true>, OutputDest<T>, true>(st, red, table);
+        } else {
+          run_any_stage<T, GatherSource<F, true>, ScratchDest<T>, true>(st, red, table);
+        }
+      } else if (st.dst_output) {
+        run_any_stage<T, GatherSource<T, false>, OutputDest<T>, true>(st, red, table);
+      } else {
+        run_any_stage<T, GatherSource<T, false>, ScratchDest<T>, true>(st, red, table);
+      }
+    } else if (st.dst_output) {  // `last`, from Q
+      run_any_stage<T, DenseSource<F, true>, OutputDest<T>, false>(st, red, table);
+    } else if (st.src_scratch) {  // `first`, from the transposed input
+      run_any_stage<T, DenseSource<F, true>, ScratchDest<T>, false>(st, red, table);
+    } else {  // `first`, from the NHWC input
+      run_any_stage<T, DenseSource<T, false>, ScratchDest<T>, false>(st, red, table);
+    }
+  }
+}
+
+// Carves 16-byte-aligned pieces out of one byte buffer.
+struct ScratchLayout {
+  int64_t bytes = 0;
+  int64_t add(int64_t size) {
+    const int64_t at = bytes;
+    bytes = round_up(bytes + size, 16);
+    return at;
+  }
+};
+
+template <typename T>
+void launch(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p, bool out_nhwc) {
+  using F = acc_t<T>;
+  const int64_t taps = s.kh * s.kw, pixels = s.H * s.W, out_pixels = s.H_out * s.W_out;
+  const int64_t in_rows = s.N * pixels, out_rows = s.N * out_pixels;
+  const bool transpose = !p.nhwc;
+  ScratchLayout layout;
+  const int64_t at_core = layout.add(s.R_out * taps * s.R_in * static_cast<int64_t>(sizeof(T)));
+  const int64_t at_xt = transpose ? layout.add(in_rows * s.C_in * static_cast<int64_t>(sizeof(F))) : -1;
+  const int64_t at_p = s.has_first ? layout.add(in_rows * s.R_in * static_cast<int64_t>(sizeof(F))) : -1;
+  const int64_t at_q = s.has_last ? layout.add(out_rows * s.R_out * static_cast<int64_t>(sizeof(F))) : -1;
+  const at::Tensor scratch = at::empty({layout.bytes}, like.options().dtype(at::kByte));
+  unsigned char* base = static_cast<unsigned char*>(scratch.mutable_data_ptr());
+
+  ConvGridParams gp{};
+  gp.core = p.core;
+  gp.core_packed = base + at_core;
+  gp.R_out = s.R_out;
+  gp.R_in = s.R_in;
+  gp.taps = taps;
+  gp.x = p.x;
+  gp.xt = transpose ? base + at_xt : nullptr;
+  gp.N = s.N;
+  gp.C = s.C_in;
+  gp.pixels = pixels;
+  gp.sync_after_prep = transpose || !s.has_first;
+
+  // The input as the first stage's dense rows or the core's gather source.
+  const void* src = transpose ? gp.xt : p.x;
+  bool src_scratch = transpose;
+  auto add_stage = [&](const void* w, bool w_scratch, int64_t M, int64_t n, int64_t K, void* dst, bool output,
+                       bool gather) {
+    GridStage& st = gp.stage[gp.stages++];
+    st.w = w;
+    st.src = src;
+    st.dst = dst;
+    st.bias = output ? p.bias : nullptr;
+    st.M = M;
+    st.n = n;
+    st.K = K;
+    st.w_scratch = w_scratch;
+    st.src_scratch = src_scratch;
+    st.gather = gather;
+    st.dst_output = output;
+    // A gather's runs stay within one pixel's channels (grid_conv_applies), so
+    // aligned rows are all it needs for 16-byte loads.
+    const int64_t run_of = gather ? s.R_in : K;
+    st.vec = run_of % kVec<T> == 0 && aligned16(w) && aligned16(src);
+    // float32 on TF32 tensor cores where nn.Conv2d's cuDNN would use them; a
+    // gather's tensor-core runs are 8 channels.
+    st.tc = use_tensor_cores<T>(M, at::globalContext().allowTF32CuDNN()) && (!gather || s.R_in % 8 == 0);
+    st.geo = GatherGeometry{s.R_in,
+                            s.H,
+                            s.W,
+                            s.H_out,
+                            s.W_out,
+                            static_cast<int>(s.kw),
+                            static_cast<int>(s.stride_h),
+                            static_cast<int>(s.stride_w),
+                            static_cast<int>(s.pad_h),
+                            static_cast<int>(s.pad_w),
+                            static_cast<int>(s.dil_h),
+                            static_cast<int>(s.dil_w)};
+    st.out_pixels = out_pixels;
+    st.s_image = s.C_out * out_pixels;
+    st.s_pixel = out_nhwc ? s.C_out : 1;
+    st.s_out = out_nhwc ? 1 : out_pixels;
+    src = dst;
+    src_scratch = true;
+  };
+  if (s.has_first) add_stage(p.first, false, in_rows, s.R_in, s.C_in, base + at_p, false, false);
+  if (s.has_last) {
+    add_stage(gp.core_packed, true, out_rows, s.R_out, taps * s.R_in, base + at_q, false, true);
+    add_stage(p.last, false, out_rows, s.C_out, s.R_out, p.out, true, false);
+  } else {
+    add_stage(gp.core_packed, true, out_rows, s.R_out, taps * s.R_in, p.out, true, true);
+  }
+
+  const int per_sm = blocks_per_sm<grid_conv_kernel<T>>("tucker_conv2d");
+  const int64_t transpose_tiles = transpose ? s.N * ceil_div(s.C_in, kTile) * ceil_div(pixels, kTile) : 0;
+  const int64_t blocks = plan_grid<T>(gp.stage, gp.stages, transpose_tiles, per_sm);
+  launch_cooperative(grid_conv_kernel<T>, blocks, gp);
+}
+
+}  // namespace
+
+bool grid_conv_forced() {
+  const char* v = std::getenv("TUCKER_OPS_CUDA_CONV_GRID");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+bool grid_conv_applies(const Conv2dSizes& s, c10::ScalarType dtype) {
+  const int64_t run = 16 / static_cast<int64_t>(c10::elementSize(dtype));
+  // The gather keeps row origins, tap offsets and its k in 32 bits.
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max() / 2;
+  const bool small_geometry = s.N <= kMax && s.H + s.pad_h <= kMax && s.W + s.pad_w <= kMax &&
+                              s.H_out * s.stride_h <= kMax && s.W_out * s.stride_w <= kMax &&
+                              s.kh * s.dil_h <= kMax && s.kw * s.dil_w <= kMax && s.kh * s.kw * s.R_in <= kMax;
+  return grid_conv_forced() && s.R_in % run == 0 && small_geometry && grid::cooperative_launch_supported();
+}
+
+void grid_conv_forward(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p, bool out_nhwc) {
+  if (s.N == 0 || s.C_out == 0 || s.H_out == 0 || s.W_out == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "tucker_conv2d_cuda_grid",
+                                  [&] { launch<scalar_t>(like, s, p, out_nhwc); });
+}
+
+}  // namespace tucker_ops::cuda
