@@ -7,12 +7,12 @@
 // stage is a product spread over all the grid's warps (grid_stage.cuh):
 //   prep:    the core repacked to (R_out, taps, R_in), so that the k of the
 //            implicit im2col runs over channels within a tap; an NCHW input
-//            transposed to NHWC accumulation-type scratch;
+//            transposed to NHWC scratch;
 //   stage 1: P (pixels x R_in) = x (pixels x C_in) first^T (dense rows);
 //   stage 2: Q (out pixels x R_out) = im2col(P) core^T (GatherSource);
 //   stage 3: out = Q last^T + bias, written NCHW or NHWC (OutputDest);
 // with a grid-wide barrier between stages, P and Q in L2 scratch in the
-// accumulation type. Tucker-1 layers drop stage 1 or 3. float32 stages take
+// call's dtype (rounded as a Sequential chain rounds its layers' outputs). Tucker-1 layers drop stage 1 or 3. float32 stages take
 // TF32 tensor cores where torch.backends.cudnn.allow_tf32 is set, as nn.Conv2d.
 #include <cstdlib>
 #include <cstring>
@@ -37,8 +37,8 @@ struct ConvGridParams {
   const void* core;
   void* core_packed;
   int64_t R_out, R_in, taps;
-  // An NCHW input (N, C, pixels) to xt (N * pixels, C) in the accumulation
-  // type; xt null: the input is NHWC and read in place.
+  // An NCHW input (N, C, pixels) to xt (N * pixels, C); xt null: the input is
+  // NHWC and read in place.
   const void* x;
   void* xt;
   int64_t N, C, pixels;
@@ -62,11 +62,10 @@ __device__ void repack_core(const ConvGridParams& p) {
 // Through a shared-memory tile, so that both the reads (along pixels) and the
 // writes (along channels) coalesce.
 template <typename T>
-__device__ void transpose_input(const ConvGridParams& p, acc_t<T>* tile) {
-  using F = acc_t<T>;
-  constexpr int kLd = kTile + 1;  // no bank conflicts on the column reads
+__device__ void transpose_input(const ConvGridParams& p, T* tile) {
+  constexpr int kLd = kTile + 1;  // fewer bank conflicts on the column reads
   const T* x = static_cast<const T*>(p.x);
-  F* xt = static_cast<F*>(p.xt);
+  T* xt = static_cast<T*>(p.xt);
   const int64_t c_tiles = ceil_div(p.C, kTile), p_tiles = ceil_div(p.pixels, kTile);
   const int64_t tiles = p.N * c_tiles * p_tiles;
   const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
@@ -76,7 +75,7 @@ __device__ void transpose_input(const ConvGridParams& p, acc_t<T>* tile) {
     const int64_t c0 = (rest / p_tiles) * kTile, p0 = (rest % p_tiles) * kTile;
     for (int i = ty; i < kTile; i += kRowsPerPass) {
       const int64_t c = c0 + i, pix = p0 + tx;
-      tile[i * kLd + tx] = c < p.C && pix < p.pixels ? static_cast<F>(x[(n * p.C + c) * p.pixels + pix]) : F(0);
+      tile[i * kLd + tx] = c < p.C && pix < p.pixels ? x[(n * p.C + c) * p.pixels + pix] : T(0);
     }
     __syncthreads();
     for (int i = ty; i < kTile; i += kRowsPerPass) {
@@ -89,13 +88,12 @@ __device__ void transpose_input(const ConvGridParams& p, acc_t<T>* tile) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) grid_conv_kernel(const __grid_constant__ ConvGridParams p) {
-  using F = acc_t<T>;
   __shared__ __align__(16) unsigned char red[kReduceBytes];
   __shared__ int4 tables[kWarps][kTcRows];
-  static_assert(kTile * (kTile + 1) * sizeof(F) <= kReduceBytes, "the transpose tile fits");
+  static_assert(kTile * (kTile + 1) * sizeof(T) <= kReduceBytes, "the transpose tile fits");
   int4* table = tables[threadIdx.x / 32];
   repack_core<T>(p);
-  if (p.xt != nullptr) transpose_input<T>(p, reinterpret_cast<F*>(red));
+  if (p.xt != nullptr) transpose_input<T>(p, reinterpret_cast<T*>(red));
   for (int i = 0; i < p.stages; ++i) {
     // What the previous stage (or prep) wrote is complete and visible grid-wide.
     if (i > 0 || p.sync_after_prep) cooperative_groups::this_grid().sync();
@@ -103,9 +101,9 @@ __global__ void __launch_bounds__(kThreads, 2) grid_conv_kernel(const __grid_con
     if (st.gather) {  // the core: its weights were repacked in this launch
       if (st.src_scratch) {
         if (st.dst_output) {
-          run_any_stage<T, GatherSource<F, true>, OutputDest<T>, true>(st, red, table);
+          run_any_stage<T, GatherSource<T, true>, OutputDest<T>, true>(st, red, table);
         } else {
-          run_any_stage<T, GatherSource<F, true>, ScratchDest<T>, true>(st, red, table);
+          run_any_stage<T, GatherSource<T, true>, ScratchDest<T>, true>(st, red, table);
         }
       } else if (st.dst_output) {
         run_any_stage<T, GatherSource<T, false>, OutputDest<T>, true>(st, red, table);
@@ -113,38 +111,38 @@ __global__ void __launch_bounds__(kThreads, 2) grid_conv_kernel(const __grid_con
         run_any_stage<T, GatherSource<T, false>, ScratchDest<T>, true>(st, red, table);
       }
     } else if (st.dst_output) {  // `last`, from Q
-      run_any_stage<T, DenseSource<F, true>, OutputDest<T>, false>(st, red, table);
+      run_any_stage<T, DenseSource<T, true>, OutputDest<T>, false>(st, red, table);
     } else if (st.src_scratch) {  // `first`, from the transposed input
-      run_any_stage<T, DenseSource<F, true>, ScratchDest<T>, false>(st, red, table);
+      run_any_stage<T, DenseSource<T, true>, ScratchDest<T>, false>(st, red, table);
     } else {  // `first`, from the NHWC input
       run_any_stage<T, DenseSource<T, false>, ScratchDest<T>, false>(st, red, table);
     }
   }
 }
 
-// Carves 16-byte-aligned pieces out of one byte buffer.
+// Carves 16-byte-aligned pieces out of one buffer of T.
+template <typename T>
 struct ScratchLayout {
-  int64_t bytes = 0;
-  int64_t add(int64_t size) {
-    const int64_t at = bytes;
-    bytes = round_up(bytes + size, 16);
+  int64_t elements = 0;
+  int64_t add(int64_t count) {
+    const int64_t at = elements;
+    elements = round_up(elements + count, 16 / static_cast<int64_t>(sizeof(T)));
     return at;
   }
 };
 
 template <typename T>
 void launch(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p, bool out_nhwc) {
-  using F = acc_t<T>;
   const int64_t taps = s.kh * s.kw, pixels = s.H * s.W, out_pixels = s.H_out * s.W_out;
   const int64_t in_rows = s.N * pixels, out_rows = s.N * out_pixels;
   const bool transpose = !p.nhwc;
-  ScratchLayout layout;
-  const int64_t at_core = layout.add(s.R_out * taps * s.R_in * static_cast<int64_t>(sizeof(T)));
-  const int64_t at_xt = transpose ? layout.add(in_rows * s.C_in * static_cast<int64_t>(sizeof(F))) : -1;
-  const int64_t at_p = s.has_first ? layout.add(in_rows * s.R_in * static_cast<int64_t>(sizeof(F))) : -1;
-  const int64_t at_q = s.has_last ? layout.add(out_rows * s.R_out * static_cast<int64_t>(sizeof(F))) : -1;
-  const at::Tensor scratch = at::empty({layout.bytes}, like.options().dtype(at::kByte));
-  unsigned char* base = static_cast<unsigned char*>(scratch.mutable_data_ptr());
+  ScratchLayout<T> layout;
+  const int64_t at_core = layout.add(s.R_out * taps * s.R_in);
+  const int64_t at_xt = transpose ? layout.add(in_rows * s.C_in) : -1;
+  const int64_t at_p = s.has_first ? layout.add(in_rows * s.R_in) : -1;
+  const int64_t at_q = s.has_last ? layout.add(out_rows * s.R_out) : -1;
+  const at::Tensor scratch = at::empty({layout.elements}, like.options());
+  T* base = scratch.mutable_data_ptr<T>();
 
   ConvGridParams gp{};
   gp.core = p.core;

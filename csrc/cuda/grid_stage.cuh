@@ -3,8 +3,9 @@
 // grid-wide barrier between stages. A stage is a product
 //   dst(r, o) = sum_k src(r, k) w(o, k) (+ bias(o))
 // over M rows and n outputs, spread over all the grid's warps; rank-sized
-// rows pass between stages through global scratch (L2) in the accumulation
-// type.
+// rows pass between stages through global scratch (L2) in the call's dtype,
+// rounded as a Sequential chain's layers round their outputs. Every sum is in
+// the accumulation type.
 //
 // A task is kOuts output features x kRows rows. `wpt` warps of one block split
 // its K range, and their partial sums are added in shared memory in a fixed
@@ -23,13 +24,12 @@
 // steps per 32 k take those 8 elements in order (two steps of 4 in 16-bit,
 // four of 2 in TF32). A and B agree on which k each fragment slot holds, which
 // is all a dot product needs, so no shuffle or shared memory stages the
-// operands. Scratch rows enter the B operand rounded to the call's dtype (or
-// TF32), as a Sequential chain's layers round their outputs.
+// operands. float32 operands are rounded to TF32 as they load.
 //
 // Where a row's K values come from is the Source policy: DenseSource (row r at
 // r * K: the linear's rows, NHWC pixels) or GatherSource (the implicit im2col
 // of a convolution over NHWC pixels, K ordered (tap, channel)). Where the sums
-// go is the Dest policy: ScratchDest (row-major, accumulation type) or
+// go is the Dest policy: ScratchDest (row-major, the call's dtype) or
 // OutputDest (the call's dtype plus bias, rows grouped into images, any
 // strides: row-major for the linear, NCHW or NHWC for the conv).
 #pragma once
@@ -71,7 +71,7 @@ struct GridStage {
   int64_t M, n, K;
   int wpt;           // warps per task: 1, 2, 4 or 8
   bool w_scratch;    // the weights were written during this launch: read through L2 only
-  bool src_scratch;  // src is accumulation-type scratch written during this launch
+  bool src_scratch;  // src is scratch written during this launch: read through L2 only
   bool gather;       // GatherSource (else DenseSource)
   bool dst_output;   // OutputDest (else ScratchDest)
   bool vec;          // 16-byte loads: K (gather: C) a multiple of the vector, w and src 16-byte aligned
@@ -262,13 +262,13 @@ struct GatherSource {
   }
 };
 
-// Sums into (M, n) row-major accumulation-type scratch.
+// Sums into (M, n) row-major scratch, rounded to the call's dtype.
 template <typename T>
 struct ScratchDest {
-  acc_t<T>* p;
+  T* p;
   int64_t n;
-  __device__ explicit ScratchDest(const GridStage& st) : p(static_cast<acc_t<T>*>(st.dst)), n(st.n) {}
-  __device__ void store(int64_t row, int64_t o, acc_t<T> v) const { p[row * n + o] = v; }
+  __device__ explicit ScratchDest(const GridStage& st) : p(static_cast<T*>(st.dst)), n(st.n) {}
+  __device__ void store(int64_t row, int64_t o, acc_t<T> v) const { p[row * n + o] = static_cast<T>(v); }
 };
 
 // Sums plus bias, rounded to the call's dtype, at the stage's output strides.

@@ -30,18 +30,17 @@ struct GridParams {
 // stage's scratch, and writes scratch or the output.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) grid_linear_kernel(const __grid_constant__ GridParams p) {
-  using F = acc_t<T>;
   __shared__ __align__(16) unsigned char red[kReduceBytes];
-  static_assert(kThreads * sizeof(F) <= kReduceBytes, "one accumulator per thread fits");
+  static_assert(kThreads * sizeof(acc_t<T>) <= kReduceBytes, "one accumulator per thread fits");
   for (int i = 0; i < p.stages; ++i) {
     // The previous stage's scratch is complete and visible grid-wide.
     if (i > 0) cooperative_groups::this_grid().sync();
     const GridStage& st = p.stage[i];
     if (st.src_scratch) {
       if (st.dst_output) {
-        run_any_stage<T, DenseSource<F, true>, OutputDest<T>, false>(st, red, nullptr);
+        run_any_stage<T, DenseSource<T, true>, OutputDest<T>, false>(st, red, nullptr);
       } else {
-        run_any_stage<T, DenseSource<F, true>, ScratchDest<T>, false>(st, red, nullptr);
+        run_any_stage<T, DenseSource<T, true>, ScratchDest<T>, false>(st, red, nullptr);
       }
     } else if (st.dst_output) {
       run_any_stage<T, DenseSource<T, false>, OutputDest<T>, false>(st, red, nullptr);
@@ -53,13 +52,12 @@ __global__ void __launch_bounds__(kThreads, 2) grid_linear_kernel(const __grid_c
 
 template <typename T>
 void launch(const at::Tensor& like, const LinearSizes& s, const LinearPointers& p) {
-  using F = acc_t<T>;
-  constexpr int64_t kScratchAlign = 16 / sizeof(F);  // t2 starts on a 16-byte boundary
+  constexpr int64_t kScratchAlign = 16 / sizeof(T);  // t2 starts on a 16-byte boundary
   const int64_t t1_elems = s.has_first ? round_up(s.M * s.R_in, kScratchAlign) : 0;
   const int64_t t2_elems = s.has_last ? s.M * s.R_out : 0;
-  const at::Tensor scratch = at::empty({t1_elems + t2_elems}, acc_options(like));
-  F* t1 = scratch.mutable_data_ptr<F>();
-  F* t2 = t1 + t1_elems;
+  const at::Tensor scratch = at::empty({t1_elems + t2_elems}, like.options());
+  T* t1 = scratch.mutable_data_ptr<T>();
+  T* t2 = t1 + t1_elems;
 
   // float32 on TF32 tensor cores where nn.Linear's cuBLAS would use them.
   const bool tensor_cores = use_tensor_cores<T>(s.M, at::globalContext().allowTF32CuBLAS());

@@ -23,7 +23,7 @@ bool grid_linear_forced();
 bool grid_linear_applies(const at::Tensor& like, const LinearSizes& s);
 
 // Launches the kernel on the current stream. Scratch for the rank-sized rows
-// (M x R_in and M x R_out in the accumulation type) comes from the caching
+// (M x R_in and M x R_out in the call's dtype) comes from the caching
 // allocator. Requires grid_linear_applies.
 void grid_linear_forward(const at::Tensor& like, const LinearSizes& s, const LinearPointers& p);
 
