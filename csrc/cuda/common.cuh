@@ -8,6 +8,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -98,6 +99,26 @@ int cached_device_attribute() {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, Attr, device));
     return value;
   });
+}
+
+// Lets kKernel launch with `bytes` of dynamic shared memory on the current
+// device: past the default 48 KB the kernel needs the opt-in attribute, which
+// is raised only when a launch needs more than before (a driver call on every
+// launch costs host time). Raises only, under a lock, so a concurrent launch
+// never sees it lowered.
+template <auto kKernel>
+void allow_dynamic_shared_memory(size_t bytes) {
+  if (bytes <= static_cast<size_t>(kSharedMemBudget)) return;
+  static std::array<std::atomic<size_t>, 64> allowed{};
+  static std::mutex raising;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const bool cached = device >= 0 && device < static_cast<int>(allowed.size());
+  if (cached && allowed[device].load(std::memory_order_acquire) >= bytes) return;
+  const std::lock_guard<std::mutex> lock(raising);
+  if (cached && allowed[device].load(std::memory_order_relaxed) >= bytes) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  if (cached) allowed[device].store(bytes, std::memory_order_release);
 }
 
 // A launch on the current stream whose consecutive blocks along x form

@@ -18,6 +18,7 @@
 // A last cluster barrier keeps each block's shared memory alive until the
 // other ranks have read it. Sums run in a fixed order: deterministic.
 #include <algorithm>
+#include <type_traits>
 
 #include <cooperative_groups.h>
 
@@ -252,19 +253,24 @@ bool fused_conv_forward_cluster(const at::Tensor& like, const Conv2dSizes& s, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "tucker_conv2d_cuda_cluster", [&] {
     using T = scalar_t;
     const int ro_per = plan.ro_per;
-    auto kernel = ro_per <= kChannelGroups       ? fused_conv_cluster_kernel<T, 1>
-                  : ro_per <= 2 * kChannelGroups ? fused_conv_cluster_kernel<T, 2>
-                  : ro_per <= 4 * kChannelGroups ? fused_conv_cluster_kernel<T, 4>
-                                                 : fused_conv_cluster_kernel<T, kMaxRoPer>;
-    if (plan.smem_bytes > static_cast<size_t>(kSharedMemBudget)) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(plan.smem_bytes)));
+    auto run = [&](auto ro_per_tag) {
+      constexpr auto kKernel = fused_conv_cluster_kernel<T, decltype(ro_per_tag)::value>;
+      allow_dynamic_shared_memory<kKernel>(plan.smem_bytes);
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, kKernel, s, plan, static_cast<const T*>(p.x), p.nhwc,
+                                        static_cast<const T*>(p.first), static_cast<const T*>(p.core),
+                                        static_cast<const T*>(p.last), static_cast<const T*>(p.bias),
+                                        static_cast<T*>(p.out)));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (ro_per <= kChannelGroups) {
+      run(std::integral_constant<int, 1>{});
+    } else if (ro_per <= 2 * kChannelGroups) {
+      run(std::integral_constant<int, 2>{});
+    } else if (ro_per <= 4 * kChannelGroups) {
+      run(std::integral_constant<int, 4>{});
+    } else {
+      run(std::integral_constant<int, kMaxRoPer>{});
     }
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, kernel, s, plan, static_cast<const T*>(p.x), p.nhwc,
-                                      static_cast<const T*>(p.first), static_cast<const T*>(p.core),
-                                      static_cast<const T*>(p.last), static_cast<const T*>(p.bias),
-                                      static_cast<T*>(p.out)));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return true;
 }

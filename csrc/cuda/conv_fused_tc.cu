@@ -481,13 +481,9 @@ void launch_tc(const at::Tensor& like, const Conv2dSizes& s, const TcPlan& plan,
       static_cast<const T*>(p.last), wsp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  auto kernel = fused_conv_tc_kernel<T>;
-  if (plan.smem_bytes > static_cast<size_t>(kSharedMemBudget)) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(plan.smem_bytes)));
-  }
+  allow_dynamic_shared_memory<fused_conv_tc_kernel<T>>(plan.smem_bytes);
   const dim3 grid(static_cast<unsigned>(s.N * plan.tiles_per_image), static_cast<unsigned>(plan.co_splits));
-  kernel<<<grid, kThreads, plan.smem_bytes, stream>>>(s, plan, wsp, static_cast<const T*>(p.bias),
+  fused_conv_tc_kernel<T><<<grid, kThreads, plan.smem_bytes, stream>>>(s, plan, wsp, static_cast<const T*>(p.bias),
                                                        static_cast<T*>(p.out));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -409,6 +409,13 @@ __device__ void run_stage(const GridStage& st, unsigned char* red_bytes, int4* t
   });
 }
 
+// One mma.sync step d += a b; shape and operand type name the instruction.
+#define TUCKER_OPS_MMA_STEP(SHAPE, TYPE, d, a0, a1, a2, a3, b0, b1)                                    \
+  asm volatile("mma.sync.aligned." SHAPE ".row.col.f32." TYPE "." TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, " \
+               "{%8,%9}, {%0,%1,%2,%3};\n"                                                             \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                          \
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1))
+
 // d (16 x 8 floats) += A (16 outputs x 32 k) B (32 k x 8 rows), lane (g, t)
 // holding k = 8t..8t+7 of A's rows g (lo) and g + 8 (hi) and of B's column g:
 // two m16n8k16 steps (float16 / bfloat16) or four m16n8k8 steps (TF32), each
@@ -416,38 +423,24 @@ __device__ void run_stage(const GridStage& st, unsigned char* red_bytes, int4* t
 template <typename T>
 __device__ __forceinline__ void mma_k32(float* d, const TcFrag<T>& lo, const TcFrag<T>& hi, const TcFrag<T>& b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (kIs16Bit<T>) {
+  // Step s takes fragment registers 2s and 2s + 1: 16-bit registers hold two k each.
+  constexpr int kSteps = kIs16Bit<T> ? 2 : 4;
 #pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(lo.r[2 * s]), "r"(hi.r[2 * s]), "r"(lo.r[2 * s + 1]), "r"(hi.r[2 * s + 1]), "r"(b.r[2 * s]),
-              "r"(b.r[2 * s + 1]));
-      } else {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(lo.r[2 * s]), "r"(hi.r[2 * s]), "r"(lo.r[2 * s + 1]), "r"(hi.r[2 * s + 1]), "r"(b.r[2 * s]),
-              "r"(b.r[2 * s + 1]));
-      }
-    }
-  } else {
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      asm volatile(
-          "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-          "{%0,%1,%2,%3};\n"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(lo.r[2 * s]), "r"(hi.r[2 * s]), "r"(lo.r[2 * s + 1]), "r"(hi.r[2 * s + 1]), "r"(b.r[2 * s]),
-            "r"(b.r[2 * s + 1]));
+  for (int s = 0; s < kSteps; ++s) {
+    const uint32_t a0 = lo.r[2 * s], a1 = hi.r[2 * s], a2 = lo.r[2 * s + 1], a3 = hi.r[2 * s + 1];
+    const uint32_t b0 = b.r[2 * s], b1 = b.r[2 * s + 1];
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      TUCKER_OPS_MMA_STEP("m16n8k16", "bf16", d, a0, a1, a2, a3, b0, b1);
+    } else if constexpr (std::is_same_v<T, c10::Half>) {
+      TUCKER_OPS_MMA_STEP("m16n8k16", "f16", d, a0, a1, a2, a3, b0, b1);
+    } else {
+      TUCKER_OPS_MMA_STEP("m16n8k8", "tf32", d, a0, a1, a2, a3, b0, b1);
     }
   }
 #endif
 }
+
+#undef TUCKER_OPS_MMA_STEP
 
 // The stage on tensor cores (the host sets st.tc only for kHasTensorCores
 // dtypes, on sm_80+). Lane (g, t) = (lane / 4, lane % 4); see the file comment.
