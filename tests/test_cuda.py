@@ -103,6 +103,8 @@ def _conv_input(shape, layout: str, dtype, device, gen) -> torch.Tensor:
         return _randn((n, 2 * c, h + 1, 2 * w), dtype, device, gen)[:, ::2, 1:, ::2]
     if layout == "permuted":
         return _randn((w, c, n, h), dtype, device, gen).permute(2, 1, 3, 0)
+    if layout == "offset":  # channels_last, but one element into its storage: not 16-byte aligned
+        return _randn((n * h * w * c + 1,), dtype, device, gen)[1:].view(n, h, w, c).permute(0, 3, 1, 2)
     raise AssertionError(layout)
 
 
@@ -436,7 +438,9 @@ def test_linear_whole_gpu_kernel_gradcheck_and_opcheck(device: str, monkeypatch:
 
 
 # The whole-GPU conv kernel (conv_grid.cu): (N, C_in, H, W, R_in, R_out, C_out,
-# kernel, stride, padding, dilation). It takes R_in (C_in without `first`) in
+# kernel, stride, padding, dilation); the "offset" layout (NHWC, not 16-byte
+# aligned) takes its element-wise loads, in the first stage and in the core's
+# gather. It takes R_in (C_in without `first`) in
 # multiples of the dtype's 16-byte run: "odd" (R_in 6, C_in 10) only in float64,
 # so the other dtypes check that the switch falls back. "wide" has a long first
 # stage over few pixels, which splits K over several warps of a block.
@@ -449,7 +453,7 @@ GRID_CONVS = {
 }
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "offset"])
 @pytest.mark.parametrize("sides", ["tucker2", "no_first", "no_last", "core_only"])
 @pytest.mark.parametrize("layer", list(GRID_CONVS))
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)

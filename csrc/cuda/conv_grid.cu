@@ -160,8 +160,9 @@ void launch(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p,
   // The input as the first stage's dense rows or the core's gather source.
   const void* src = transpose ? gp.xt : p.x;
   bool src_scratch = transpose;
-  auto add_stage = [&](const void* w, bool w_scratch, int64_t M, int64_t n, int64_t K, void* dst, bool output,
-                       bool gather) {
+  // A gather stage is the core's: its weights are the core repacked in this
+  // launch (the kernel reads them through L2).
+  auto add_stage = [&](const void* w, int64_t M, int64_t n, int64_t K, void* dst, bool output, bool gather) {
     GridStage& st = gp.stage[gp.stages++];
     st.w = w;
     st.src = src;
@@ -170,7 +171,6 @@ void launch(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p,
     st.M = M;
     st.n = n;
     st.K = K;
-    st.w_scratch = w_scratch;
     st.src_scratch = src_scratch;
     st.gather = gather;
     st.dst_output = output;
@@ -200,12 +200,12 @@ void launch(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p,
     src = dst;
     src_scratch = true;
   };
-  if (s.has_first) add_stage(p.first, false, in_rows, s.R_in, s.C_in, base + at_p, false, false);
+  if (s.has_first) add_stage(p.first, in_rows, s.R_in, s.C_in, base + at_p, false, false);
   if (s.has_last) {
-    add_stage(gp.core_packed, true, out_rows, s.R_out, taps * s.R_in, base + at_q, false, true);
-    add_stage(p.last, false, out_rows, s.C_out, s.R_out, p.out, true, false);
+    add_stage(gp.core_packed, out_rows, s.R_out, taps * s.R_in, base + at_q, false, true);
+    add_stage(p.last, out_rows, s.C_out, s.R_out, p.out, true, false);
   } else {
-    add_stage(gp.core_packed, true, out_rows, s.R_out, taps * s.R_in, p.out, true, true);
+    add_stage(gp.core_packed, out_rows, s.R_out, taps * s.R_in, p.out, true, true);
   }
 
   const int per_sm = blocks_per_sm<grid_conv_kernel<T>>("tucker_conv2d");

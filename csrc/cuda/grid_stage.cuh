@@ -70,12 +70,11 @@ struct GridStage {
   const void* bias;  // (n,) or null; OutputDest only
   int64_t M, n, K;
   int wpt;           // warps per task: 1, 2, 4 or 8
-  bool w_scratch;    // the weights were written during this launch: read through L2 only
   bool src_scratch;  // src is scratch written during this launch: read through L2 only
   bool gather;       // GatherSource (else DenseSource)
   bool dst_output;   // OutputDest (else ScratchDest)
   bool vec;          // 16-byte loads: K (gather: C) a multiple of the vector, w and src 16-byte aligned
-  bool tc;           // tensor-core tasks (float16 / bfloat16 only)
+  bool tc;           // tensor-core tasks (float16 / bfloat16; float32 through TF32)
   GatherGeometry geo;
   // OutputDest: row r is pixel r % out_pixels of image r / out_pixels, and
   // output o of it is at dst[image * s_image + pixel * s_pixel + o * s_out].
