@@ -51,6 +51,20 @@ double best_ns(int64_t reps, const F& f) {
 
 // {hand ns (gemm_nn's choice), BLAS ns, in-place form ns, packed form ns}: best of reps
 // (packed: N a multiple of the vector width, else in place). transposed_a stores A as (K x M).
+// Best time of one forced form (in place or packed) of gemm_nn's kernel on
+// C (M x N, row-major) = A * B, A and B read through their strides.
+template <typename T>
+double forced_ns(int64_t reps, bool avx512, bool packed, int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs,
+                 int64_t a_cs, const T* b, int64_t b_rs, int64_t b_cs, T* c) {
+  return best_ns(reps, [&] {
+    if (avx512) {
+      forced_avx512<T>(packed, M, N, K, a, a_rs, a_cs, b, b_rs, b_cs, c, N);
+    } else {
+      forced_avx2<T>(packed, M, N, K, a, a_rs, a_cs, b, b_rs, b_cs, c, N);
+    }
+  });
+}
+
 template <typename T>
 std::vector<double> time_nn(int64_t M, int64_t N, int64_t K, bool transposed_a, int64_t reps) {
   std::vector<T> a(M * K, T(0.5)), b(K * N, T(0.25)), c(M * N);
@@ -63,16 +77,8 @@ std::vector<double> time_nn(int64_t M, int64_t N, int64_t K, bool transposed_a, 
       nn_avx2<T>(M, N, K, a.data(), a_rs, a_cs, b.data(), N, c.data(), N, false);
     }
   });
-  const auto forced = [&](bool packed) {
-    return best_ns(reps, [&] {
-      if (avx512) {
-        forced_avx512<T>(packed, M, N, K, a.data(), a_rs, a_cs, b.data(), N, 1, c.data(), N);
-      } else {
-        forced_avx2<T>(packed, M, N, K, a.data(), a_rs, a_cs, b.data(), N, 1, c.data(), N);
-      }
-    });
-  };
-  const double in_place = forced(false), packed = forced(true);
+  const double in_place = forced_ns<T>(reps, avx512, false, M, N, K, a.data(), a_rs, a_cs, b.data(), N, 1, c.data());
+  const double packed = forced_ns<T>(reps, avx512, true, M, N, K, a.data(), a_rs, a_cs, b.data(), N, 1, c.data());
   const double blas = best_ns(reps, [&] {
     blas_call('N', transposed_a ? 'T' : 'N', int(N), int(M), int(K), b.data(), int(N), a.data(),
               int(transposed_a ? M : K), T(0), c.data(), int(N));
@@ -92,16 +98,8 @@ std::vector<double> time_nt(int64_t M, int64_t N, int64_t K, int64_t reps) {
       nt_avx2<T>(M, N, K, a.data(), K, b.data(), K, c.data(), N, false);
     }
   });
-  const auto forced = [&](bool packed) {
-    return best_ns(reps, [&] {
-      if (avx512) {
-        forced_avx512<T>(packed, M, N, K, a.data(), K, 1, b.data(), 1, K, c.data(), N);
-      } else {
-        forced_avx2<T>(packed, M, N, K, a.data(), K, 1, b.data(), 1, K, c.data(), N);
-      }
-    });
-  };
-  const double in_place = forced(false), packed = forced(true);
+  const double in_place = forced_ns<T>(reps, avx512, false, M, N, K, a.data(), K, 1, b.data(), 1, K, c.data());
+  const double packed = forced_ns<T>(reps, avx512, true, M, N, K, a.data(), K, 1, b.data(), 1, K, c.data());
   const double blas = best_ns(reps, [&] {
     blas_call('T', 'N', int(N), int(M), int(K), b.data(), int(K), a.data(), int(K), T(0), c.data(), int(N));
   });

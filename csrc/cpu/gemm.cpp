@@ -495,7 +495,11 @@ template <typename T, typename V>
 TUCKER_INLINE void gemm_nt_impl(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
                                 T* c, int64_t ldc, bool accumulate) {
   constexpr int L = sizeof(V) / sizeof(T);
-  if (M >= kNtPackMinRows && N >= L && packs<T, V>(M, N, K, N, 1)) {
+  if (M < kNtPackMinRows || N < L) {
+    gemm_nt_dots<T, V>(M, N, K, a, lda, StridedRows<T>{b, ldb}, c, ldc, accumulate);
+    return;
+  }
+  if (packs<T, V>(M, N, K, N, 1)) {
     // Where gemm_nn would pack B^T (K x N) after the transpose below, pack it
     // straight from B's rows instead (B^T's element (k, n) is b[n * ldb + k]).
     const int64_t n_vec = N - N % L;
@@ -504,18 +508,14 @@ TUCKER_INLINE void gemm_nt_impl(int64_t M, int64_t N, int64_t K, const T* a, int
       gemm_nt_dots<T, V>(M, N - n_vec, K, a, lda, StridedRows<T>{b + n_vec * ldb, ldb}, c + n_vec, ldc, accumulate);
     return;
   }
-  if (M >= kNtPackMinRows && N >= L) {
-    // Transpose B into K x N so the broadcast-A kernel (vectors along N,
-    // no horizontal sums) runs; A is read in place through its strides.
-    std::vector<T>& buf = packed_b_buffer<T>();
-    buf.resize(static_cast<size_t>(N * K));
-    T* bt = buf.data();
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) bt[k * N + n] = b[n * ldb + k];
-    gemm_nn_impl<T, V>(M, N, K, a, lda, 1, StridedRows<T>{bt, N}, c, ldc, accumulate);
-    return;
-  }
-  gemm_nt_dots<T, V>(M, N, K, a, lda, StridedRows<T>{b, ldb}, c, ldc, accumulate);
+  // Transpose B into K x N so the broadcast-A kernel (vectors along N, no
+  // horizontal sums) runs; A is read in place through its strides.
+  std::vector<T>& buf = packed_b_buffer<T>();
+  buf.resize(static_cast<size_t>(N * K));
+  T* bt = buf.data();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) bt[k * N + n] = b[n * ldb + k];
+  gemm_nn_impl<T, V>(M, N, K, a, lda, 1, StridedRows<T>{bt, N}, c, ldc, accumulate);
 }
 
 
