@@ -99,23 +99,15 @@ __global__ void __launch_bounds__(kThreads, 2) grid_conv_kernel(const __grid_con
     if (i > 0 || p.sync_after_prep) cooperative_groups::this_grid().sync();
     const GridStage& st = p.stage[i];
     if (st.gather) {  // the core: its weights were repacked in this launch
-      if (st.src_scratch) {
-        if (st.dst_output) {
-          run_any_stage<T, GatherSource<T, true>, OutputDest<T>, true>(st, red, table);
-        } else {
-          run_any_stage<T, GatherSource<T, true>, ScratchDest<T>, true>(st, red, table);
-        }
-      } else if (st.dst_output) {
-        run_any_stage<T, GatherSource<T, false>, OutputDest<T>, true>(st, red, table);
+      if (st.dst_output) {
+        run_any_stage<T, GatherSource<T>, OutputDest<T>, true>(st, red, table);
       } else {
-        run_any_stage<T, GatherSource<T, false>, ScratchDest<T>, true>(st, red, table);
+        run_any_stage<T, GatherSource<T>, ScratchDest<T>, true>(st, red, table);
       }
     } else if (st.dst_output) {  // `last`, from Q
-      run_any_stage<T, DenseSource<T, true>, OutputDest<T>, false>(st, red, table);
-    } else if (st.src_scratch) {  // `first`, from the transposed input
-      run_any_stage<T, DenseSource<T, true>, ScratchDest<T>, false>(st, red, table);
-    } else {  // `first`, from the NHWC input
-      run_any_stage<T, DenseSource<T, false>, ScratchDest<T>, false>(st, red, table);
+      run_any_stage<T, DenseSource<T>, OutputDest<T>, false>(st, red, table);
+    } else {  // `first`, from the input (NHWC, or transposed to it in prep)
+      run_any_stage<T, DenseSource<T>, ScratchDest<T>, false>(st, red, table);
     }
   }
 }
@@ -159,7 +151,6 @@ void launch(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p,
 
   // The input as the first stage's dense rows or the core's gather source.
   const void* src = transpose ? gp.xt : p.x;
-  bool src_scratch = transpose;
   // A gather stage is the core's: its weights are the core repacked in this
   // launch (the kernel reads them through L2).
   auto add_stage = [&](const void* w, int64_t M, int64_t n, int64_t K, void* dst, bool output, bool gather) {
@@ -171,7 +162,6 @@ void launch(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p,
     st.M = M;
     st.n = n;
     st.K = K;
-    st.src_scratch = src_scratch;
     st.gather = gather;
     st.dst_output = output;
     // A gather's runs stay within one pixel's channels (grid_conv_applies), so
@@ -198,7 +188,6 @@ void launch(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p,
     st.s_pixel = out_nhwc ? s.C_out : 1;
     st.s_out = out_nhwc ? 1 : out_pixels;
     src = dst;
-    src_scratch = true;
   };
   if (s.has_first) add_stage(p.first, in_rows, s.R_in, s.C_in, base + at_p, false, false);
   if (s.has_last) {

@@ -70,7 +70,6 @@ struct GridStage {
   const void* bias;  // (n,) or null; OutputDest only
   int64_t M, n, K;
   int wpt;           // warps per task: 1, 2, 4 or 8
-  bool src_scratch;  // src is scratch written during this launch: read through L2 only
   bool gather;       // GatherSource (else DenseSource)
   bool dst_output;   // OutputDest (else ScratchDest)
   bool vec;          // 16-byte loads: K (gather: C) a multiple of the vector, w and src 16-byte aligned
@@ -185,11 +184,14 @@ __device__ __forceinline__ TcFrag<T> load_frag(const S* p, bool vec, int64_t cou
   return f;
 }
 
+// Sources are read through L2 only (__ldcg): scratch must be, being written
+// during the launch, and the input's reuse is across blocks anyway. One load
+// kind also keeps the kernels to one instantiation per source.
+//
 // Rows at r * K of (M, K) row-major storage.
-template <typename S, bool kThroughL2>
+template <typename S>
 struct DenseSource {
   using Elem = S;
-  static constexpr bool kL2 = kThroughL2;
   struct Task {
     const S* base;  // the task's first row
   };
@@ -215,10 +217,9 @@ struct DenseSource {
 // dh, ow * sw - pw + j * dw) for tap (i, j), zero outside the image. A run
 // never crosses a tap: the host requires C to be a multiple of the run. Each
 // warp keeps its task's per-row origins in a shared-memory table.
-template <typename S, bool kThroughL2>
+template <typename S>
 struct GatherSource {
   using Elem = S;
-  static constexpr bool kL2 = kThroughL2;
   struct Task {
     const int4* rows;  // (image, ih0, iw0, -) per task-local row
   };
@@ -393,7 +394,7 @@ __device__ void run_stage(const GridStage& st, unsigned char* red_bytes, int4* t
           int64_t count;
           const S* p = src.run(rows_of, r, kp, count);
           F xv[V];
-          load_run<F, S, V, Src::kL2>(p, st.vec, count, xv);
+          load_run<F, S, V, true>(p, st.vec, count, xv);
 #pragma unroll
           for (int j = 0; j < kOuts; ++j)
 #pragma unroll
@@ -481,7 +482,7 @@ __device__ void run_stage_tc(const GridStage& st, unsigned char* red_bytes, int4
           if (r < rows) {
             int64_t left;
             const S* p = src.run(rows_of, r, kp, left);
-            b = load_frag<T, S, Src::kL2>(p, st.vec, left);
+            b = load_frag<T, S, true>(p, st.vec, left);
           }
           mma_k32<T>(acc + 4 * j, a_lo, a_hi, b);
         }

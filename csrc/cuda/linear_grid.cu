@@ -36,16 +36,10 @@ __global__ void __launch_bounds__(kThreads, 2) grid_linear_kernel(const __grid_c
     // The previous stage's scratch is complete and visible grid-wide.
     if (i > 0) cooperative_groups::this_grid().sync();
     const GridStage& st = p.stage[i];
-    if (st.src_scratch) {
-      if (st.dst_output) {
-        run_any_stage<T, DenseSource<T, true>, OutputDest<T>, false>(st, red, nullptr);
-      } else {
-        run_any_stage<T, DenseSource<T, true>, ScratchDest<T>, false>(st, red, nullptr);
-      }
-    } else if (st.dst_output) {
-      run_any_stage<T, DenseSource<T, false>, OutputDest<T>, false>(st, red, nullptr);
+    if (st.dst_output) {
+      run_any_stage<T, DenseSource<T>, OutputDest<T>, false>(st, red, nullptr);
     } else {
-      run_any_stage<T, DenseSource<T, false>, ScratchDest<T>, false>(st, red, nullptr);
+      run_any_stage<T, DenseSource<T>, ScratchDest<T>, false>(st, red, nullptr);
     }
   }
 }
@@ -63,7 +57,6 @@ void launch(const at::Tensor& like, const LinearSizes& s, const LinearPointers& 
   const bool tensor_cores = use_tensor_cores<T>(s.M, at::globalContext().allowTF32CuBLAS());
   GridParams gp{};
   const void* src = p.x;
-  bool src_scratch = false;
   int64_t K = s.in;
   auto add_stage = [&](const void* w, int64_t n, void* dst, bool output, const void* bias) {
     GridStage& st = gp.stage[gp.stages++];
@@ -74,7 +67,6 @@ void launch(const at::Tensor& like, const LinearSizes& s, const LinearPointers& 
     st.M = s.M;
     st.n = n;
     st.K = K;
-    st.src_scratch = src_scratch;
     st.dst_output = output;
     st.vec = K % kVec<T> == 0 && aligned16(w) && aligned16(src);
     st.tc = tensor_cores;
@@ -84,7 +76,6 @@ void launch(const at::Tensor& like, const LinearSizes& s, const LinearPointers& 
     st.s_pixel = n;
     st.s_out = 1;
     src = dst;
-    src_scratch = true;
     K = n;
   };
   if (s.has_first) add_stage(p.first, s.R_in, t1, false, nullptr);
