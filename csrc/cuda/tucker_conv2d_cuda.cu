@@ -182,7 +182,8 @@ Tensor chain_forward_aten(const Tensor& input, const std::optional<Tensor>& firs
 }
 
 // The forward: NCHW output from the fused and index-mapped kernels, the
-// input's layout from chain_forward_aten (tucker_conv2d_cuda converts).
+// input's layout from chain_forward_aten and the whole-GPU kernel
+// (tucker_conv2d_cuda converts).
 Tensor forward_before_layout(
     const Tensor& input,
     const std::optional<Tensor>& first,
@@ -246,8 +247,8 @@ Tensor tucker_conv2d_cuda(
     c10::IntArrayRef padding,
     c10::IntArrayRef dilation) {
   // The output in the input's layout (conv_memory_format), as on the CPU and
-  // in the fake kernel. The kernels write NCHW, so channels_last costs one
-  // conversion here (none after the cuDNN chain).
+  // in the fake kernel. The tile kernels write NCHW, so channels_last costs one
+  // conversion here (none after the cuDNN chain or the whole-GPU kernel).
   const Tensor out = forward_before_layout(input, first, core, last, bias, stride, padding, dilation);
   return out.contiguous(conv_memory_format(input));
 }
