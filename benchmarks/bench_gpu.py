@@ -397,13 +397,10 @@ def render(rows: list[dict], card: str, bandwidth: float, peaks: dict, command: 
     return "\n".join(lines) + "\n"
 
 
-FORCED_COLUMNS = ("chain", "kernel", "block", "grid")
-
-
 def best_path(r: dict) -> tuple[str, float]:
     """The fastest of the shipped op and its forced paths on row r: (name, ms). A
     failed or absent path (NaN, missing) does not count."""
-    times = {"fused": r["fused_ms"], **{c: r[f"{c}_ms"] for c in FORCED_COLUMNS if f"{c}_ms" in r}}
+    times = {"fused": r["fused_ms"], **{c: r[f"{c}_ms"] for c in FORCED_PATHS if f"{c}_ms" in r}}
     finite = {k: v for k, v in times.items() if math.isfinite(v)}
     name = min(finite, key=finite.get)
     return name, finite[name]
