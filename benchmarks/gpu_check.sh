@@ -88,13 +88,46 @@ for dev in ("cpu", "cuda"):
 EOF
 then :; else echo "ERROR PATH CRASHED (rc $?): error messages with integers kill the process with this build"; status=1; fi
 
+# The whole-GPU kernels first, alone and bounded, in a child process: a kernel
+# that faults poisons its process's CUDA context and one that hangs would spend
+# the check's time, so where this fails their tests and benchmark column are
+# left out and the rest of the check still reports.
+stage "whole-GPU kernels smoke (bounded 60 s)"
+GRID_DESELECT=()
+BENCH_GRID=()
+if TUCKER_OPS_CUDA_CONV_GRID=1 TUCKER_OPS_CUDA_LINEAR_GRID=1 timeout 60 "$PY" - <<'EOF'
+import torch, tucker_ops._ops
+from tucker_ops import reference
+ops = torch.ops.tucker_ops
+g = torch.Generator(device="cuda").manual_seed(0)
+def r(*s): return torch.randn(*s, device="cuda", generator=g) / s[-1] ** 0.5
+def rel(a, b): return ((a.double() - b.double()).norm() / b.double().norm()).item()
+x, first, core, last, bias = r(2, 32, 9, 9), r(16, 32), r(24, 16, 3, 3), r(40, 24), r(40)
+for fmt in (torch.contiguous_format, torch.channels_last):
+    xi = x.contiguous(memory_format=fmt)
+    e = rel(ops.tucker_conv2d(xi, first, core, last, bias, (1, 1), (1, 1), (1, 1)),
+            reference.tucker_conv2d(xi, first, core, last, bias, (1, 1), (1, 1), (1, 1)))
+    print(f"conv grid {fmt}: rel err {e:.1e}"); assert e < 1e-2, e  # TF32 allowed by default
+x, first, core, last, bias = r(5, 96), r(16, 96), r(24, 16), r(48, 24), r(48)
+e = rel(ops.tucker_linear(x, first, core, last, bias), reference.tucker_linear(x, first, core, last, bias))
+print(f"linear grid: rel err {e:.1e}"); assert e < 1e-4, e
+torch.cuda.synchronize()
+EOF
+then echo "whole-GPU kernels: ok"
+else
+  echo "WHOLE-GPU KERNELS FAILED (rc $?): their tests, the sweep and the benchmark's grid column are left out"
+  status=1
+  GRID_DESELECT=(-k "not whole_gpu and not grid and not random_configurations")
+  BENCH_GRID=(--no-grid)
+fi
+
 stage "CUDA tests"
 # Spread over worker processes when pytest-xdist is there (one GPU, many CPU
 # cores: the tests are small), and bound each test when pytest-timeout is.
 PARALLEL=()
 "$PY" -c 'import xdist' 2>/dev/null && PARALLEL+=(-n 8)
 "$PY" -c 'import pytest_timeout' 2>/dev/null && PARALLEL+=(--timeout 150)
-if TUCKER_OPS_TEST_DEVICES=cuda timeout 200 "$PY" -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
+if TUCKER_OPS_TEST_DEVICES=cuda timeout 200 "$PY" -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" "${GRID_DESELECT[@]}" \
     tests/test_cuda_build.py tests/test_cuda.py >"$LOGS/gpu_check_tests.log" 2>&1; then
   tail -n 5 "$LOGS/gpu_check_tests.log"
   echo "CUDA tests passed"
@@ -106,7 +139,7 @@ else
 fi
 
 stage "GPU benchmark"
-if ! timeout 240 "$PY" benchmarks/bench_gpu.py --out "$RESULTS" 2>&1 | tee "$LOGS/gpu_check_bench.log"; then
+if ! timeout 240 "$PY" benchmarks/bench_gpu.py "${BENCH_GRID[@]}" --out "$RESULTS" 2>&1 | tee "$LOGS/gpu_check_bench.log"; then
   echo "BENCHMARK FAILED OR TIMED OUT (log: $LOGS/gpu_check_bench.log)"
   status=1
 fi
