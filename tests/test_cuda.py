@@ -580,6 +580,46 @@ def test_whole_gpu_kernels_run_where_forced(monkeypatch: pytest.MonkeyPatch) -> 
         assert not any("grid_conv_kernel" in k for k in _cuda_kernel_names(lambda: _ops.tucker_conv2d(x, *conv, 1, 1, 1)))
 
 
+@CUDA_ONLY
+def test_whole_gpu_kernels_chosen_where_host_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Unset switches: the op picks the whole-GPU kernels for eager calls of layers
+    # small enough that the chain's three calls are host-bound (ResNet-50's last
+    # 3x3 stage and linear_4096 at batch 1: RESULTS_GPU.md), and keeps the other
+    # paths where they are faster, where a path is forced, and in unmeasured dtypes.
+    monkeypatch.delenv("TUCKER_OPS_CUDA_CONV_GRID", raising=False)
+    monkeypatch.delenv("TUCKER_OPS_CUDA_LINEAR_GRID", raising=False)
+    monkeypatch.delenv("TUCKER_OPS_CUDA_FUSED", raising=False)
+    gen = torch.Generator().manual_seed(37)
+
+    def conv_layer(dtype, batch):
+        shapes = ((batch, 512, 7, 7), (128, 512), (128, 128, 3, 3), (512, 128), (512,))
+        return [_randn(s, dtype, "cuda", gen) for s in shapes]
+
+    def runs_grid(fn, name):
+        return any(name in k for k in _cuda_kernel_names(fn))
+
+    with torch.no_grad():
+        small = conv_layer(torch.bfloat16, 1)
+        assert runs_grid(lambda: _ops.tucker_conv2d(*small, 1, 1, 1), "grid_conv_kernel")
+        big = conv_layer(torch.bfloat16, 128)  # GPU-bound: the chain's kernels are faster
+        assert not runs_grid(lambda: _ops.tucker_conv2d(*big, 1, 1, 1), "grid_conv_kernel")
+        double = conv_layer(torch.float64, 1)  # not measured: not chosen
+        assert not runs_grid(lambda: _ops.tucker_conv2d(*double, 1, 1, 1), "grid_conv_kernel")
+        lin = [_randn(s, torch.bfloat16, "cuda", gen) for s in ((1, 4096), (512, 4096), (512, 512), (4096, 512))]
+        lin.append(None)
+        assert runs_grid(lambda: _ops.tucker_linear(*lin), "grid_linear_kernel")
+        x, core, last = (_randn(s, torch.bfloat16, "cuda", gen) for s in ((1, 120), (30, 120), (84, 30)))
+        # Small factors: linear_fused.cu's kernel runs.
+        assert not runs_grid(lambda: _ops.tucker_linear(x, None, core, last, None), "grid_linear_kernel")
+        for env in ({"TUCKER_OPS_CUDA_FUSED": "0"}, {"TUCKER_OPS_CUDA_FUSED": "1"},
+                    {"TUCKER_OPS_CUDA_CONV_GRID": "0", "TUCKER_OPS_CUDA_LINEAR_GRID": "0"}):
+            with monkeypatch.context() as m:
+                for k, v in env.items():
+                    m.setenv(k, v)
+                assert not runs_grid(lambda: _ops.tucker_conv2d(*small, 1, 1, 1), "grid_conv_kernel"), env
+                assert not runs_grid(lambda: _ops.tucker_linear(*lin), "grid_linear_kernel"), env
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_func_transforms(device: str) -> None:
     # tests/test_functorch.py covers the transforms on the CPU; here the same route runs

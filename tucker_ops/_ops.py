@@ -650,9 +650,10 @@ def tucker_conv2d(
     unfused chain through cuDNN/cuBLAS under torch's global settings (TF32 follows
     ``torch.backends.cudnn.allow_tf32`` as for ``nn.Conv2d``); the environment variable
     ``TUCKER_OPS_CUDA_FUSED=1`` / ``=0`` forces one path (benchmarks/RESULTS_GPU.md).
-    ``TUCKER_OPS_CUDA_CONV_GRID=1`` runs a whole-GPU fused kernel instead where R_in is a
-    multiple of 16 bytes' worth of the dtype (one cooperative launch, for layers with few
-    output pixels); it is not chosen automatically until measured on a GPU.
+    Eager calls of small layers (few output pixels, R_in a multiple of 16 bytes' worth of the
+    dtype; float16, bfloat16, and float32 with TF32) run a whole-GPU fused kernel instead: one
+    cooperative launch where the chain's three calls are host-bound.
+    ``TUCKER_OPS_CUDA_CONV_GRID=1`` / ``=0`` forces it on every shape it takes / turns it off.
 
     ``torch.func`` transforms (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap) and forward-mode AD
     (``torch.autograd.forward_ad``) work on it.
@@ -691,9 +692,10 @@ def tucker_linear(
 
     On CUDA the forward runs one fused kernel for small factor sets, else three cuBLAS
     products (``TUCKER_OPS_CUDA_FUSED=1`` / ``=0`` force one path).
-    ``TUCKER_OPS_CUDA_LINEAR_GRID=1`` runs a whole-GPU fused kernel instead (one cooperative
-    launch for large factor sets at few rows); it is not chosen automatically until measured
-    on a GPU (benchmarks/RESULTS_GPU.md).
+    Eager calls with factor sets too large for that kernel at few rows (float16, bfloat16,
+    float32) run a whole-GPU fused kernel instead, one cooperative launch, where its time model
+    beats the three products' host time. ``TUCKER_OPS_CUDA_LINEAR_GRID=1`` / ``=0`` forces it /
+    turns it off (benchmarks/RESULTS_GPU.md).
 
     ``torch.func`` transforms (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap) and forward-mode AD
     (``torch.autograd.forward_ad``) work on it.

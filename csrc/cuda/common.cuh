@@ -62,6 +62,10 @@ __device__ __forceinline__ void store_from_acc(void* ptr, bool is_acc, int64_t o
 enum class FusedMode { kAuto, kNever, kAlways };
 FusedMode fused_mode_from_env();
 
+// A path switch read from the environment variable `name`: "1" kAlways, "0"
+// kNever, unset or anything else kAuto.
+FusedMode switch_from_env(const char* name);
+
 // TUCKER_OPS_CUDA_CLUSTER picks the thread-block clusters of the fused kernels
 // (sm_90+), so tests can check every size: "0" never uses clusters, "2", "4"
 // or "8" force that cluster size wherever the kernel can use it; unset (or
@@ -72,6 +76,20 @@ int cluster_size_from_env();
 // time, so there the unfused chain's tensor-core kernels win every shape but
 // the smallest, and the op's path choice changes accordingly.
 bool current_stream_is_capturing();
+
+// What one eager call of each forward path costs its caller, measured on the
+// lent H200s' hosts (benchmarks/RESULTS_GPU.md): each call of the unfused
+// chain (a cuDNN conv, a cuDNN or cuBLAS GEMM) about 24 us of host time
+// whatever its GPU time (the median over the benchmark's chains at batch 1 in
+// two runs; single rows 12-50 us); a call of this library's kernels its GPU
+// time, or its host time where that is longer (checks, allocations, launches:
+// about 15 us for the tile kernels, 18 us for the cooperative whole-GPU ones).
+constexpr double kChainCallSeconds = 24e-6;
+constexpr double kFusedHostSeconds = 15e-6;
+constexpr double kGridHostSeconds = 18e-6;
+inline double eager_chain_seconds(bool has_first, bool has_last) {
+  return kChainCallSeconds * (1.0 + (has_first ? 1.0 : 0.0) + (has_last ? 1.0 : 0.0));
+}
 
 // compute(device) for the current device, run once per device and process:
 // each call site (each lambda type) has its own cache. Values are >= 0.

@@ -217,13 +217,15 @@ bool current_stream_is_capturing() {
   return status != cudaStreamCaptureStatusNone;
 }
 
-FusedMode fused_mode_from_env() {
-  const char* v = std::getenv("TUCKER_OPS_CUDA_FUSED");
+FusedMode switch_from_env(const char* name) {
+  const char* v = std::getenv(name);
   if (v == nullptr) return FusedMode::kAuto;
   if (std::strcmp(v, "0") == 0) return FusedMode::kNever;
   if (std::strcmp(v, "1") == 0) return FusedMode::kAlways;
   return FusedMode::kAuto;
 }
+
+FusedMode fused_mode_from_env() { return switch_from_env("TUCKER_OPS_CUDA_FUSED"); }
 
 namespace {
 
@@ -283,14 +285,8 @@ bool fused_conv_preferred(const Conv2dSizes& s, const FusedConvChoice& choice) {
   // Under graph capture only GPU time counts, and the kernel beat the chain's
   // replay only where it is launch-bound.
   if (current_stream_is_capturing()) return 10e-6 + choice.seconds < 12e-6;
-  // Eager, each call of the unfused chain (a cuDNN conv, a cuDNN or cuBLAS
-  // 1x1 stage) costs about 18 us of host time whatever its GPU time, and the
-  // fused call about 15 us (checks, allocation, the launches), which the GPU
-  // time hides once it is longer. Both measured on the H200's host
-  // (benchmarks/RESULTS_GPU.md: 0.04-0.08 ms for the chains at small batch).
-  constexpr double kChainCallSeconds = 18e-6, kFusedHostSeconds = 15e-6;
-  const double chain_calls = 1.0 + (s.has_first ? 1.0 : 0.0) + (s.has_last ? 1.0 : 0.0);
-  return std::max(kFusedHostSeconds, choice.seconds) < kChainCallSeconds * chain_calls;
+  // Eager, the chain's host time per call against the kernel's GPU time.
+  return std::max(kFusedHostSeconds, choice.seconds) < eager_chain_seconds(s.has_first, s.has_last);
 }
 
 bool fused_conv_forward(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p,

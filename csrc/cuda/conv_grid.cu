@@ -14,8 +14,7 @@
 // with a grid-wide barrier between stages, P and Q in L2 scratch in the
 // call's dtype (rounded as a Sequential chain rounds its layers' outputs). Tucker-1 layers drop stage 1 or 3. float32 stages take
 // TF32 tensor cores where torch.backends.cudnn.allow_tf32 is set, as nn.Conv2d.
-#include <cstdlib>
-#include <cstring>
+#include <algorithm>
 #include <limits>
 
 #include <ATen/Context.h>
@@ -205,10 +204,38 @@ void launch(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p,
 
 }  // namespace
 
-bool grid_conv_forced() {
-  const char* v = std::getenv("TUCKER_OPS_CUDA_CONV_GRID");
-  return v != nullptr && std::strcmp(v, "1") == 0;
+namespace {
+
+// Predicted GPU time of the kernel in seconds: a fixed cost (the cooperative
+// launch, the repack, the grid barriers) plus its multiply-adds and bytes at
+// rates fitted by least squares to bench_gpu.py's CUDA-graph replays on an
+// H200, NCHW inputs, Tucker-2 (benchmarks/RESULTS_GPU.md: within 0.64-1.45x
+// of the times of two runs). Infinity in the dtypes it was not measured in.
+double grid_conv_seconds(const Conv2dSizes& s, c10::ScalarType dtype) {
+  double macs_per_second = 0.0, bytes_per_second = 0.0;
+  if (dtype == at::kHalf || dtype == at::kBFloat16) {
+    macs_per_second = 15e12, bytes_per_second = 0.7e12;
+  } else if (dtype == at::kFloat && at::globalContext().allowTF32CuDNN()) {
+    macs_per_second = 10.5e12, bytes_per_second = 1.42e12;
+  } else {
+    return std::numeric_limits<double>::infinity();
+  }
+  const double in_pixels = static_cast<double>(s.N) * s.H * s.W;
+  const double out_pixels = static_cast<double>(s.N) * s.H_out * s.W_out;
+  const double macs = (s.has_first ? in_pixels * s.C_in * s.R_in : 0.0) +
+                      out_pixels * s.R_out * s.R_in * s.kh * s.kw + (s.has_last ? out_pixels * s.C_out * s.R_out : 0.0);
+  // The input twice (the NCHW transposition reads it), each projection
+  // written and read back, the output and the factors once.
+  const double elems = 2.0 * in_pixels * s.C_in + out_pixels * s.C_out +
+                       (s.has_first ? 2.0 * in_pixels * s.R_in + static_cast<double>(s.R_in) * s.C_in : 0.0) +
+                       (s.has_last ? 2.0 * out_pixels * s.R_out + static_cast<double>(s.C_out) * s.R_out : 0.0) +
+                       static_cast<double>(s.R_out) * s.R_in * s.kh * s.kw;
+  constexpr double kFixedSeconds = 24e-6;
+  return kFixedSeconds + macs / macs_per_second +
+         elems * static_cast<double>(c10::elementSize(dtype)) / bytes_per_second;
 }
+
+}  // namespace
 
 bool grid_conv_applies(const Conv2dSizes& s, c10::ScalarType dtype) {
   const int64_t run = 16 / static_cast<int64_t>(c10::elementSize(dtype));
@@ -217,7 +244,18 @@ bool grid_conv_applies(const Conv2dSizes& s, c10::ScalarType dtype) {
   const bool small_geometry = s.N <= kMax && s.H + s.pad_h <= kMax && s.W + s.pad_w <= kMax &&
                               s.H_out * s.stride_h <= kMax && s.W_out * s.stride_w <= kMax &&
                               s.kh * s.dil_h <= kMax && s.kw * s.dil_w <= kMax && s.kh * s.kw * s.R_in <= kMax;
-  return grid_conv_forced() && s.R_in % run == 0 && small_geometry && grid::cooperative_launch_supported();
+  return s.R_in % run == 0 && small_geometry && grid::cooperative_launch_supported();
+}
+
+bool grid_conv_chosen(const Conv2dSizes& s, c10::ScalarType dtype, FusedMode mode, const FusedConvChoice& fused) {
+  if (mode == FusedMode::kNever || !grid_conv_applies(s, dtype)) return false;
+  const FusedMode grid = switch_from_env("TUCKER_OPS_CUDA_CONV_GRID");
+  if (grid != FusedMode::kAuto) return grid == FusedMode::kAlways;
+  if (mode == FusedMode::kAlways || current_stream_is_capturing()) return false;
+  const double fused_cost = fused.kernel == FusedConvKernel::kNone ? std::numeric_limits<double>::infinity()
+                                                                   : std::max(kFusedHostSeconds, fused.seconds);
+  return std::max(kGridHostSeconds, grid_conv_seconds(s, dtype)) <
+         std::min(fused_cost, eager_chain_seconds(s.has_first, s.has_last));
 }
 
 void grid_conv_forward(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p, bool out_nhwc) {

@@ -6,8 +6,8 @@
 // the weight stream itself, and it takes every multiprocessor to keep enough
 // loads in flight. So each stage is spread over all the grid's warps
 // (grid_stage.cuh): one launch where the cuBLAS chain makes three.
-#include <cstdlib>
-#include <cstring>
+#include <algorithm>
+#include <limits>
 
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -90,15 +90,42 @@ void launch(const at::Tensor& like, const LinearSizes& s, const LinearPointers& 
   launch_cooperative(grid_linear_kernel<T>, blocks, gp);
 }
 
-}  // namespace
-
-bool grid_linear_forced() {
-  const char* v = std::getenv("TUCKER_OPS_CUDA_LINEAR_GRID");
-  return v != nullptr && std::strcmp(v, "1") == 0;
+// Predicted GPU time of the kernel in seconds: a fixed cost (the cooperative
+// launch, the grid barriers) plus its multiply-adds and bytes at rates fitted
+// by least squares to bench_gpu.py's CUDA-graph replays on an H200
+// (benchmarks/RESULTS_GPU.md: within 0.61-1.46x of the times of two runs).
+// float32 at its CUDA-core rate (measured with TF32 off, torch's default for
+// matmuls; its TF32 tasks are faster). Infinity for float64.
+double grid_linear_seconds(const LinearSizes& s, c10::ScalarType dtype) {
+  double macs_per_second = 0.0, bytes_per_second = 0.0;
+  if (dtype == at::kHalf || dtype == at::kBFloat16) {
+    macs_per_second = 21.6e12, bytes_per_second = 0.76e12;
+  } else if (dtype == at::kFloat) {
+    macs_per_second = 3.6e12, bytes_per_second = 16e12;
+  } else {
+    return std::numeric_limits<double>::infinity();
+  }
+  const double rows = static_cast<double>(s.M);
+  const double first = s.has_first ? static_cast<double>(s.R_in) * s.in : 0.0;
+  const double core = static_cast<double>(s.R_out) * (s.has_first ? s.R_in : s.in);
+  const double last = s.has_last ? static_cast<double>(s.out) * s.R_out : 0.0;
+  const double elems = rows * (s.in + s.out) + first + core + last;
+  constexpr double kFixedSeconds = 12e-6;
+  return kFixedSeconds + rows * (first + core + last) / macs_per_second +
+         elems * static_cast<double>(c10::elementSize(dtype)) / bytes_per_second;
 }
 
-bool grid_linear_applies(const at::Tensor& /*like*/, const LinearSizes& /*s*/) {
-  return grid_linear_forced() && grid::cooperative_launch_supported();
+}  // namespace
+
+bool grid_linear_applies() { return grid::cooperative_launch_supported(); }
+
+bool grid_linear_chosen(const at::Tensor& like, const LinearSizes& s, FusedMode mode, bool fused_applies) {
+  if (mode == FusedMode::kNever || !grid_linear_applies()) return false;
+  const FusedMode grid = switch_from_env("TUCKER_OPS_CUDA_LINEAR_GRID");
+  if (grid != FusedMode::kAuto) return grid == FusedMode::kAlways;
+  if (mode == FusedMode::kAlways || fused_applies || current_stream_is_capturing()) return false;
+  return std::max(kGridHostSeconds, grid_linear_seconds(s, like.scalar_type())) <
+         eager_chain_seconds(s.has_first, s.has_last);
 }
 
 void grid_linear_forward(const at::Tensor& like, const LinearSizes& s, const LinearPointers& p) {

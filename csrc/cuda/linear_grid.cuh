@@ -7,20 +7,24 @@
 #include <ATen/core/Tensor.h>
 
 #include "checks.h"
+#include "cuda/common.cuh"
 #include "cuda/linear_fused.cuh"
 
 namespace tucker_ops::cuda {
 
-// TUCKER_OPS_CUDA_LINEAR_GRID: "1" runs this kernel on every shape the device
-// can launch it for (any rows, any factor sizes, during graph capture too), so
-// tests and benchmarks can check it; "0" or unset: the op does not choose it.
-// It has not run on a GPU yet (benchmarks/RESULTS_GPU.md): the op's automatic
-// choice takes it up once it is measured against the cuBLAS chain.
-bool grid_linear_forced();
+// Whether grid_linear_forward can run on this device (cooperative launches);
+// it takes every shape and dtype.
+bool grid_linear_applies();
 
-// Whether grid_linear_forward runs on this shape: forced, and the device
-// supports cooperative launches.
-bool grid_linear_applies(const at::Tensor& like, const LinearSizes& s);
+// Whether this call runs the kernel. TUCKER_OPS_CUDA_LINEAR_GRID=1 runs it on
+// every shape (any rows, any factor sizes, during graph capture too), so tests
+// and benchmarks can check it; =0 never. Unset, the op chooses it for eager
+// calls where linear_fused.cu's kernel does not apply (`fused_applies`: large
+// factors, many rows) and its time model beats the cuBLAS chain's host time:
+// linear_4096 at few rows. In float16, bfloat16 and float32, the dtypes it was
+// measured in; never where `mode` forces a path (TUCKER_OPS_CUDA_FUSED), nor
+// in graph capture, where the chain replayed faster (benchmarks/RESULTS_GPU.md).
+bool grid_linear_chosen(const at::Tensor& like, const LinearSizes& s, FusedMode mode, bool fused_applies);
 
 // Launches the kernel on the current stream. Scratch for the rank-sized rows
 // (M x R_in and M x R_out in the call's dtype) comes from the caching

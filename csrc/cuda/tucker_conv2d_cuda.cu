@@ -197,7 +197,11 @@ Tensor forward_before_layout(
   const c10::cuda::CUDAGuard guard(input.device());
   if (s.N == 0) return at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options());
   const FusedMode mode = fused_mode_from_env();
-  if (mode != FusedMode::kNever && grid_conv_applies(s, input.scalar_type())) {
+  // One choice per call: which fused kernel, whether the whole-GPU kernel
+  // beats it, and whether it beats the chain.
+  const FusedConvChoice choice =
+      mode == FusedMode::kNever ? FusedConvChoice{} : choose_fused_conv(s, input.scalar_type());
+  if (grid_conv_chosen(s, input.scalar_type(), mode, choice)) {
     // The whole-GPU kernel writes the output in the input's layout directly.
     const at::MemoryFormat format = conv_memory_format(input);
     Tensor out = at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options().memory_format(format));
@@ -207,9 +211,6 @@ Tensor forward_before_layout(
     return out;
   }
   const bool fits_32bit = indices_fit_32bit(s);
-  // One choice per call: which fused kernel, and whether it beats the chain.
-  const FusedConvChoice choice =
-      mode == FusedMode::kNever ? FusedConvChoice{} : choose_fused_conv(s, input.scalar_type());
   const bool try_fused = mode == FusedMode::kAlways || (mode == FusedMode::kAuto && fused_conv_preferred(s, choice));
   if (!try_fused && fits_32bit) return chain_forward_aten(input, first, core, last, bias, stride, padding, dilation, s);
   Tensor out = at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options());

@@ -70,9 +70,11 @@ Tensor tucker_linear_cuda(
   const Tensor B = s.has_last ? last->contiguous() : Tensor();
   const Tensor b = s.has_bias ? bias->contiguous() : Tensor();
 
-  if (fused_mode_from_env() != FusedMode::kNever) {
-    const bool grid = grid_linear_applies(x, s);
-    if (grid || fused_linear_applies(x, s)) {
+  const FusedMode mode = fused_mode_from_env();
+  if (mode != FusedMode::kNever) {
+    const bool fused = fused_linear_applies(x, s);
+    const bool grid = grid_linear_chosen(x, s, mode, fused);
+    if (grid || fused) {
       Tensor out = at::empty(shape, input.options());
       const LinearPointers ptrs{x.const_data_ptr(), s.has_first ? A.const_data_ptr() : nullptr, G.const_data_ptr(),
                                 s.has_last ? B.const_data_ptr() : nullptr, s.has_bias ? b.const_data_ptr() : nullptr,
