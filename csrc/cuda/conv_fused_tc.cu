@@ -29,8 +29,6 @@
 // Sequential chain's layers keep their outputs; every sum is in float.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -491,26 +489,19 @@ void launch_tc(const at::Tensor& like, const Conv2dSizes& s, const TcPlan& plan,
 // TUCKER_OPS_CUDA_TC: "0" never runs the tensor-core kernel, "1" runs it on
 // every call it applies to (tests compare it with the CUDA-core kernels on the
 // same shapes), unset lets the op choose.
-const char* tc_env() {
-  return std::getenv("TUCKER_OPS_CUDA_TC");
-}
+FusedMode tc_switch() { return switch_from_env("TUCKER_OPS_CUDA_TC"); }
 
 // The dtype, the switch and the device allow the kernel (the shape aside):
 // TF32 for float32 only where cuDNN may use it, as nn.Conv2d.
 bool tc_enabled(c10::ScalarType dtype) {
   const bool tc_dtype = dtype == at::kHalf || dtype == at::kBFloat16 ||
                         (dtype == at::kFloat && at::globalContext().allowTF32CuDNN());
-  const char* env = tc_env();
-  return tc_dtype && !(env != nullptr && std::strcmp(env, "0") == 0) &&
-         cached_device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8;
+  return tc_dtype && tc_switch() != FusedMode::kNever && cached_device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8;
 }
 
 }  // namespace
 
-bool fused_conv_tc_forced() {
-  const char* env = tc_env();
-  return env != nullptr && std::strcmp(env, "1") == 0;
-}
+bool fused_conv_tc_forced() { return tc_switch() == FusedMode::kAlways; }
 
 double fused_conv_tc_seconds(const Conv2dSizes& s, c10::ScalarType dtype, double multiprocessors) {
   TcPlan plan{};
