@@ -29,6 +29,8 @@
 // Sequential chain's layers keep their outputs; every sum is in float.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -81,12 +83,76 @@ struct Tc<float> {
   static constexpr int K = 8;
 };
 
+// WMMA fragment loads and float32 accumulator stores out of / into shared
+// memory, in PTX's shared-state-space form. For float16 nvcc emits that form
+// itself (ptxas then loads with ldmatrix); for bfloat16 and TF32 it emits the
+// generic form, even from a pointer into __shared__, which ptxas lowers to one
+// generic 32-bit load per register (seen in the SASS of the previous version:
+// 4 LD.E per bfloat16 fragment, no LDSM). So those two are written here.
+using BfFragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
+using BfFragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>;
+using TfFragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using TfFragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+using TfFragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// The fragment's four registers, in the order the generic load_matrix_sync
+// writes them (and mma_sync reads them): the instruction's result registers.
+template <typename Fragment>
+__device__ __forceinline__ void load_shared_fragment(Fragment& f, const void* p, int ldm) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  static_assert(sizeof(f.x) == 4 * sizeof(uint32_t), "four registers per lane");
+  uint32_t r[4];
+  const unsigned a = shared_address(p);
+  if constexpr (std::is_same_v<Fragment, BfFragA>) {
+    asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ldm) : "memory");
+  } else if constexpr (std::is_same_v<Fragment, BfFragB>) {
+    asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ldm) : "memory");
+  } else if constexpr (std::is_same_v<Fragment, TfFragA>) {
+    asm volatile("wmma.load.a.sync.aligned.row.m16n16k8.shared.tf32 {%0, %1, %2, %3}, [%4], %5;\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ldm) : "memory");
+  } else {
+    static_assert(std::is_same_v<Fragment, TfFragB>, "a bfloat16 or TF32 operand fragment");
+    asm volatile("wmma.load.b.sync.aligned.col.m16n16k8.shared.tf32 {%0, %1, %2, %3}, [%4], %5;\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ldm) : "memory");
+  }
+  memcpy(f.x, r, sizeof(r));
+#endif
+}
+
 template <typename T, typename Fragment>
 __device__ __forceinline__ void load_operand(Fragment& f, const typename Tc<T>::S* ptr, int ldm) {
-  wmma::load_matrix_sync(f, reinterpret_cast<const typename Tc<T>::Load*>(ptr), ldm);
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    wmma::load_matrix_sync(f, reinterpret_cast<const __half*>(ptr), ldm);
+  } else {
+    load_shared_fragment(f, ptr, ldm);
+  }
   if constexpr (std::is_same_v<T, float>) {
 #pragma unroll
     for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+  }
+}
+
+// An accumulator tile into shared memory, row-major.
+template <typename Fragment>
+__device__ __forceinline__ void store_shared_accumulator(float* dst, const Fragment& acc, int ldm) {
+  if constexpr (std::is_same_v<Fragment, TfFragC>) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    static_assert(sizeof(acc.x) == 8 * sizeof(float), "eight accumulators per lane");
+    asm volatile(
+        "wmma.store.d.sync.aligned.row.m16n16k8.shared.f32 [%0], {%1, %2, %3, %4, %5, %6, %7, %8}, %9;\n" ::"r"(
+            shared_address(dst)),
+        "f"(acc.x[0]), "f"(acc.x[1]), "f"(acc.x[2]), "f"(acc.x[3]), "f"(acc.x[4]), "f"(acc.x[5]), "f"(acc.x[6]),
+        "f"(acc.x[7]), "r"(ldm)
+        : "memory");
+#endif
+  } else {
+    wmma::store_matrix_sync(dst, acc, ldm, wmma::mem_row_major);
   }
 }
 
@@ -231,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
   // A warp's accumulator tile, through its scratch tile, into shared memory in
   // the storage type: dst row r, column c at dst[r * ld + c].
   auto spill = [&](const FragC& acc, S* dst, int ld) {
-    wmma::store_matrix_sync(scratch, acc, 16, wmma::mem_row_major);
+    store_shared_accumulator(scratch, acc, 16);
     __syncwarp();
     for (int e = lane; e < 256; e += 32) dst[(e / 16) * ld + e % 16] = static_cast<S>(scratch[e]);
     __syncwarp();
@@ -376,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
         load_operand<T>(b, ls + ct * 16 * ld_z + k0, ld_z);
         wmma::mma_sync(acc, a, b, acc);
       }
-      wmma::store_matrix_sync(scratch, acc, 16, wmma::mem_row_major);
+      store_shared_accumulator(scratch, acc, 16);
       __syncwarp();
       const int64_t oh = oh0 + y;
       // Lanes take consecutive pixels of one channel: contiguous stores.
