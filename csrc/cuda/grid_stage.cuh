@@ -24,7 +24,8 @@
 // steps per 32 k take those 8 elements in order (two steps of 4 in 16-bit,
 // four of 2 in TF32). A and B agree on which k each fragment slot holds, which
 // is all a dot product needs, so no shuffle or shared memory stages the
-// operands. float32 operands are rounded to TF32 as they load.
+// operands. float32 operands are rounded to TF32 as they load. All of a step's
+// loads are issued before its mmas.
 //
 // Where a row's K values come from is the Source policy: DenseSource (row r at
 // r * K: the linear's rows, NHWC pixels) or GatherSource (the implicit im2col
@@ -39,8 +40,6 @@
 #include <type_traits>
 
 #include <cooperative_groups.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include "cuda/common.cuh"
 
@@ -104,34 +103,44 @@ __device__ __forceinline__ S load_through_l2(const S* p) {
   }
 }
 
-// v[i] = p[i] converted to F, for i < N; elements at or past `count` read as
-// zero. With `vec`, p is 16-byte aligned, and a run of all N elements is read
-// in 16-byte loads.
-template <typename F, typename S, int N, bool kThroughL2>
-__device__ __forceinline__ void load_run(const S* p, bool vec, int64_t count, F (&v)[N]) {
+// The 16 bytes of S elements at p, as raw bits; elements at or past `count`
+// read as zero. With `vec`, p is 16-byte aligned and a full run is one load.
+template <typename S, bool kThroughL2>
+__device__ __forceinline__ uint4 load_raw16(const S* p, bool vec, int64_t count) {
+  constexpr int N = static_cast<int>(16 / sizeof(S));
   if (vec && count >= N) {
-    constexpr int kPer = static_cast<int>(16 / sizeof(S));
-    static_assert(N % kPer == 0, "whole 16-byte loads");
-#pragma unroll
-    for (int c = 0; c < N / kPer; ++c) {
-      const uint4* q = reinterpret_cast<const uint4*>(p) + c;
-      const uint4 raw = kThroughL2 ? __ldcg(q) : __ldg(q);
-      S e[kPer];
-      memcpy(e, &raw, sizeof(raw));
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) v[c * kPer + i] = static_cast<F>(e[i]);
-    }
-    return;
+    const uint4* q = reinterpret_cast<const uint4*>(p);
+    return kThroughL2 ? __ldcg(q) : __ldg(q);
   }
+  S e[N];
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     if (i >= count) {
-      v[i] = F(0);
+      e[i] = static_cast<S>(0.0f);
     } else if constexpr (kThroughL2) {
-      v[i] = static_cast<F>(load_through_l2(p + i));
+      e[i] = load_through_l2(p + i);
     } else {
-      v[i] = static_cast<F>(p[i]);
+      e[i] = p[i];
     }
+  }
+  uint4 raw;
+  memcpy(&raw, e, sizeof(raw));
+  return raw;
+}
+
+// v[i] = p[i] converted to F, for i < N (whole 16-byte runs), through
+// load_raw16.
+template <typename F, typename S, int N, bool kThroughL2>
+__device__ __forceinline__ void load_run(const S* p, bool vec, int64_t count, F (&v)[N]) {
+  constexpr int kPer = static_cast<int>(16 / sizeof(S));
+  static_assert(N % kPer == 0, "whole 16-byte runs");
+#pragma unroll
+  for (int c = 0; c < N / kPer; ++c) {
+    const uint4 bits = load_raw16<S, kThroughL2>(p + c * kPer, vec, count - c * kPer);
+    S e[kPer];
+    memcpy(e, &bits, sizeof(bits));
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) v[c * kPer + i] = static_cast<F>(e[i]);
   }
 }
 
@@ -144,34 +153,19 @@ struct TcFrag {
   uint32_t r[kRegs];
 };
 
-// The 8 elements at p; zeros at or past `count`.
+// The 8 elements at p; zeros at or past `count`. In 16-bit the elements' own
+// bits are the packing, little-endian.
 template <typename T, typename S, bool kThroughL2>
 __device__ __forceinline__ TcFrag<T> load_frag(const S* p, bool vec, int64_t count) {
-  static_assert(kHasTensorCores<T>, "tensor-core operands");
+  static_assert(kHasTensorCores<T> && std::is_same_v<S, T>, "tensor-core operands in the call's dtype");
   TcFrag<T> f{};
   if (count <= 0) return f;
-  if constexpr (kIs16Bit<T> && std::is_same_v<S, T>) {
-    if (vec && count >= 8) {
-      const uint4* q = reinterpret_cast<const uint4*>(p);
-      const uint4 raw = kThroughL2 ? __ldcg(q) : __ldg(q);
-      memcpy(f.r, &raw, sizeof(raw));
-      return f;
-    }
-  }
-  float v[8];
-  load_run<float, S, 8, kThroughL2>(p, vec, count, v);
   if constexpr (kIs16Bit<T>) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-        memcpy(&f.r[i], &h, sizeof(h));
-      } else {
-        const __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
-        memcpy(&f.r[i], &h, sizeof(h));
-      }
-    }
+    const uint4 bits = load_raw16<S, kThroughL2>(p, vec, count);
+    memcpy(f.r, &bits, sizeof(bits));
   } else {
+    float v[8];
+    load_run<float, S, 8, kThroughL2>(p, vec, count, v);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -387,18 +381,30 @@ __device__ void run_stage(const GridStage& st, unsigned char* red_bytes, int4* t
             for (int i = 0; i < V; ++i) wv[j][i] = F(0);
           }
         }
+        // Every row's 16 bytes are loaded before the first multiply-add, as in
+        // the tensor-core stage: one L2 round trip per step, not one per row.
         const typename Src::KPos kp = src.at(k);
+        uint4 raw[kRows];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          raw[r] = make_uint4(0, 0, 0, 0);
+          if (r < rows) {
+            int64_t count;
+            const S* p = src.run(rows_of, r, kp, count);
+            raw[r] = load_raw16<S, true>(p, st.vec, count);
+          }
+        }
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
           if (r >= rows) break;  // uniform across the warp
-          int64_t count;
-          const S* p = src.run(rows_of, r, kp, count);
-          F xv[V];
-          load_run<F, S, V, true>(p, st.vec, count, xv);
+          S xs[V];
+          memcpy(xs, &raw[r], sizeof(xs));
 #pragma unroll
-          for (int j = 0; j < kOuts; ++j)
+          for (int i = 0; i < V; ++i) {
+            const F xv = static_cast<F>(xs[i]);
 #pragma unroll
-            for (int i = 0; i < V; ++i) acc[j * kRows + r] += wv[j][i] * xv[i];
+            for (int j = 0; j < kOuts; ++j) acc[j * kRows + r] += wv[j][i] * xv;
+          }
         }
       }
       sum[0] = transpose_reduce<16>(acc, lane);
@@ -467,24 +473,33 @@ __device__ void run_stage_tc(const GridStage& st, unsigned char* red_bytes, int4
     if (task < tasks) {  // uniform across the warp
       const int rows = static_cast<int>(M - r0 < kTcRows ? M - r0 : kTcRows);
       const typename Src::Task rows_of = src.begin_task(r0, rows, lane);
+      // Every load of a step is issued before its first mma, so a step waits
+      // for one L2 round trip. (Loaded per tile, each consumed at once, behind
+      // the tile's bounds check, the loads were not hoisted: a step waited for
+      // up to five, in the SASS of the previous version.)
+      const bool lo_in = o0 + g < n, hi_in = o0 + g + 8 < n;
+      const T* w_lo = w + (lo_in ? o0 + g : 0) * K;
+      const T* w_hi = w + (hi_in ? o0 + g + 8 : 0) * K;
       for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcK) {
         const int64_t k = k0 + 8 * t, count = K - k;  // this lane's 8 elements of each row
-        const TcFrag<T> a_lo =
-            o0 + g < n ? load_frag<T, T, kWThroughL2>(w + (o0 + g) * K + k, st.vec, count) : TcFrag<T>{};
-        const TcFrag<T> a_hi =
-            o0 + g + 8 < n ? load_frag<T, T, kWThroughL2>(w + (o0 + g + 8) * K + k, st.vec, count) : TcFrag<T>{};
+        const TcFrag<T> a_lo = lo_in ? load_frag<T, T, kWThroughL2>(w_lo + k, st.vec, count) : TcFrag<T>{};
+        const TcFrag<T> a_hi = hi_in ? load_frag<T, T, kWThroughL2>(w_hi + k, st.vec, count) : TcFrag<T>{};
         const typename Src::KPos kp = src.at(k);
+        TcFrag<T> b[kTcTiles];
 #pragma unroll
         for (int j = 0; j < kTcTiles; ++j) {
-          if (8 * j >= rows) break;  // uniform across the warp
           const int r = 8 * j + g;
-          TcFrag<T> b{};
+          b[j] = TcFrag<T>{};
           if (r < rows) {
             int64_t left;
             const S* p = src.run(rows_of, r, kp, left);
-            b = load_frag<T, S, true>(p, st.vec, left);
+            b[j] = load_frag<T, S, true>(p, st.vec, left);
           }
-          mma_k32<T>(acc + 4 * j, a_lo, a_hi, b);
+        }
+#pragma unroll
+        for (int j = 0; j < kTcTiles; ++j) {
+          if (8 * j >= rows) break;  // uniform across the warp
+          mma_k32<T>(acc + 4 * j, a_lo, a_hi, b[j]);
         }
       }
     }
