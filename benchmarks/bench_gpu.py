@@ -3,7 +3,8 @@
     python benchmarks/bench_gpu.py [--out benchmarks/RESULTS_GPU.md.draft] [--quick]
 
 Every configuration (layer x dtype x batch) is timed with CUDA events: warm-up
-calls first, then the median over repetitions of a timed loop. Memory bandwidth
+calls first, then the median over repetitions of a timed loop, each repetition
+timing one loop of every implementation in turn (time_interleaved). Memory bandwidth
 (a large device copy) and matmul peak (per dtype) are measured on the spot, so
 the fraction of the roofline reported for the fused op is
 
@@ -17,13 +18,14 @@ card, torch version and command, to --out. Forward only, inference mode.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
 import os
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -179,25 +181,63 @@ def grid_applies(c: Case, dtype: torch.dtype) -> bool:
     return r_in % (16 // torch.empty((), dtype=dtype).element_size()) == 0
 
 
-def time_ms(fn: Callable[[], object], reps: int, warmup: int, target_ms: float = 2.0) -> float:
-    """Median milliseconds per call: CUDA events around a loop of calls, after warm-up."""
-    for _ in range(warmup):
-        fn()
+@contextlib.contextmanager
+def env_set(env: dict[str, str]) -> Iterator[None]:
+    """os.environ with `env` added, restored on exit (the op reads its path switches per call)."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
+
+
+def cuda_event_ms(run: Callable[[], object], calls: int) -> float:
+    """Milliseconds between CUDA events around `calls` back-to-back calls of run."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    fn()
+    for _ in range(calls):
+        run()
     end.record()
     end.synchronize()
-    inner = max(1, min(50, int(target_ms / max(start.elapsed_time(end), 1e-3))))
-    samples = []
+    return start.elapsed_time(end)
+
+
+# A column to time: the call, and the environment it runs under.
+Column = tuple[Callable[[], object], dict[str, str]]
+
+
+def time_interleaved(columns: dict[str, Column], reps: int, warmup: int, target_ms: float = 2.0,
+                     measure: Callable[[Callable[[], object], int], float] = cuda_event_ms) -> dict[str, float]:
+    """Median milliseconds per call of each column.
+
+    Each column first warms up and sizes its loop (calls per sample, about target_ms); then
+    every repetition takes one sample of each column in turn. So drift of the machine over
+    the run (host load, clocks) reaches every column alike, instead of whichever column was
+    being timed while it lasted: eager rows, host-bound, moved by up to 40% between runs.
+    """
+    inner = {}
+    for name, (run, env) in columns.items():
+        with env_set(env):
+            for _ in range(warmup):
+                run()
+            one = measure(run, 1)
+        inner[name] = max(1, min(50, int(target_ms / max(one, 1e-3))))
+    samples: dict[str, list[float]] = {name: [] for name in columns}
     for _ in range(reps):
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / inner)
-    return statistics.median(samples)
+        for name, (run, env) in columns.items():
+            with env_set(env):
+                samples[name].append(measure(run, inner[name]) / inner[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def time_ms(fn: Callable[[], object], reps: int, warmup: int, target_ms: float = 2.0) -> float:
+    """Median milliseconds per call of fn alone (time_interleaved with one column)."""
+    return time_interleaved({"": (fn, {})}, reps, warmup, target_ms)[""]
 
 
 def measure_bandwidth() -> float:
@@ -281,24 +321,23 @@ def main(argv: list[str] | None = None) -> int:
                     outs = {name: fn(x) for name, fn in impls.items()}
                     err = rel_err(outs["fused"], outs["sequential"])
                     del outs
-                    def timed(fn):
-                        run = graphed(fn, x) if args.graphs else (lambda: fn(x))
-                        return time_ms(run, reps, args.warmup)
+                    def column(fn, env):
+                        # Graphs are captured under the column's switches; replays ignore them.
+                        with env_set(env):
+                            run = graphed(fn, x) if args.graphs else (lambda: fn(x))
+                        return run, env
 
-                    times = {name: timed(fn) for name, fn in impls.items()}
+                    columns = {name: column(fn, {}) for name, fn in impls.items()}
                     # The op with each forward path forced: its unfused chain,
                     # its fused kernel, its first fused kernel (CUDA cores, one
                     # block per tile: no tensor cores, no clusters) and, where it
                     # applies, the whole-GPU kernel.
-                    for column, env in FORCED_PATHS.items():
-                        if column == "grid" and (args.no_grid or not grid_applies(c, dtype)):
+                    for name, env in FORCED_PATHS.items():
+                        if name == "grid" and (args.no_grid or not grid_applies(c, dtype)):
                             continue
-                        os.environ.update(env)
-                        try:
-                            times[column] = timed(impls["fused"])
-                        finally:
-                            for key in env:
-                                del os.environ[key]
+                        columns[name] = column(impls["fused"], env)
+                    times = time_interleaved(columns, reps, args.warmup)
+                    del columns
                     chain, dense = chain_macs(c, batch)
                     t = times["fused"] * 1e-3
                     row = {
@@ -344,7 +383,8 @@ def render(rows: list[dict], card: str, bandwidth: float, peaks: dict, command: 
         f"- command: `{command}`",
         f"- measured copy bandwidth {bandwidth / 1e9:.0f} GB/s; matmul peak "
         + ", ".join(f"{str(d).removeprefix('torch.')} {p / 1e12:.1f} TFLOP/s" for d, p in peaks.items()),
-        "- times: forward, inference mode, median ms per call over CUDA-event-timed loops after warm-up"
+        "- times: forward, inference mode, median ms per call over CUDA-event-timed loops after warm-up, "
+        "the columns of a row sampled in turn (one loop of each per repetition)"
         + ("; each call a CUDA-graph replay (GPU time, no host overhead)" if graphs else
            " (eager calls: host overhead included)"),
         "- vs seq / vs dense: speed-up of the fused op over the cuDNN Sequential chain / the dense cuDNN layer",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -59,3 +60,34 @@ def test_report_targets_for_the_op_and_for_the_fastest_paths() -> None:
     assert "none (target met)" in ideal
     assert "| lin | bfloat16 | 1 | 1.0000 | grid | 0.4000 | 2.50x |" in misses
     assert "| conv |" not in misses
+
+
+def test_time_interleaved_samples_columns_in_turn_under_their_switches(monkeypatch) -> None:
+    bench = _bench_gpu()
+    monkeypatch.delenv("TUCKER_OPS_TEST_SWITCH", raising=False)
+    log = []
+    # Per-call times each column's samples report, in order: "a" warms up, sizes its loop
+    # (1 ms per call: 2 calls per 2 ms sample), then is sampled 3 times.
+    per_call = {"a": iter([1.0, 1.0, 5.0, 2.0]), "b": iter([0.5, 4.0, 3.0, 1.0])}
+
+    def make(name):
+        def run():
+            log.append(("call", name, os.environ.get("TUCKER_OPS_TEST_SWITCH")))
+        return run
+
+    def measure(run, calls):
+        run()  # one call tells the fake which column it measures
+        name = log[-1][1]
+        log.append(("sample", name, calls))
+        return next(per_call[name]) * calls
+
+    columns = {"a": (make("a"), {}), "b": (make("b"), {"TUCKER_OPS_TEST_SWITCH": "1"})}
+    times = bench.time_interleaved(columns, reps=3, warmup=2, target_ms=2.0, measure=measure)
+    samples = [(name, calls) for kind, name, calls in log if kind == "sample"]
+    # Warm-up and sizing per column, then one sample of each column per repetition, in turn.
+    assert samples == [("a", 1), ("b", 1), ("a", 2), ("b", 4), ("a", 2), ("b", 4), ("a", 2), ("b", 4)]
+    assert times == {"a": 2.0, "b": 3.0}  # medians of (1, 5, 2) and (4, 3, 1)
+    # Each column ran under its own switches only, and the environment is restored.
+    assert {switch for kind, name, switch in log if kind == "call" and name == "a"} == {None}
+    assert {switch for kind, name, switch in log if kind == "call" and name == "b"} == {"1"}
+    assert "TUCKER_OPS_TEST_SWITCH" not in os.environ
