@@ -9,9 +9,15 @@ These tests need no GPU.
 from __future__ import annotations
 
 import importlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 import tucker_ops._ops  # noqa: F401  (loads the library: registers the ops)
 
@@ -47,3 +53,35 @@ def test_cpu_kernel_registered(op: str) -> None:
     # The CPU kernels are always built, with or without CUDA.
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
 
+
+
+def _nvcc() -> str:
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    found = shutil.which("nvcc")
+    if found is None:
+        pytest.skip("nvcc not found (set CUDA_HOME)")
+    return found
+
+
+def test_tensor_core_kernel_reads_shared_memory_in_the_shared_form(tmp_path) -> None:
+    """nvcc writes a WMMA load from shared memory in PTX's shared form for float16 only;
+    for bfloat16 and TF32 it writes the generic form, which ptxas turns into one generic
+    32-bit load per register instead of ldmatrix (benchmarks/RESULTS_GPU.md). So
+    conv_fused_tc.cu writes those itself: every WMMA load and store in its PTX names
+    the shared state space. Compiled to PTX only (no GPU needed)."""
+    _with_cuda()
+    root = Path(__file__).resolve().parents[1]
+    ptx = tmp_path / "conv_fused_tc.ptx"
+    includes = [f"-I{p}" for p in [str(root / "csrc"), *cpp_extension.include_paths()]]
+    cmd = [_nvcc(), "-ptx", "-arch=sm_90", "-std=c++20", "--expt-relaxed-constexpr", *includes,
+           str(root / "csrc" / "cuda" / "conv_fused_tc.cu"), "-o", str(ptx)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    accesses = re.findall(r"wmma\.(?:load|store)\.[\w.]+", ptx.read_text())
+    for kind in ("load.a", "load.b"):
+        for dtype in ("f16", "bf16", "tf32"):
+            assert any(a.startswith(f"wmma.{kind}") and a.endswith(f".{dtype}") for a in accesses), (kind, dtype)
+    generic = sorted({a for a in accesses if ".shared" not in a})
+    assert not generic, f"WMMA accesses in the generic state space: {generic}"
