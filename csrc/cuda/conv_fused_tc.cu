@@ -579,7 +579,8 @@ double fused_conv_tc_seconds(const Conv2dSizes& s, c10::ScalarType dtype, double
   // multiply-adds at one block's rate, halved when two blocks share a
   // multiprocessor (TF32: a third of the rate). Fitted by least squares to the
   // "tensor cores" column of an H200 sweep (RESULTS_GPU.md); within 0.72-1.17x of a
-  // second sweep's times.
+  // second sweep's times. benchmarks/fit_tc_model.py restates this model and
+  // make_tc_plan's counts to refit it: keep them in step.
   constexpr double kPackSeconds = 3e-6, kPackBytesPerSecond = 1.5e12;
   constexpr double kRoundSeconds = 3.5e-6, kMacsPerSecondPerBlock = 450e9;
   const double rate = dtype == at::kFloat ? kMacsPerSecondPerBlock / 3 : kMacsPerSecondPerBlock;
