@@ -57,29 +57,26 @@ constexpr int kScratchFloats = 256;  // one 16 x 16 float tile per warp
 constexpr int kCopyBytes = 16;       // one cp.async
 constexpr int64_t kTcSharedMemBudget = 110 * 1024;  // two blocks per sm_80/sm_90 multiprocessor
 
-// Storage type in shared memory, WMMA fragment element type, pointer type the
-// fragment loads take, and the K extent of one tensor-core step.
+// Storage type in shared memory, WMMA fragment element type, and the K extent
+// of one tensor-core step.
 template <typename T>
 struct Tc;
 template <>
 struct Tc<c10::Half> {
   using S = c10::Half;
   using Frag = __half;
-  using Load = __half;
   static constexpr int K = 16;
 };
 template <>
 struct Tc<c10::BFloat16> {
   using S = c10::BFloat16;
   using Frag = __nv_bfloat16;
-  using Load = __nv_bfloat16;
   static constexpr int K = 16;
 };
 template <>
 struct Tc<float> {
   using S = float;
   using Frag = wmma::precision::tf32;
-  using Load = float;
   static constexpr int K = 8;
 };
 

@@ -202,10 +202,6 @@ void launch(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p,
   launch_cooperative(grid_conv_kernel<T>, blocks, gp);
 }
 
-}  // namespace
-
-namespace {
-
 // Predicted GPU time of the kernel in seconds: a fixed cost (the cooperative
 // launch, the repack, the grid barriers) plus its multiply-adds and bytes at
 // rates fitted by least squares to bench_gpu.py's CUDA-graph replays on an
