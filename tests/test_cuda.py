@@ -581,6 +581,28 @@ def test_whole_gpu_kernels_run_where_forced(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @CUDA_ONLY
+def test_float32_chain_runs_its_1x1_stages_as_nn_conv2d_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under cuDNN's TF32 switch (torch's default for convolutions) the op's unfused
+    # chain runs its 1x1 stages on cuDNN, as the Sequential chain of nn.Conv2d does,
+    # so the two agree to float32 rounding. Until stop 24 stages below 2^27
+    # multiply-adds ran on cuBLAS in full float32: about 5e-4 away from the
+    # Sequential chain here, and slower on the GPU (RESULTS_GPU.md).
+    monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "0")
+    gen = torch.Generator().manual_seed(41)
+    x = _randn((8, 256, 14, 14), torch.float32, "cuda", gen)
+    f, g, l, b = (_randn(s, torch.float32, "cuda", gen) for s in ((64, 256), (64, 64, 3, 3), (256, 64), (256,)))
+    torch.backends.cudnn.allow_tf32 = True  # the autouse _no_tf32 fixture restores the setting
+    conv = torch.nn.functional.conv2d
+    with torch.no_grad():
+        got = _ops.tucker_conv2d(x, f, g, l, b, 1, 1, 1)
+        sequential = conv(conv(conv(x, f[:, :, None, None]), g, None, 1, 1), l[:, :, None, None], b)
+    exact = reference.tucker_conv2d(*(t.double() for t in (x, f, g, l, b)), (1, 1), (1, 1), (1, 1))
+    assert _rel_err(got, sequential) < 5e-5
+    # TF32 did run in the Sequential chain, so the check above tells the two ways apart.
+    assert _rel_err(sequential, exact) > 1e-4
+
+
+@CUDA_ONLY
 def test_whole_gpu_kernels_chosen_where_host_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     # Unset switches: the op picks the whole-GPU kernels for eager calls of layers
     # small enough that the chain's three calls are host-bound (ResNet-50's last

@@ -127,11 +127,6 @@ bool indices_fit_32bit(const Conv2dSizes& s) {
   return s.N * std::max(s.C_in, s.R_in) * in_pixels < kMax && s.N * std::max(s.R_out, s.C_out) * out_pixels < kMax;
 }
 
-// Below this many multiply-adds a float32 1x1 stage is host-bound: a cuBLAS
-// call costs the host about a third of a cuDNN call (RESULTS_GPU.md), which
-// outweighs cuDNN's TF32 tensor cores on the GPU side.
-constexpr int64_t kHostBoundMacs = int64_t{1} << 27;
-
 // A 1x1 convolution of h (N, C, H, W), NCHW- or NHWC-contiguous, by w (R, C),
 // plus an optional per-channel bias, as one cuBLAS product; the result has
 // h's memory format.
@@ -154,13 +149,18 @@ Tensor pointwise_blas(const Tensor& h, const Tensor& w, const std::optional<Tens
   return y.view({N, H, W, R}).permute({0, 3, 1, 2});
 }
 
-// A 1x1 stage on cuBLAS when it is host-bound or cuDNN would not use TF32
-// anyway (half, bfloat16, double, or TF32 switched off), else on cuDNN.
+// A 1x1 stage on cuDNN where nn.Conv2d gets TF32 tensor cores from it
+// (float32 with torch.backends.cudnn.allow_tf32), else on cuBLAS (float16,
+// bfloat16, float64, or TF32 off: the same arithmetic as cuDNN's).
+// Until stop 24 float32 stages below 2^27 multiply-adds went to cuBLAS too,
+// for its host time; on the H200 runs 5-7 that chain was slower than the
+// Sequential chain it replaces, eager (1.05-1.09x its time, geometric mean per
+// batch) and in GPU time at batch 32 (graph replays, 1.14-1.39x), where cuBLAS
+// runs float32 without tensor cores (benchmarks/RESULTS_GPU.md).
 Tensor pointwise(const Tensor& h, const Tensor& w, const std::optional<Tensor>& bias) {
   const bool packed = h.is_contiguous() || h.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const bool blas = h.scalar_type() != at::kFloat || !at::globalContext().allowTF32CuDNN() ||
-                    h.numel() * w.size(0) <= kHostBoundMacs;
-  if (packed && blas) return pointwise_blas(h, w, bias);
+  const bool tf32_on_cudnn = h.scalar_type() == at::kFloat && at::globalContext().allowTF32CuDNN();
+  if (packed && !tf32_on_cudnn) return pointwise_blas(h, w, bias);
   return at::conv2d(h, w.reshape({w.size(0), w.size(1), 1, 1}), bias);
 }
 
