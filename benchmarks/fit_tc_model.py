@@ -10,7 +10,9 @@ cuDNN chain with fused_conv_tc_seconds (C++), the sum of
   where rounds count staged chunks (step 1's double-buffered chunks half), the
   rate is kMacsPerSecondPerBlock (TF32: a third of it) and sharing (1-2) is
   how many blocks share a multiprocessor.
-The counts come from the kernel's launch plan (make_tc_plan), restated here.
+The counts come from the kernel's launch plan (make_tc_plan), restated here for
+the streaming kernel (the default; its resident variant, TUCKER_OPS_CUDA_TC_RESIDENT=1,
+plans differently and has not been measured).
 The packing terms are held at the C++ values; kRoundSeconds and the rate are
 fitted by non-negative least squares to the GPU times (CUDA-graph replays) of
 the kernel forced, on the rows where it applies. Prints the fitted constants,

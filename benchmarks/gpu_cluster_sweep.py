@@ -6,7 +6,10 @@ For each conv case of bench_gpu.py, dtype and batch, the op is run with its
 fused kernel forced (TUCKER_OPS_CUDA_FUSED=1): the CUDA-core kernels with
 TUCKER_OPS_CUDA_CLUSTER set to 0 (one block per tile), 2, 4 and 8, then the
 tensor-core kernel (bfloat16, and float32 through TF32 under torch's default
-cuDNN flags), each call a CUDA-graph replay, so the table is GPU time alone:
+cuDNN flags) and its resident variant (TUCKER_OPS_CUDA_TC_RESIDENT=1: the
+factors kept in shared memory by persistent blocks, where they fit; elsewhere
+the column times the streaming kernel again), each call a CUDA-graph replay,
+so the table is GPU time alone:
 the data behind the op's choice of kernel and cluster size and its
 fused-or-chain time models (csrc/cuda/conv_fused*.cu).
 """
@@ -23,7 +26,8 @@ import torch
 from bench_gpu import CASES, Layer, graphed, time_ms
 
 SIZES = ("0", "2", "4", "8")  # TUCKER_OPS_CUDA_CLUSTER, with TUCKER_OPS_CUDA_TC=0
-COLUMNS = (*SIZES, "tc")
+COLUMNS = (*SIZES, "tc", "tc_resident")
+TITLES = {"tc": "tensor cores", "tc_resident": "tensor cores, resident"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="", help="comma-separated conv case names (default: all)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--columns", default=",".join(COLUMNS),
-                        help="comma-separated subset of " + ",".join(COLUMNS) + " (cluster sizes, tc)")
+                        help="comma-separated subset of " + ",".join(COLUMNS) + " (cluster sizes, tc, tc_resident)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_cluster_sweep.py: no CUDA GPU; nothing to measure", file=sys.stderr)
@@ -51,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                     x = layer.input(batch)
                     times = {}
                     for column in columns:
-                        env = {"TUCKER_OPS_CUDA_FUSED": "1", "TUCKER_OPS_CUDA_TC": "1"}
-                        if column != "tc":
+                        env = {"TUCKER_OPS_CUDA_FUSED": "1", "TUCKER_OPS_CUDA_TC": "1",
+                               "TUCKER_OPS_CUDA_TC_RESIDENT": "1" if column == "tc_resident" else "0"}
+                        if column in SIZES:
                             env.update(TUCKER_OPS_CUDA_CLUSTER=column, TUCKER_OPS_CUDA_TC="0")
                         os.environ.update(env)
                         try:
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Fused conv kernel GPU time (ms, CUDA-graph replay) per cluster size: {torch.cuda.get_device_name()}",
         "",
-        "| case | dtype | batch | " + " | ".join("tensor cores" if c == "tc" else f"cluster {c}" for c in columns) + " |",
+        "| case | dtype | batch | " + " | ".join(TITLES.get(c, f"cluster {c}") for c in columns) + " |",
         "|---|---|---:|" + "---:|" * len(columns),
     ]
     for r in rows:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -66,6 +67,9 @@ def _select_path(device: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> Non
         # Tucker-2 shapes); with clusters off it is off too, so the CUDA-core
         # kernels see those shapes.
         monkeypatch.setenv("TUCKER_OPS_CUDA_TC", "0" if cluster == "0" else "1")
+        # Where the tensor-core kernel runs, every other pair of those seeds takes
+        # its resident variant (first, core and last kept in shared memory).
+        monkeypatch.setenv("TUCKER_OPS_CUDA_TC_RESIDENT", "1" if (seed // 8) % 2 else "0")
         if seed % 4 == 2:
             monkeypatch.setenv("TUCKER_OPS_CUDA_LINEAR_GRID", "1")
             monkeypatch.setenv("TUCKER_OPS_CUDA_CONV_GRID", "1")
@@ -260,22 +264,31 @@ TC_SHAPES = {
     # Ranks and channels off the 16-multiples, a width off the 16-pixel tile rows.
     "odd_sizes": ((3, 37, 11, 19), 21, 45, 50, 3, 1, 1, 1),
     "ranks_128": ((1, 130, 9, 7), 128, 128, 70, (1, 3), 1, (0, 1), 1),
+    # More tiles (336) than a GPU's resident blocks (2 per multiprocessor), two C_in
+    # chunks each: the resident variant's blocks loop over items and prefetch across them.
+    "many_tiles": ((24, 80, 28, 28), 32, 24, 72, 3, 1, 1, 1),
 }
 
 
 @CUDA_ONLY
+@pytest.mark.parametrize("variant", ["streaming", "resident"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
 @pytest.mark.parametrize("name", TC_SHAPES)
-def test_conv2d_tensor_core_kernel(name: str, dtype: torch.dtype, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_conv2d_tensor_core_kernel(
+    name: str, dtype: torch.dtype, layout: str, variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The tensor-core kernel forced (sm_80+): float16/bfloat16, and float32 with
     # cuDNN's TF32 switch on, as nn.Conv2d would then run: TF32 rounds operands
     # to 10 mantissa bits, so 5e-3, not 1e-4. (ranks_128 in float32 does not
-    # fit its shared memory: the CUDA-core kernels take it.)
+    # fit its shared memory: the CUDA-core kernels take it.) "resident": its
+    # variant with the factors in shared memory, where they fit (else the
+    # streaming kernel runs).
     if "cuda" not in _WANTED:
         pytest.skip("TUCKER_OPS_TEST_DEVICES excludes cuda")
     monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1")
     monkeypatch.setenv("TUCKER_OPS_CUDA_TC", "1")
+    monkeypatch.setenv("TUCKER_OPS_CUDA_TC_RESIDENT", "1" if variant == "resident" else "0")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", dtype == torch.float32)
     tensors, conv = _layer_operands(TC_SHAPES[name], layout, dtype, "cuda", 17)
     x = tensors[0]
@@ -557,6 +570,28 @@ def _cuda_kernel_names(fn) -> set[str]:
         fn()
         torch.cuda.synchronize()
     return {e.name for e in prof.events()}
+
+
+@CUDA_ONLY
+def test_tensor_core_kernel_variant_follows_its_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # TUCKER_OPS_CUDA_TC_RESIDENT must really select the resident variant where it
+    # fits (the tests above would pass on a switch that was ignored), and the
+    # streaming kernel where it does not (ranks of 128: no room for the core).
+    monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1")
+    monkeypatch.setenv("TUCKER_OPS_CUDA_TC", "1")
+
+    def resident_flags(name):
+        # The kernel's second template argument in the profiler's (demangled) names.
+        tensors, conv = _layer_operands(TC_SHAPES[name], "contiguous", torch.bfloat16, "cuda", 19)
+        names = _cuda_kernel_names(lambda: _ops.tucker_conv2d(*tensors, *conv, backend="fused"))
+        return {m.group(1) for n in names if (m := re.search(r"fused_conv_tc_kernel<[^<>]*,\s*(true|false)>", n))}
+
+    with torch.no_grad():
+        for value, want in (("1", {"true"}), ("0", {"false"})):
+            monkeypatch.setenv("TUCKER_OPS_CUDA_TC_RESIDENT", value)
+            assert resident_flags("many_tiles") == want, value
+        monkeypatch.setenv("TUCKER_OPS_CUDA_TC_RESIDENT", "1")
+        assert resident_flags("ranks_128") == {"false"}
 
 
 @CUDA_ONLY

@@ -65,23 +65,50 @@ def _nvcc() -> str:
     return found
 
 
-def test_tensor_core_kernel_reads_shared_memory_in_the_shared_form(tmp_path) -> None:
-    """nvcc writes a WMMA load from shared memory in PTX's shared form for float16 only;
-    for bfloat16 and TF32 it writes the generic form, which ptxas turns into one generic
-    32-bit load per register instead of ldmatrix (benchmarks/RESULTS_GPU.md). So
-    conv_fused_tc.cu writes those itself: every WMMA load and store in its PTX names
-    the shared state space. Compiled to PTX only (no GPU needed)."""
+@pytest.fixture(scope="module")
+def tile_kernel_ptx(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """conv_fused_tc.cu compiled to PTX for sm_90 (no GPU needed; about 15 s)."""
     _with_cuda()
     root = Path(__file__).resolve().parents[1]
-    ptx = tmp_path / "conv_fused_tc.ptx"
+    ptx = tmp_path_factory.mktemp("ptx") / "conv_fused_tc.ptx"
     includes = [f"-I{p}" for p in [str(root / "csrc"), *cpp_extension.include_paths()]]
     cmd = [_nvcc(), "-ptx", "-arch=sm_90", "-std=c++20", "--expt-relaxed-constexpr", *includes,
            str(root / "csrc" / "cuda" / "conv_fused_tc.cu"), "-o", str(ptx)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    accesses = re.findall(r"wmma\.(?:load|store)\.[\w.]+", ptx.read_text())
+    return ptx.read_text()
+
+
+def _entries(ptx: str) -> dict[str, str]:
+    """Each kernel's PTX body by its (mangled) name."""
+    found = list(re.finditer(r"\.entry\s+(\w+)\s*\(", ptx))
+    ends = [m.start() for m in found[1:]] + [len(ptx)]
+    return {m.group(1): ptx[m.end():end] for m, end in zip(found, ends)}
+
+
+def test_tensor_core_kernel_reads_shared_memory_in_the_shared_form(tile_kernel_ptx: str) -> None:
+    """nvcc writes a WMMA load from shared memory in PTX's shared form for float16 only;
+    for bfloat16 and TF32 it writes the generic form, which ptxas turns into one generic
+    32-bit load per register instead of ldmatrix (benchmarks/RESULTS_GPU.md). So
+    conv_fused_tc.cu writes those itself: every WMMA load and store in its PTX names
+    the shared state space."""
+    accesses = re.findall(r"wmma\.(?:load|store)\.[\w.]+", tile_kernel_ptx)
     for kind in ("load.a", "load.b"):
         for dtype in ("f16", "bf16", "tf32"):
             assert any(a.startswith(f"wmma.{kind}") and a.endswith(f".{dtype}") for a in accesses), (kind, dtype)
     generic = sorted({a for a in accesses if ".shared" not in a})
     assert not generic, f"WMMA accesses in the generic state space: {generic}"
+
+
+def test_tensor_core_kernel_rounds_float32_operands_where_it_writes_them(tile_kernel_ptx: str) -> None:
+    """The float32 tile kernels take operands already rounded to TF32 (by the packing
+    kernel and their own spills), not converted after every fragment load: fewer
+    conversions than tensor-core products in each variant (the previous version made
+    eight per product: 560 against 70; benchmarks/RESULTS_GPU.md)."""
+    kernels = {name: body for name, body in _entries(tile_kernel_ptx).items() if "fused_conv_tc_kernelIf" in name}
+    assert len(kernels) == 2, sorted(kernels)  # the streaming and the resident variant
+    for name, body in kernels.items():
+        products, conversions = body.count("wmma.mma"), body.count("cvt.rna.tf32.f32")
+        assert products > 0 and conversions < products, (name, conversions, products)
+    packing = [body for name, body in _entries(tile_kernel_ptx).items() if "pack_tc_operands_kernelIf" in name]
+    assert len(packing) == 1 and "cvt.rna.tf32.f32" in packing[0]

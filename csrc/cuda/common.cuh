@@ -56,6 +56,20 @@ __device__ __forceinline__ void store_from_acc(void* ptr, bool is_acc, int64_t o
   }
 }
 
+// x rounded to TF32 (cvt.rna: to nearest, ties away from zero), the form in
+// which tensor cores take float32 operands, as raw bits. Only the bits an mma
+// reads are defined: a value rounded once and stored reads the same on every
+// later load, so the kernels may round an operand once, where it is written.
+__device__ __forceinline__ uint32_t tf32_bits(float x) {
+  uint32_t r;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+#else
+  r = __float_as_uint(x);
+#endif
+  return r;
+}
+
 // TUCKER_OPS_CUDA_FUSED picks the forward path, so tests can check every path
 // on the same shapes: "0" never runs the fused kernels (the unfused chain
 // runs), "1" runs them on every shape they take, unset lets the op choose.

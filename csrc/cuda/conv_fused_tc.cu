@@ -33,6 +33,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include <mma.h>
 
@@ -122,6 +123,11 @@ __device__ __forceinline__ void load_shared_fragment(Fragment& f, const void* p,
 #endif
 }
 
+// float32 operands are stored rounded to TF32 (tc_operand) where they are
+// written, by the packing kernel and by the spills of pj and z, so a fragment
+// load takes them as they are: the conversion costs two instructions per
+// element (an infinity test and an add), and each element is loaded by every
+// warp tile that reads it, in every step. The mma sees the same bits either way.
 template <typename T, typename Fragment>
 __device__ __forceinline__ void load_operand(Fragment& f, const typename Tc<T>::S* ptr, int ldm) {
   if constexpr (std::is_same_v<T, c10::Half>) {
@@ -129,9 +135,15 @@ __device__ __forceinline__ void load_operand(Fragment& f, const typename Tc<T>::
   } else {
     load_shared_fragment(f, ptr, ldm);
   }
-  if constexpr (std::is_same_v<T, float>) {
-#pragma unroll
-    for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+}
+
+// A value as the kernel stores an mma operand: float32 rounded to TF32.
+template <typename S>
+__device__ __forceinline__ S tc_operand(S v) {
+  if constexpr (std::is_same_v<S, float>) {
+    return __uint_as_float(tf32_bits(v));
+  } else {
+    return v;
   }
 }
 
@@ -182,6 +194,7 @@ struct TcPlan {
   int x_buffers;          // step 1's staging buffers: 2 overlaps the next chunk's copy with this one's math
   int pad;                // elements added to every leading dimension (32 bytes: aligned rows, fewer bank conflicts)
   int taps_chunk;         // core taps staged at once
+  bool resident;          // first, core and last stay in shared memory; persistent blocks (fused_conv_tc_kernel)
   int64_t tiles_w, tiles_per_image;
   int64_t co_splits, co_per_split;
   int64_t off_stage, off_scratch;  // byte offsets in shared memory
@@ -255,11 +268,23 @@ __global__ void __launch_bounds__(256) pack_tc_operands_kernel(
 #pragma unroll
       for (int u = 0; u < V; ++u) vals[u] = co < s.C_out && ro0 + u < s.R_out ? last[co * s.R_out + ro0 + u] : zero;
     }
+#pragma unroll
+    for (int u = 0; u < V; ++u) vals[u] = tc_operand(vals[u]);
     *reinterpret_cast<uint4*>(ws + dst) = *reinterpret_cast<const uint4*>(vals);
   }
 }
 
-template <typename T>
+// One block per work item (streaming) or persistent blocks over all items
+// (kResident). A work item is one (image, output tile, slice of C_out).
+// Streaming: `stage` holds, in turn, step 1's buffers (an input chunk and the
+// matching columns of `first`), core taps, and slices of `last`, each copied
+// when needed: three or more global round trips per item, each behind a
+// barrier. Resident (TcPlan::resident, where everything fits): the block
+// copies first, the core and last into shared memory once, `stage` holds
+// step 1's input buffers only, and the next item's first input chunk is
+// copied while this item's steps 2-3 run, so an item waits on no global load
+// of its own once the pipeline is full.
+template <typename T, bool kResident>
 __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
     Conv2dSizes s, TcPlan plan, const T* __restrict__ ws, const T* __restrict__ bias, T* __restrict__ out) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -275,28 +300,47 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   float* scratch = reinterpret_cast<float*>(smem_raw + plan.off_scratch) + warp * kScratchFloats;
 
-  const int64_t n = blockIdx.x / plan.tiles_per_image, tile = blockIdx.x % plan.tiles_per_image;
-  const int64_t oh0 = (tile / plan.tiles_w) * kRowsOut, ow0 = (tile % plan.tiles_w) * kColsOut;
   const int pw = plan.pw, patch = plan.ph * plan.pw, m_pad = plan.m_pad;
   const int rin_pad = plan.rin_pad, rout_pad = plan.rout_pad, kc = plan.kc;
-  // Leading dimensions: the staged input, pj / z, the core and `last` slices.
+  // Leading dimensions: the staged input, pj / z, the core and `last` slices,
+  // and the resident `first` (all of C_in).
   const int ld_x = kc + plan.pad, ld_p = rin_pad + plan.pad, ld_z = rout_pad + plan.pad;
+  const int ld_f = kResident ? static_cast<int>(plan.c_pad) + plan.pad : ld_x;
   const int sh = static_cast<int>(s.stride_h), sw = static_cast<int>(s.stride_w);
   const int dh = static_cast<int>(s.dil_h), dw = static_cast<int>(s.dil_w), kw = static_cast<int>(s.kw);
   const int taps = static_cast<int>(s.kh * s.kw);
-  // The packed operands (pack_tc_operands_kernel); the tile's patch starts at
-  // packed row oh0 * sh, column ow0 * sw (the padding is in the packing).
-  const S* xg = reinterpret_cast<const S*>(ws) + ((n * plan.hp + oh0 * sh) * plan.wp + ow0 * sw) * plan.c_pad;
   const S* fg = reinterpret_cast<const S*>(ws) + plan.x_elems;
   const S* cg = fg + plan.first_elems;
   const S* lg = cg + plan.core_elems;
+  // One step-1 buffer: the input chunk (m_pad, ld_x), then (streaming) first's
+  // matching columns (rin_pad, ld_x). Resident: first (rin_pad, ld_f), the core
+  // (taps, rout_pad, ld_p) and last (co_rows, ld_z) follow the buffers.
+  const int buf_elems = (kResident ? m_pad : m_pad + rin_pad) * ld_x;
+  S* first_s = stage + plan.x_buffers * buf_elems;
+  S* core_s = first_s + rin_pad * ld_f;
+  S* last_s = core_s + taps * rout_pad * ld_p;
+
+  const int64_t tiles = s.N * plan.tiles_per_image;
+  const int64_t items = kResident ? tiles * plan.co_splits : 1;
+  const int64_t first_item = kResident ? static_cast<int64_t>(blockIdx.x) : 0;
+  const int64_t item_stride = kResident ? static_cast<int64_t>(gridDim.x) : 1;
+  // The item's tile and C_out slice; streaming blocks take theirs from the grid.
+  auto tile_of = [&](int64_t item) { return kResident ? item / plan.co_splits : static_cast<int64_t>(blockIdx.x); };
+  auto split_of = [&](int64_t item) { return kResident ? item % plan.co_splits : static_cast<int64_t>(blockIdx.y); };
+  // The packed operands (pack_tc_operands_kernel); a tile's patch starts at
+  // packed row oh0 * sh, column ow0 * sw (the padding is in the packing).
+  auto patch_of = [&](int64_t t) {
+    const int64_t n = t / plan.tiles_per_image, tile = t % plan.tiles_per_image;
+    const int64_t oh0 = (tile / plan.tiles_w) * kRowsOut, ow0 = (tile % plan.tiles_w) * kColsOut;
+    return reinterpret_cast<const S*>(ws) + ((n * plan.hp + oh0 * sh) * plan.wp + ow0 * sw) * plan.c_pad;
+  };
 
   // A warp's accumulator tile, through its scratch tile, into shared memory in
   // the storage type: dst row r, column c at dst[r * ld + c].
   auto spill = [&](const FragC& acc, S* dst, int ld) {
     store_shared_accumulator(scratch, acc, 16);
     __syncwarp();
-    for (int e = lane; e < 256; e += 32) dst[(e / 16) * ld + e % 16] = static_cast<S>(scratch[e]);
+    for (int e = lane; e < 256; e += 32) dst[(e / 16) * ld + e % 16] = tc_operand(static_cast<S>(scratch[e]));
     __syncwarp();
   };
   // Copies `rows` rows of `row_elems` elements (a multiple of V) from global
@@ -308,157 +352,195 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
       cp_async16(dst + r * dst_ld + u * V, src + r * src_ld + u * V);
     }
   };
-
-  // 1. pj = patch * first^T. Rows past the patch and ranks past R_in are zero.
-  {
-    const int stage_elems = (m_pad + rin_pad) * ld_x;  // one buffer: xs (m_pad, ld_x) then fs (rin_pad, ld_x)
-    const int per_pos = 1 << plan.kc_shift;           // 16-byte copies per patch position and chunk
-    // The patch rows past its positions are never copied: zero them once.
-    for (int b = 0; b < plan.x_buffers; ++b) {
-      S* xs = stage + b * stage_elems;
-      for (int e = tid; e < (m_pad - patch) * kc; e += kThreads) xs[(patch + e / kc) * ld_x + e % kc] = static_cast<S>(0.0f);
+  const int per_pos = 1 << plan.kc_shift;  // 16-byte copies per patch position and chunk
+  // Queues the copies of input channels c0.. of the patch at xg (streaming:
+  // and of first's matching columns) into buffer b, as one group.
+  auto stage_chunk = [&](const S* xg, int64_t c0, int b) {
+    S* xs = stage + b * buf_elems;
+    for (int v = tid; v < patch * per_pos; v += kThreads) {
+      const int q = v >> plan.kc_shift, u = v & (per_pos - 1), r = q / pw, j = q - r * pw;
+      cp_async16(xs + q * ld_x + u * V, xg + static_cast<int64_t>(r * plan.wp + j) * plan.c_pad + c0 + u * V);
     }
-    // Queues the copies of input channels c0.. into buffer b.
-    auto stage_chunk = [&](int64_t c0, int b) {
-      S* xs = stage + b * stage_elems;
-      for (int v = tid; v < patch * per_pos; v += kThreads) {
-        const int q = v >> plan.kc_shift, u = v & (per_pos - 1), r = q / pw, j = q - r * pw;
-        cp_async16(xs + q * ld_x + u * V, xg + static_cast<int64_t>(r * plan.wp + j) * plan.c_pad + c0 + u * V);
-      }
-      copy_rows(xs + m_pad * ld_x, ld_x, fg + c0, plan.c_pad, rin_pad, kc);
-      cp_async_commit();
-    };
-    const int chunks = static_cast<int>(plan.c_pad / kc);
-    const int n_tiles = rin_pad / 16, tiles = (m_pad / 16) * n_tiles;
-    for (int base = 0; base < tiles; base += kWarps * kMaxFragsPerWarp) {
+    if constexpr (!kResident) copy_rows(xs + m_pad * ld_x, ld_x, fg + c0, plan.c_pad, rin_pad, kc);
+    cp_async_commit();
+  };
+
+  // The patch rows past its positions are never copied: zero them once.
+  for (int b = 0; b < plan.x_buffers; ++b) {
+    S* xs = stage + b * buf_elems;
+    for (int e = tid; e < (m_pad - patch) * kc; e += kThreads) xs[(patch + e / kc) * ld_x + e % kc] = static_cast<S>(0.0f);
+  }
+  if (first_item < items) {
+    if constexpr (kResident) {
+      copy_rows(first_s, ld_f, fg, plan.c_pad, rin_pad, static_cast<int>(plan.c_pad));
+      copy_rows(core_s, ld_p, cg, rin_pad, taps * rout_pad, rin_pad);
+      copy_rows(last_s, ld_z, lg, rout_pad, static_cast<int>(plan.co_rows), rout_pad);
+    }
+    stage_chunk(patch_of(tile_of(first_item)), 0, 0);  // one group with the weights
+  }
+
+  const int chunks = static_cast<int>(plan.c_pad / kc);
+  const int n_tiles = rin_pad / 16, tiles1 = (m_pad / 16) * n_tiles;
+  const int groups = (tiles1 + kWarps * kMaxFragsPerWarp - 1) / (kWarps * kMaxFragsPerWarp);
+  const int o_tiles = rout_pad / 16, z_tiles = kRowsOut * o_tiles;
+  const int64_t HWo = s.H_out * s.W_out;
+  int buf = 0;  // the buffer of the chunk the pipeline consumes next
+  for (int64_t item = first_item; item < items; item += item_stride) {
+    const int64_t t = tile_of(item), n = t / plan.tiles_per_image, tile = t % plan.tiles_per_image;
+    const int64_t oh0 = (tile / plan.tiles_w) * kRowsOut, ow0 = (tile % plan.tiles_w) * kColsOut;
+    const S* xg = patch_of(t);
+    const S* next_xg = kResident && item + item_stride < items ? patch_of(tile_of(item + item_stride)) : nullptr;
+
+    // 1. pj = patch * first^T, C_in in chunks, in groups of at most
+    // kWarps x kMaxFragsPerWarp accumulator tiles. The chunks form one stream
+    // (group by group, then the next item's first chunk), each copied while
+    // the one before it is multiplied (two buffers, where they fit). Rows past
+    // the patch and ranks past R_in are zero.
+    for (int g = 0; g < groups; ++g) {
       FragC acc[kMaxFragsPerWarp];
 #pragma unroll
       for (int f = 0; f < kMaxFragsPerWarp; ++f) wmma::fill_fragment(acc[f], 0.0f);
-      stage_chunk(0, 0);
       for (int ch = 0; ch < chunks; ++ch) {
-        const int b = plan.x_buffers == 2 ? ch & 1 : 0;
-        if (plan.x_buffers == 2 && ch + 1 < chunks) {
-          stage_chunk(static_cast<int64_t>(ch + 1) * kc, b ^ 1);
+        const int q = g * chunks + ch;
+        const S* nx = q + 1 < groups * chunks ? xg : next_xg;
+        const int64_t nc0 = q + 1 < groups * chunks ? static_cast<int64_t>((q + 1) % chunks) * kc : 0;
+        if (plan.x_buffers == 2 && nx != nullptr) {
+          stage_chunk(nx, nc0, buf ^ 1);
           cp_async_wait<1>();
         } else {
           cp_async_wait<0>();
         }
         __syncthreads();
-        const S* xs = stage + b * stage_elems;
-        const S* fs = xs + m_pad * ld_x;
+        const S* xs = stage + buf * buf_elems;
+        const S* fs = kResident ? first_s + static_cast<int64_t>(ch) * kc : xs + m_pad * ld_x;
+        const int ld_b = kResident ? ld_f : ld_x;
 #pragma unroll
         for (int f = 0; f < kMaxFragsPerWarp; ++f) {
-          const int t = base + warp + f * kWarps;
-          if (t < tiles) {
-            const int mt = t / n_tiles, nt = t % n_tiles;
+          const int tt = g * kWarps * kMaxFragsPerWarp + warp + f * kWarps;
+          if (tt < tiles1) {
+            const int mt = tt / n_tiles, nt = tt % n_tiles;
             for (int k0 = 0; k0 < kc; k0 += K) {
               FragA a;
               FragB bf;
               load_operand<T>(a, xs + mt * 16 * ld_x + k0, ld_x);
-              load_operand<T>(bf, fs + nt * 16 * ld_x + k0, ld_x);
+              load_operand<T>(bf, fs + nt * 16 * ld_b + k0, ld_b);
               wmma::mma_sync(acc[f], a, bf, acc[f]);
             }
           }
         }
-        __syncthreads();  // buffer b is refilled two chunks on (one, single-buffered)
-        if (plan.x_buffers == 1 && ch + 1 < chunks) stage_chunk(static_cast<int64_t>(ch + 1) * kc, 0);
-      }
-#pragma unroll
-      for (int f = 0; f < kMaxFragsPerWarp; ++f) {
-        const int t = base + warp + f * kWarps;
-        if (t < tiles) spill(acc[f], pj + (t / n_tiles) * 16 * ld_p + (t % n_tiles) * 16, ld_p);
-      }
-    }
-  }
-  __syncthreads();
-
-  // 2. z = sum over taps of pj (the 16 pixels of output row y at tap (i, j) are
-  // patch positions (y*sh + i*dh) * pw + j*dw + px*sw) times core_t^T.
-  const int o_tiles = rout_pad / 16, z_tiles = kRowsOut * o_tiles;
-  FragC zacc[kMaxFragsPerWarp];
-#pragma unroll
-  for (int f = 0; f < kMaxFragsPerWarp; ++f) wmma::fill_fragment(zacc[f], 0.0f);
-  S* cs = stage;  // (taps_chunk, rout_pad, ld_p): per tap a column-major B
-  for (int t0 = 0; t0 < taps; t0 += plan.taps_chunk) {
-    const int tn = t0 + plan.taps_chunk < taps ? plan.taps_chunk : taps - t0;
-    copy_rows(cs, ld_p, cg + static_cast<int64_t>(t0) * rout_pad * rin_pad, rin_pad, tn * rout_pad, rin_pad);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-#pragma unroll
-    for (int f = 0; f < kMaxFragsPerWarp; ++f) {
-      const int zt = warp + f * kWarps;
-      if (zt < z_tiles) {
-        const int y = zt / o_tiles, ot = zt % o_tiles;
-        for (int t = 0; t < tn; ++t) {
-          const int tap = t0 + t, i = tap / kw, j = tap % kw;
-          const S* a_rows = pj + ((y * sh + i * dh) * pw + j * dw) * ld_p;
-          const S* b_cols = cs + (t * rout_pad + ot * 16) * ld_p;
-          for (int k0 = 0; k0 < rin_pad; k0 += K) {
-            FragA a;
-            FragB b;
-            load_operand<T>(a, a_rows + k0, sw * ld_p);
-            load_operand<T>(b, b_cols + k0, ld_p);
-            wmma::mma_sync(zacc[f], a, b, zacc[f]);
+        __syncthreads();  // buffer `buf` is refilled next (one buffer) or two chunks on
+        if (nx != nullptr) {
+          if (plan.x_buffers == 2) {
+            buf ^= 1;
+          } else {
+            stage_chunk(nx, nc0, 0);
           }
         }
       }
-    }
-    __syncthreads();  // cs is restaged next; after the last chunk, pj becomes z
-  }
-  S* zs = pj;  // (kPixels, ld_z), row-major A
 #pragma unroll
-  for (int f = 0; f < kMaxFragsPerWarp; ++f) {
-    const int zt = warp + f * kWarps;
-    if (zt < z_tiles) spill(zacc[f], zs + (zt / o_tiles) * 16 * ld_z + (zt % o_tiles) * 16, ld_z);
-  }
-  __syncthreads();
-
-  // 3. out = z * last^T + bias for this block's slice of C_out. `last` is
-  // packed with kCoChunk zero rows past C_out, so every slice copies whole.
-  const int64_t HWo = s.H_out * s.W_out;
-  T* yn = out + n * s.C_out * HWo;
-  const int64_t co_begin = blockIdx.y * plan.co_per_split;
-  const int64_t co_end = co_begin + plan.co_per_split < s.C_out ? co_begin + plan.co_per_split : s.C_out;
-  S* ls = stage;  // (kCoChunk, ld_z): last's rows, a column-major B
-  for (int64_t cb = co_begin; cb < co_end; cb += kCoChunk) {
-    copy_rows(ls, ld_z, lg + cb * rout_pad, rout_pad, kCoChunk, rout_pad);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    // 16 tiles (4 output rows x 4 groups of 16 channels), two per warp.
-#pragma unroll
-    for (int f = 0; f < 2; ++f) {
-      const int yt = warp + f * kWarps, y = yt / 4, ct = yt % 4;
-      FragC acc;
-      wmma::fill_fragment(acc, 0.0f);
-      for (int k0 = 0; k0 < rout_pad; k0 += K) {
-        FragA a;
-        FragB b;
-        load_operand<T>(a, zs + y * 16 * ld_z + k0, ld_z);
-        load_operand<T>(b, ls + ct * 16 * ld_z + k0, ld_z);
-        wmma::mma_sync(acc, a, b, acc);
+      for (int f = 0; f < kMaxFragsPerWarp; ++f) {
+        const int tt = g * kWarps * kMaxFragsPerWarp + warp + f * kWarps;
+        if (tt < tiles1) spill(acc[f], pj + (tt / n_tiles) * 16 * ld_p + (tt % n_tiles) * 16, ld_p);
       }
-      store_shared_accumulator(scratch, acc, 16);
-      __syncwarp();
-      const int64_t oh = oh0 + y;
-      // Lanes take consecutive pixels of one channel: contiguous stores.
-      for (int e = lane; e < 256; e += 32) {
-        const int px = e % 16, c = e / 16;
-        const int64_t co = cb + ct * 16 + c, ow = ow0 + px;
-        if (co < co_end && oh < s.H_out && ow < s.W_out) {
-          const float b = bias ? static_cast<float>(bias[co]) : 0.0f;
-          yn[co * HWo + oh * s.W_out + ow] = static_cast<T>(scratch[px * 16 + c] + b);
+    }
+    __syncthreads();
+
+    // 2. z = sum over taps of pj (the 16 pixels of output row y at tap (i, j) are
+    // patch positions (y*sh + i*dh) * pw + j*dw + px*sw) times core_t^T.
+    FragC zacc[kMaxFragsPerWarp];
+#pragma unroll
+    for (int f = 0; f < kMaxFragsPerWarp; ++f) wmma::fill_fragment(zacc[f], 0.0f);
+    const int taps_chunk = kResident ? taps : plan.taps_chunk;
+    for (int t0 = 0; t0 < taps; t0 += taps_chunk) {
+      const int tn = t0 + taps_chunk < taps ? taps_chunk : taps - t0;
+      S* cs = kResident ? core_s : stage;  // (taps, rout_pad, ld_p): per tap a column-major B
+      if constexpr (!kResident) {
+        copy_rows(cs, ld_p, cg + static_cast<int64_t>(t0) * rout_pad * rin_pad, rin_pad, tn * rout_pad, rin_pad);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+      }
+#pragma unroll
+      for (int f = 0; f < kMaxFragsPerWarp; ++f) {
+        const int zt = warp + f * kWarps;
+        if (zt < z_tiles) {
+          const int y = zt / o_tiles, ot = zt % o_tiles;
+          for (int tl = 0; tl < tn; ++tl) {
+            const int tap = t0 + tl, i = tap / kw, j = tap % kw;
+            const S* a_rows = pj + ((y * sh + i * dh) * pw + j * dw) * ld_p;
+            const S* b_cols = cs + (tl * rout_pad + ot * 16) * ld_p;
+            for (int k0 = 0; k0 < rin_pad; k0 += K) {
+              FragA a;
+              FragB b;
+              load_operand<T>(a, a_rows + k0, sw * ld_p);
+              load_operand<T>(b, b_cols + k0, ld_p);
+              wmma::mma_sync(zacc[f], a, b, zacc[f]);
+            }
+          }
         }
       }
-      __syncwarp();
+      __syncthreads();  // cs is restaged next; after the last chunk, pj becomes z
     }
-    __syncthreads();  // ls is restaged next
+    S* zs = pj;  // (kPixels, ld_z), row-major A
+#pragma unroll
+    for (int f = 0; f < kMaxFragsPerWarp; ++f) {
+      const int zt = warp + f * kWarps;
+      if (zt < z_tiles) spill(zacc[f], zs + (zt / o_tiles) * 16 * ld_z + (zt % o_tiles) * 16, ld_z);
+    }
+    __syncthreads();
+
+    // 3. out = z * last^T + bias for this item's slice of C_out. `last` is
+    // packed with kCoChunk zero rows past C_out, so every slice reads whole.
+    T* yn = out + n * s.C_out * HWo;
+    const int64_t co_begin = split_of(item) * plan.co_per_split;
+    const int64_t co_end = co_begin + plan.co_per_split < s.C_out ? co_begin + plan.co_per_split : s.C_out;
+    for (int64_t cb = co_begin; cb < co_end; cb += kCoChunk) {
+      const S* ls = kResident ? last_s + cb * ld_z : stage;  // (kCoChunk, ld_z): last's rows, a column-major B
+      if constexpr (!kResident) {
+        copy_rows(stage, ld_z, lg + cb * rout_pad, rout_pad, kCoChunk, rout_pad);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+      }
+      // 16 tiles (4 output rows x 4 groups of 16 channels), two per warp.
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        const int yt = warp + f * kWarps, y = yt / 4, ct = yt % 4;
+        FragC acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int k0 = 0; k0 < rout_pad; k0 += K) {
+          FragA a;
+          FragB b;
+          load_operand<T>(a, zs + y * 16 * ld_z + k0, ld_z);
+          load_operand<T>(b, ls + ct * 16 * ld_z + k0, ld_z);
+          wmma::mma_sync(acc, a, b, acc);
+        }
+        store_shared_accumulator(scratch, acc, 16);
+        __syncwarp();
+        const int64_t oh = oh0 + y;
+        // Lanes take consecutive pixels of one channel: contiguous stores.
+        for (int e = lane; e < 256; e += 32) {
+          const int px = e % 16, c = e / 16;
+          const int64_t co = cb + ct * 16 + c, ow = ow0 + px;
+          if (co < co_end && oh < s.H_out && ow < s.W_out) {
+            const float b = bias ? static_cast<float>(bias[co]) : 0.0f;
+            yn[co * HWo + oh * s.W_out + ow] = static_cast<T>(scratch[px * 16 + c] + b);
+          }
+        }
+        __syncwarp();
+      }
+      // Streaming: the slice is restaged next. Resident: z is overwritten by the
+      // next item's step 1 only after that item's first barrier.
+      if constexpr (!kResident) __syncthreads();
+    }
   }
+  cp_async_wait<0>();  // nothing left in flight at exit
 #endif
 }
 
-bool make_tc_plan(const Conv2dSizes& s, int64_t elem_bytes, TcPlan* plan) {
+// The launch plan, or false when the shape does not fit the kernel. With
+// `resident`, the resident variant wherever its shared memory fits.
+bool make_tc_plan(const Conv2dSizes& s, int64_t elem_bytes, bool resident, TcPlan* plan) {
   if (!s.has_first || !s.has_last || s.R_in > kMaxRank || s.R_out > kMaxRank) return false;
   const int64_t ph = (kRowsOut - 1) * s.stride_h + (s.kh - 1) * s.dil_h + 1;
   const int64_t pw = (kColsOut - 1) * s.stride_w + (s.kw - 1) * s.dil_w + 1;
@@ -480,10 +562,32 @@ bool make_tc_plan(const Conv2dSizes& s, int64_t elem_bytes, TcPlan* plan) {
     }
   }
   const int64_t per_tap = rout_pad * ld_p * elem_bytes, taps = s.kh * s.kw;
-  const int64_t taps_chunk = std::min<int64_t>(taps, avail / per_tap);
+  int64_t taps_chunk = std::min<int64_t>(taps, avail / per_tap);
   if (kc == 0 || taps_chunk < 1 || kCoChunk * ld_z * elem_bytes > avail) return false;
-  const int64_t stage = round_up(
+  int64_t stage = round_up(
       std::max({buffers * stage1_bytes(kc), taps_chunk * per_tap, kCoChunk * ld_z * elem_bytes}), 128);
+  const int64_t co_rows = round_up(s.C_out, 16) + kCoChunk;
+  // Resident: step 1's input buffers, then all of first (C_in padded to the
+  // chunk), the core and last, within the same budget (two blocks per
+  // multiprocessor). The widest chunk that double-buffers, else once; no
+  // wider than C_in needs (a wider one would copy zeros).
+  bool is_resident = false;
+  if (resident) {
+    const int64_t core_bytes = taps * per_tap, last_bytes = co_rows * ld_z * elem_bytes;
+    const int64_t widest = std::max<int64_t>(16, round_up(s.C_in, 16));
+    for (const auto& [b, c] : {std::pair<int64_t, int64_t>{2, 64}, {2, 32}, {2, 16}, {1, 64}, {1, 32}, {1, 16}}) {
+      const int64_t bytes = b * m_pad * (c + pad) * elem_bytes + rin_pad * (round_up(s.C_in, c) + pad) * elem_bytes +
+                            core_bytes + last_bytes;
+      if (c <= widest && bytes <= avail) {
+        is_resident = true;
+        kc = c;
+        buffers = b;
+        taps_chunk = taps;
+        stage = round_up(bytes, 128);
+        break;
+      }
+    }
+  }
 
   const int64_t tiles_h = ceil_div(s.H_out, kRowsOut), tiles_w = ceil_div(s.W_out, kColsOut);
   const int64_t blocks = s.N * tiles_h * tiles_w;
@@ -508,6 +612,7 @@ bool make_tc_plan(const Conv2dSizes& s, int64_t elem_bytes, TcPlan* plan) {
   plan->x_buffers = static_cast<int>(buffers);
   plan->pad = static_cast<int>(pad);
   plan->taps_chunk = static_cast<int>(taps_chunk);
+  plan->resident = is_resident;
   plan->tiles_w = tiles_w;
   plan->tiles_per_image = tiles_h * tiles_w;
   plan->co_per_split = co_per_split;
@@ -519,7 +624,7 @@ bool make_tc_plan(const Conv2dSizes& s, int64_t elem_bytes, TcPlan* plan) {
   plan->hp = (tiles_h * kRowsOut - 1) * s.stride_h + (s.kh - 1) * s.dil_h + 1;
   plan->wp = (tiles_w * kColsOut - 1) * s.stride_w + (s.kw - 1) * s.dil_w + 1;
   plan->c_pad = round_up(s.C_in, kc);
-  plan->co_rows = round_up(s.C_out, 16) + kCoChunk;
+  plan->co_rows = co_rows;
   plan->x_elems = s.N * plan->hp * plan->wp * plan->c_pad;
   plan->first_elems = rin_pad * plan->c_pad;
   plan->core_elems = taps * rout_pad * rin_pad;
@@ -542,10 +647,20 @@ void launch_tc(const at::Tensor& like, const Conv2dSizes& s, const TcPlan& plan,
       static_cast<const T*>(p.last), wsp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  allow_dynamic_shared_memory<fused_conv_tc_kernel<T>>(plan.smem_bytes);
-  const dim3 grid(static_cast<unsigned>(s.N * plan.tiles_per_image), static_cast<unsigned>(plan.co_splits));
-  fused_conv_tc_kernel<T><<<grid, kThreads, plan.smem_bytes, stream>>>(s, plan, wsp, static_cast<const T*>(p.bias),
-                                                       static_cast<T*>(p.out));
+  const T* bias = static_cast<const T*>(p.bias);
+  T* out = static_cast<T*>(p.out);
+  if (plan.resident) {
+    // Two blocks per multiprocessor (the budget and __launch_bounds__), each
+    // looping over items.
+    const int64_t items = s.N * plan.tiles_per_image * plan.co_splits;
+    allow_dynamic_shared_memory<fused_conv_tc_kernel<T, true>>(plan.smem_bytes);
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(items, 2 * sms));
+    fused_conv_tc_kernel<T, true><<<blocks, kThreads, plan.smem_bytes, stream>>>(s, plan, wsp, bias, out);
+  } else {
+    allow_dynamic_shared_memory<fused_conv_tc_kernel<T, false>>(plan.smem_bytes);
+    const dim3 grid(static_cast<unsigned>(s.N * plan.tiles_per_image), static_cast<unsigned>(plan.co_splits));
+    fused_conv_tc_kernel<T, false><<<grid, kThreads, plan.smem_bytes, stream>>>(s, plan, wsp, bias, out);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -553,6 +668,11 @@ void launch_tc(const at::Tensor& like, const Conv2dSizes& s, const TcPlan& plan,
 // every call it applies to (tests compare it with the CUDA-core kernels on the
 // same shapes), unset lets the op choose.
 FusedMode tc_switch() { return switch_from_env("TUCKER_OPS_CUDA_TC"); }
+
+// TUCKER_OPS_CUDA_TC_RESIDENT: "1" runs the resident variant wherever it fits;
+// unset or "0" the streaming one, the variant measured on a GPU (the resident
+// one has not run on a GPU yet: benchmarks/RESULTS_GPU.md).
+bool tc_resident() { return switch_from_env("TUCKER_OPS_CUDA_TC_RESIDENT") == FusedMode::kAlways; }
 
 // The dtype, the switch and the device allow the kernel (the shape aside):
 // TF32 for float32 only where cuDNN may use it, as nn.Conv2d.
@@ -569,7 +689,9 @@ bool fused_conv_tc_forced() { return tc_switch() == FusedMode::kAlways; }
 double fused_conv_tc_seconds(const Conv2dSizes& s, c10::ScalarType dtype, double multiprocessors) {
   TcPlan plan{};
   const int64_t elem_bytes = dtype == at::kFloat ? 4 : 2;
-  if (!tc_enabled(dtype) || !make_tc_plan(s, elem_bytes, &plan)) return std::numeric_limits<double>::infinity();
+  if (!tc_enabled(dtype) || !make_tc_plan(s, elem_bytes, tc_resident(), &plan)) {
+    return std::numeric_limits<double>::infinity();
+  }
   // The packing pass: a launch, then its bytes read and written at a fraction
   // of the copy bandwidth. Per block of the fused kernel: a fixed cost per
   // staged chunk (step 1's double-buffered chunks count half), then its
@@ -577,7 +699,9 @@ double fused_conv_tc_seconds(const Conv2dSizes& s, c10::ScalarType dtype, double
   // multiprocessor (TF32: a third of the rate). Fitted by least squares to the
   // "tensor cores" column of an H200 sweep (RESULTS_GPU.md); within 0.72-1.17x of a
   // second sweep's times. benchmarks/fit_tc_model.py restates this model and
-  // make_tc_plan's counts to refit it: keep them in step.
+  // make_tc_plan's counts to refit it: keep them in step. It describes the
+  // streaming kernel; on a resident plan (TUCKER_OPS_CUDA_TC_RESIDENT=1, not
+  // yet measured) it prices the same rounds, which the variant mostly avoids.
   constexpr double kPackSeconds = 3e-6, kPackBytesPerSecond = 1.5e12;
   constexpr double kRoundSeconds = 3.5e-6, kMacsPerSecondPerBlock = 450e9;
   const double rate = dtype == at::kFloat ? kMacsPerSecondPerBlock / 3 : kMacsPerSecondPerBlock;
@@ -600,7 +724,8 @@ double fused_conv_tc_seconds(const Conv2dSizes& s, c10::ScalarType dtype, double
 
 bool fused_conv_forward_tc(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p) {
   TcPlan plan{};
-  if (!tc_enabled(like.scalar_type()) || !make_tc_plan(s, like.scalar_type() == at::kFloat ? 4 : 2, &plan)) {
+  if (!tc_enabled(like.scalar_type()) ||
+      !make_tc_plan(s, like.scalar_type() == at::kFloat ? 4 : 2, tc_resident(), &plan)) {
     return false;
   }
   if (s.N == 0) return true;

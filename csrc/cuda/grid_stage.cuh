@@ -167,13 +167,7 @@ __device__ __forceinline__ TcFrag<T> load_frag(const S* p, bool vec, int64_t cou
     float v[8];
     load_run<float, S, 8, kThroughL2>(p, vec, count, v);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-      asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(f.r[i]) : "f"(v[i]));
-#else
-      memcpy(&f.r[i], &v[i], sizeof(float));
-#endif
-    }
+    for (int i = 0; i < 8; ++i) f.r[i] = tf32_bits(v[i]);
   }
   return f;
 }
