@@ -195,6 +195,7 @@ struct TcPlan {
   int pad;                // elements added to every leading dimension (32 bytes: aligned rows, fewer bank conflicts)
   int taps_chunk;         // core taps staged at once
   bool resident;          // first, core and last stay in shared memory; persistent blocks (fused_conv_tc_kernel)
+  int last_buffers;       // step 3's staging buffers for chunks of `last` (streaming): 2 where they fit in `stage`
   int64_t tiles_w, tiles_per_image;
   int64_t co_splits, co_per_split;
   int64_t off_stage, off_scratch;  // byte offsets in shared memory
@@ -489,17 +490,31 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
     }
     __syncthreads();
 
-    // 3. out = z * last^T + bias for this item's slice of C_out. `last` is
-    // packed with kCoChunk zero rows past C_out, so every slice reads whole.
+    // 3. out = z * last^T + bias for this item's slice of C_out, kCoChunk
+    // output channels at a time. `last` is packed with kCoChunk zero rows past
+    // C_out, so every chunk reads whole. Streaming: each chunk of `last` is
+    // copied while the one before it is multiplied, where two fit in `stage`.
     T* yn = out + n * s.C_out * HWo;
     const int64_t co_begin = split_of(item) * plan.co_per_split;
     const int64_t co_end = co_begin + plan.co_per_split < s.C_out ? co_begin + plan.co_per_split : s.C_out;
-    for (int64_t cb = co_begin; cb < co_end; cb += kCoChunk) {
-      const S* ls = kResident ? last_s + cb * ld_z : stage;  // (kCoChunk, ld_z): last's rows, a column-major B
+    const int slice_elems = kCoChunk * ld_z;
+    auto stage_slice = [&](int64_t cb, int b) {
+      copy_rows(stage + b * slice_elems, ld_z, lg + cb * rout_pad, rout_pad, kCoChunk, rout_pad);
+      cp_async_commit();
+    };
+    if constexpr (!kResident) stage_slice(co_begin, 0);
+    for (int64_t cb = co_begin, si = 0; cb < co_end; cb += kCoChunk, ++si) {
+      const bool more = cb + kCoChunk < co_end;
+      const int lb = plan.last_buffers == 2 ? static_cast<int>(si & 1) : 0;
+      // (kCoChunk, ld_z): last's rows, a column-major B
+      const S* ls = kResident ? last_s + cb * ld_z : stage + lb * slice_elems;
       if constexpr (!kResident) {
-        copy_rows(stage, ld_z, lg + cb * rout_pad, rout_pad, kCoChunk, rout_pad);
-        cp_async_commit();
-        cp_async_wait<0>();
+        if (plan.last_buffers == 2 && more) {
+          stage_slice(cb + kCoChunk, lb ^ 1);
+          cp_async_wait<1>();
+        } else {
+          cp_async_wait<0>();
+        }
         __syncthreads();
       }
       // 16 tiles (4 output rows x 4 groups of 16 channels), two per warp.
@@ -529,9 +544,13 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
         }
         __syncwarp();
       }
-      // Streaming: the slice is restaged next. Resident: z is overwritten by the
-      // next item's step 1 only after that item's first barrier.
-      if constexpr (!kResident) __syncthreads();
+      // Streaming: this chunk's buffer is refilled next (one buffer) or two
+      // chunks on. Resident: z is overwritten by the next item's step 1 only
+      // after that item's first barrier.
+      if constexpr (!kResident) {
+        __syncthreads();
+        if (plan.last_buffers == 1 && more) stage_slice(cb + kCoChunk, 0);
+      }
     }
   }
   cp_async_wait<0>();  // nothing left in flight at exit
@@ -613,6 +632,7 @@ bool make_tc_plan(const Conv2dSizes& s, int64_t elem_bytes, bool resident, TcPla
   plan->pad = static_cast<int>(pad);
   plan->taps_chunk = static_cast<int>(taps_chunk);
   plan->resident = is_resident;
+  plan->last_buffers = 2 * kCoChunk * ld_z * elem_bytes <= stage ? 2 : 1;
   plan->tiles_w = tiles_w;
   plan->tiles_per_image = tiles_h * tiles_w;
   plan->co_per_split = co_per_split;
