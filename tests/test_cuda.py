@@ -581,10 +581,17 @@ def test_tensor_core_kernel_variant_follows_its_switch(monkeypatch: pytest.Monke
     monkeypatch.setenv("TUCKER_OPS_CUDA_TC", "1")
 
     def resident_flags(name):
-        # The kernel's second template argument in the profiler's (demangled) names.
+        # The kernel's second template argument, from the profiler's kernel names:
+        # demangled ("fused_conv_tc_kernel<c10::BFloat16, true>") or mangled ("...ELb1E").
         tensors, conv = _layer_operands(TC_SHAPES[name], "contiguous", torch.bfloat16, "cuda", 19)
         names = _cuda_kernel_names(lambda: _ops.tucker_conv2d(*tensors, *conv, backend="fused"))
-        return {m.group(1) for n in names if (m := re.search(r"fused_conv_tc_kernel<[^<>]*,\s*(true|false)>", n))}
+        flags = set()
+        for n in names:
+            if m := re.search(r"fused_conv_tc_kernel<[^<>]*,\s*(true|false)>", n):
+                flags.add(m.group(1))
+            elif m := re.search(r"fused_conv_tc_kernelI\w*?ELb([01])E", n):
+                flags.add("true" if m.group(1) == "1" else "false")
+        return flags
 
     with torch.no_grad():
         for value, want in (("1", {"true"}), ("0", {"false"})):
