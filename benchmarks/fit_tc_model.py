@@ -32,9 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import CASES, Case, out_size  # noqa: E402
-from fit_grid_model import nonnegative_fit  # noqa: E402
+from fit_grid_model import ELEMENT_SIZE, nonnegative_fit  # noqa: E402
 
-ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 # conv_fused_tc.cu's plan constants and model constants.
 ROWS_OUT, COLS_OUT, PIXELS = 4, 16, 64
 WARPS, MAX_FRAGS_PER_WARP, MAX_RANK, CO_CHUNK, SCRATCH_FLOATS = 8, 4, 128, 64, 256
