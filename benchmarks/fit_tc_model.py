@@ -2,6 +2,7 @@
 
     python benchmarks/fit_tc_model.py                          # run 4's column in RESULTS_GPU.md
     python benchmarks/fit_tc_model.py --sweep sweep.md.draft.json  # gpu_cluster_sweep.py --columns tc
+    python benchmarks/fit_tc_model.py --sweep benchmarks/gpu_runs/2026-11-28_run9_sweep.json  # the C++ constants
 
 The op weighs conv_fused_tc.cu's kernel against the CUDA-core kernels and the
 cuDNN chain with fused_conv_tc_seconds (C++), the sum of
@@ -11,8 +12,9 @@ cuDNN chain with fused_conv_tc_seconds (C++), the sum of
   rate is kMacsPerSecondPerBlock (TF32: a third of it) and sharing (1-2) is
   how many blocks share a multiprocessor.
 The counts come from the kernel's launch plan (make_tc_plan), restated here for
-the streaming kernel (the default; its resident variant, TUCKER_OPS_CUDA_TC_RESIDENT=1,
-plans differently and has not been measured).
+the streaming kernel, which the C++ model prices even where the resident variant
+runs (the default where it fits; at most as slow: run 9's sweep, its "tc_resident"
+column, 0-20% faster).
 The packing terms are held at the C++ values; kRoundSeconds and the rate are
 fitted by non-negative least squares to the GPU times (CUDA-graph replays) of
 the kernel forced, on the rows where it applies. Prints the fitted constants,
@@ -38,8 +40,8 @@ from fit_grid_model import ELEMENT_SIZE, nonnegative_fit  # noqa: E402
 ROWS_OUT, COLS_OUT, PIXELS = 4, 16, 64
 WARPS, MAX_FRAGS_PER_WARP, MAX_RANK, CO_CHUNK, SCRATCH_FLOATS = 8, 4, 128, 64, 256
 SHARED_BUDGET = 110 * 1024
-CPP = {"pack_seconds": 3e-6, "pack_bytes_per_second": 1.5e12, "round_seconds": 3.5e-6,
-       "macs_per_second_per_block": 450e9}
+CPP = {"pack_seconds": 3e-6, "pack_bytes_per_second": 1.5e12, "round_seconds": 2.88e-6,
+       "macs_per_second_per_block": 528e9}
 TF32_SLOWDOWN = 3.0  # the C++ divides the rate by 3 for float32
 H200_MULTIPROCESSORS = 132
 

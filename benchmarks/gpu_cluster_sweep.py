@@ -5,9 +5,10 @@
 For each conv case of bench_gpu.py, dtype and batch, the op is run with its
 fused kernel forced (TUCKER_OPS_CUDA_FUSED=1): the CUDA-core kernels with
 TUCKER_OPS_CUDA_CLUSTER set to 0 (one block per tile), 2, 4 and 8, then the
-tensor-core kernel (bfloat16, and float32 through TF32 under torch's default
-cuDNN flags) and its resident variant (TUCKER_OPS_CUDA_TC_RESIDENT=1: the
-factors kept in shared memory by persistent blocks, where they fit; elsewhere
+tensor-core kernel, streaming (TUCKER_OPS_CUDA_TC_RESIDENT=0: the variant its
+time model describes; bfloat16, and float32 through TF32 under torch's default
+cuDNN flags) and resident (=1, the default: the factors kept in shared memory by
+persistent blocks, where they fit with the streaming plan's chunks; elsewhere
 the column times the streaming kernel again), each call a CUDA-graph replay,
 so the table is GPU time alone:
 the data behind the op's choice of kernel and cluster size and its

@@ -267,6 +267,15 @@ TC_SHAPES = {
     # More tiles (336) than a GPU's resident blocks (2 per multiprocessor), two C_in
     # chunks each: the resident variant's blocks loop over items and prefetch across them.
     "many_tiles": ((24, 80, 28, 28), 32, 24, 72, 3, 1, 1, 1),
+    # W_out a multiple of 8 (40: the last tile's second half past the image), so
+    # step 3 writes 8-pixel vectors; H_out 18 (a tile's last rows past the image)
+    # and C_out 40 (a 16-channel group partly past C_out) mask whole vectors.
+    "rows_of_eight": ((3, 24, 18, 40), 16, 24, 40, 3, 1, 1, 1),
+    # R_out <= 16: two warps per output tile in step 2, on alternate taps; here
+    # the core is staged in chunks of taps (49 taps of 128 x 16 do not fit at
+    # once), so each chunk's taps alternate too. (thesis_conv2 and
+    # dilated_strided take the split with the core staged whole.)
+    "taps_in_chunks": ((2, 32, 12, 12), 128, 16, 24, 7, 1, 3, 1),
 }
 
 
@@ -274,9 +283,10 @@ TC_SHAPES = {
 @pytest.mark.parametrize("variant", ["streaming", "resident"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("bias", ["bias", "no_bias"])
 @pytest.mark.parametrize("name", TC_SHAPES)
 def test_conv2d_tensor_core_kernel(
-    name: str, dtype: torch.dtype, layout: str, variant: str, monkeypatch: pytest.MonkeyPatch
+    name: str, bias: str, dtype: torch.dtype, layout: str, variant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The tensor-core kernel forced (sm_80+): float16/bfloat16, and float32 with
     # cuDNN's TF32 switch on, as nn.Conv2d would then run: TF32 rounds operands
@@ -291,9 +301,11 @@ def test_conv2d_tensor_core_kernel(
     monkeypatch.setenv("TUCKER_OPS_CUDA_TC_RESIDENT", "1" if variant == "resident" else "0")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", dtype == torch.float32)
     tensors, conv = _layer_operands(TC_SHAPES[name], layout, dtype, "cuda", 17)
+    if bias == "no_bias":
+        tensors = (*tensors[:4], None)
     x = tensors[0]
     y = _ops.tucker_conv2d(*tensors, *conv, backend="fused")
-    want = reference.tucker_conv2d(*(t.double() for t in tensors), *conv)
+    want = reference.tucker_conv2d(*(t.double() if t is not None else None for t in tensors), *conv)
     tol = 5e-3 if dtype == torch.float32 else TOL[dtype]
     err = _rel_err(y, want)
     assert y.dtype == dtype and y.shape == want.shape
@@ -574,9 +586,10 @@ def _cuda_kernel_names(fn) -> set[str]:
 
 @CUDA_ONLY
 def test_tensor_core_kernel_variant_follows_its_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    # TUCKER_OPS_CUDA_TC_RESIDENT must really select the resident variant where it
-    # fits (the tests above would pass on a switch that was ignored), and the
-    # streaming kernel where it does not (ranks of 128: no room for the core).
+    # TUCKER_OPS_CUDA_TC_RESIDENT must really select the variant (the tests above
+    # would pass on a switch that was ignored): the resident one where it fits,
+    # unset or "1", the streaming one on "0" and where it does not fit (ranks of
+    # 128: no room for the core).
     monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1")
     monkeypatch.setenv("TUCKER_OPS_CUDA_TC", "1")
 
@@ -594,6 +607,8 @@ def test_tensor_core_kernel_variant_follows_its_switch(monkeypatch: pytest.Monke
         return flags
 
     with torch.no_grad():
+        monkeypatch.delenv("TUCKER_OPS_CUDA_TC_RESIDENT", raising=False)
+        assert resident_flags("many_tiles") == {"true"}, "unset"
         for value, want in (("1", {"true"}), ("0", {"false"})):
             monkeypatch.setenv("TUCKER_OPS_CUDA_TC_RESIDENT", value)
             assert resident_flags("many_tiles") == want, value

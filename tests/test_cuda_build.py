@@ -112,3 +112,16 @@ def test_tensor_core_kernel_rounds_float32_operands_where_it_writes_them(tile_ke
         assert products > 0 and conversions < products, (name, conversions, products)
     packing = [body for name, body in _entries(tile_kernel_ptx).items() if "pack_tc_operands_kernelIf" in name]
     assert len(packing) == 1 and "cvt.rna.tf32.f32" in packing[0]
+
+
+def test_tensor_core_kernel_moves_sixteen_bytes_per_lane(tile_kernel_ptx: str) -> None:
+    """Step 3 writes eight output pixels of one channel per lane as 16-byte vectors
+    (where W_out is a multiple of 8), and the spills of pj and z move 16 bytes per
+    lane: every variant's PTX has both vector stores. The element-by-element
+    versions spent most of a block's instructions there (benchmarks/RESULTS_GPU.md,
+    run 8)."""
+    kernels = {name: body for name, body in _entries(tile_kernel_ptx).items() if "fused_conv_tc_kernel" in name}
+    assert len(kernels) == 6, sorted(kernels)  # float16, bfloat16, float32; streaming and resident
+    for name, body in kernels.items():
+        assert "st.global.cs.v4.u32" in body, name
+        assert "st.shared.v4.u32" in body, name

@@ -147,22 +147,87 @@ __device__ __forceinline__ S tc_operand(S v) {
   }
 }
 
-// An accumulator tile into shared memory, row-major.
-template <typename Fragment>
+// An accumulator tile into shared memory, row-major (element (r, c) at
+// dst[r * ldm + c]) or column-major (dst[c * ldm + r]), in PTX's shared-state
+// form for both products (for TF32 ones nvcc emits the generic form: see
+// load_shared_fragment).
+template <bool kColMajor, typename Fragment>
 __device__ __forceinline__ void store_shared_accumulator(float* dst, const Fragment& acc, int ldm) {
-  if constexpr (std::is_same_v<Fragment, TfFragC>) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    static_assert(sizeof(acc.x) == 8 * sizeof(float), "eight accumulators per lane");
-    asm volatile(
-        "wmma.store.d.sync.aligned.row.m16n16k8.shared.f32 [%0], {%1, %2, %3, %4, %5, %6, %7, %8}, %9;\n" ::"r"(
-            shared_address(dst)),
-        "f"(acc.x[0]), "f"(acc.x[1]), "f"(acc.x[2]), "f"(acc.x[3]), "f"(acc.x[4]), "f"(acc.x[5]), "f"(acc.x[6]),
-        "f"(acc.x[7]), "r"(ldm)
-        : "memory");
-#endif
+  static_assert(sizeof(acc.x) == 8 * sizeof(float), "eight float accumulators per lane");
+  const unsigned a = shared_address(dst);
+#define TUCKER_OPS_WMMA_STORE(LAYOUT, SHAPE)                                                                     \
+  asm volatile("wmma.store.d.sync.aligned." LAYOUT "." SHAPE ".shared.f32 [%0], {%1, %2, %3, %4, %5, %6, %7, %8}, %9;\n" ::"r"(a), \
+               "f"(acc.x[0]), "f"(acc.x[1]), "f"(acc.x[2]), "f"(acc.x[3]), "f"(acc.x[4]), "f"(acc.x[5]),         \
+               "f"(acc.x[6]), "f"(acc.x[7]), "r"(ldm)                                                            \
+               : "memory")
+  if constexpr (std::is_same_v<Fragment, TfFragC>) {
+    if constexpr (kColMajor) {
+      TUCKER_OPS_WMMA_STORE("col", "m16n16k8");
+    } else {
+      TUCKER_OPS_WMMA_STORE("row", "m16n16k8");
+    }
   } else {
-    wmma::store_matrix_sync(dst, acc, ldm, wmma::mem_row_major);
+    static_assert(std::is_same_v<Fragment, wmma::fragment<wmma::accumulator, 16, 16, 16, float>>,
+                  "a float accumulator of a 16 x 16 x 16 or a TF32 product");
+    if constexpr (kColMajor) {
+      TUCKER_OPS_WMMA_STORE("col", "m16n16k16");
+    } else {
+      TUCKER_OPS_WMMA_STORE("row", "m16n16k16");
+    }
   }
+#undef TUCKER_OPS_WMMA_STORE
+#endif
+}
+
+// 16 bytes into 16-byte aligned shared or global memory, as one vector store
+// (from a uint4 built in registers, nvcc stored the words one by one). Global:
+// evict-first, the output is read by no later step.
+template <bool kGlobal>
+__device__ __forceinline__ void store16(void* dst, uint4 w) {
+  if constexpr (kGlobal) {
+    __stcs(reinterpret_cast<uint4*>(dst), w);
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(shared_address(dst)), "r"(w.x), "r"(w.y),
+                 "r"(w.z), "r"(w.w)
+                 : "memory");
+#endif
+  }
+}
+
+// Eight consecutive values into 16-byte aligned shared (kGlobal false) or
+// global memory in the storage type S: one 16-byte store for 16-bit types,
+// two for float. `round` rounds float32 to TF32 (an mma operand, tc_operand).
+template <bool kGlobal, typename S>
+__device__ __forceinline__ void store_eight(S* dst, const float (&v)[8], bool round) {
+  if constexpr (std::is_same_v<S, float>) {
+    uint32_t w[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) w[i] = __float_as_uint(round ? tc_operand(v[i]) : v[i]);
+    store16<kGlobal>(dst, make_uint4(w[0], w[1], w[2], w[3]));
+    store16<kGlobal>(dst + 4, make_uint4(w[4], w[5], w[6], w[7]));
+  } else {
+    // Converted in pairs, round to nearest even as c10's conversions.
+    auto pair = [](float a, float b) {
+      uint32_t w;
+      if constexpr (std::is_same_v<S, c10::BFloat16>) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+        memcpy(&w, &h, sizeof(w));
+      } else {
+        const __half2 h = __floats2half2_rn(a, b);
+        memcpy(&w, &h, sizeof(w));
+      }
+      return w;
+    };
+    store16<kGlobal>(dst, make_uint4(pair(v[0], v[1]), pair(v[2], v[3]), pair(v[4], v[5]), pair(v[6], v[7])));
+  }
+}
+
+// Eight consecutive floats out of 16-byte aligned shared memory.
+__device__ __forceinline__ void load_eight(float (&v)[8], const float* src) {
+  const float4 lo = reinterpret_cast<const float4*>(src)[0], hi = reinterpret_cast<const float4*>(src)[1];
+  v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
 }
 
 // 16 bytes global -> shared without a register round trip; both addresses
@@ -196,6 +261,7 @@ struct TcPlan {
   int taps_chunk;         // core taps staged at once
   bool resident;          // first, core and last stay in shared memory; persistent blocks (fused_conv_tc_kernel)
   int last_buffers;       // step 3's staging buffers for chunks of `last` (streaming): 2 where they fit in `stage`
+  bool vector_out;        // step 3 writes 8 pixels per lane (W_out a multiple of 8, output 16-byte aligned)
   int64_t tiles_w, tiles_per_image;
   int64_t co_splits, co_per_split;
   int64_t off_stage, off_scratch;  // byte offsets in shared memory
@@ -337,11 +403,15 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
   };
 
   // A warp's accumulator tile, through its scratch tile, into shared memory in
-  // the storage type: dst row r, column c at dst[r * ld + c].
+  // the storage type: dst row r, column c at dst[r * ld + c]. Lane l moves
+  // columns 8 (l % 2).. of row l / 2: vector loads and stores (dst and ld are
+  // 16-byte multiples: pj / z columns of 16, leading dimensions padded by 32 bytes).
   auto spill = [&](const FragC& acc, S* dst, int ld) {
-    store_shared_accumulator(scratch, acc, 16);
+    store_shared_accumulator<false>(scratch, acc, 16);
     __syncwarp();
-    for (int e = lane; e < 256; e += 32) dst[(e / 16) * ld + e % 16] = tc_operand(static_cast<S>(scratch[e]));
+    float v[8];
+    load_eight(v, scratch + (lane / 2) * 16 + (lane % 2) * 8);
+    store_eight<false>(dst + (lane / 2) * ld + (lane % 2) * 8, v, true);
     __syncwarp();
   };
   // Copies `rows` rows of `row_elems` elements (a multiple of V) from global
@@ -447,10 +517,13 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
     __syncthreads();
 
     // 2. z = sum over taps of pj (the 16 pixels of output row y at tap (i, j) are
-    // patch positions (y*sh + i*dh) * pw + j*dw + px*sw) times core_t^T.
+    // patch positions (y*sh + i*dh) * pw + j*dw + px*sw) times core_t^T. With
+    // R_out <= 16 there are 4 tiles for 8 warps: warps w and w + 4 then share
+    // tile w, taking alternate taps, and w adds w + 4's sums (tap_parts 2).
     FragC zacc[kMaxFragsPerWarp];
 #pragma unroll
     for (int f = 0; f < kMaxFragsPerWarp; ++f) wmma::fill_fragment(zacc[f], 0.0f);
+    const int tap_parts = 2 * z_tiles <= kWarps ? 2 : 1, tap_part = tap_parts == 2 ? warp / z_tiles : 0;
     const int taps_chunk = kResident ? taps : plan.taps_chunk;
     for (int t0 = 0; t0 < taps; t0 += taps_chunk) {
       const int tn = t0 + taps_chunk < taps ? taps_chunk : taps - t0;
@@ -463,11 +536,13 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
       }
 #pragma unroll
       for (int f = 0; f < kMaxFragsPerWarp; ++f) {
-        const int zt = warp + f * kWarps;
+        const int zt = tap_parts == 2 ? (f == 0 ? warp % z_tiles : z_tiles) : warp + f * kWarps;
         if (zt < z_tiles) {
           const int y = zt / o_tiles, ot = zt % o_tiles;
-          for (int tl = 0; tl < tn; ++tl) {
-            const int tap = t0 + tl, i = tap / kw, j = tap % kw;
+          // Tap (i, j) walked with counters: at ranks of 16 (one product per
+          // tap) a division and remainder per tap were about half the loop.
+          int i = (t0 + tap_part) / kw, j = t0 + tap_part - i * kw;
+          for (int tl = tap_part; tl < tn; tl += tap_parts) {
             const S* a_rows = pj + ((y * sh + i * dh) * pw + j * dw) * ld_p;
             const S* b_cols = cs + (tl * rout_pad + ot * 16) * ld_p;
             for (int k0 = 0; k0 < rin_pad; k0 += K) {
@@ -477,10 +552,27 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
               load_operand<T>(b, b_cols + k0, ld_p);
               wmma::mma_sync(zacc[f], a, b, zacc[f]);
             }
+            for (j += tap_parts; j >= kw; j -= kw) ++i;
           }
         }
       }
       __syncthreads();  // cs is restaged next; after the last chunk, pj becomes z
+    }
+    if (tap_parts == 2) {
+      // Same fragment type, so lane l of both warps holds the same elements:
+      // they pass register by register through the second warp's scratch.
+      static_assert(sizeof(zacc[0].x) / sizeof(float) * 32 <= kScratchFloats, "a fragment fits a scratch tile");
+      constexpr int kFragFloats = sizeof(zacc[0].x) / sizeof(float);
+      if (tap_part == 1) {
+#pragma unroll
+        for (int e = 0; e < kFragFloats; ++e) scratch[e * 32 + lane] = zacc[0].x[e];
+      }
+      __syncthreads();
+      if (tap_part == 0) {
+        const float* other = scratch + z_tiles * kScratchFloats;  // warp + z_tiles's tile
+#pragma unroll
+        for (int e = 0; e < kFragFloats; ++e) zacc[0].x[e] += other[e * 32 + lane];
+      }
     }
     S* zs = pj;  // (kPixels, ld_z), row-major A
 #pragma unroll
@@ -530,16 +622,34 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
           load_operand<T>(b, ls + ct * 16 * ld_z + k0, ld_z);
           wmma::mma_sync(acc, a, b, acc);
         }
-        store_shared_accumulator(scratch, acc, 16);
-        __syncwarp();
         const int64_t oh = oh0 + y;
-        // Lanes take consecutive pixels of one channel: contiguous stores.
-        for (int e = lane; e < 256; e += 32) {
-          const int px = e % 16, c = e / 16;
-          const int64_t co = cb + ct * 16 + c, ow = ow0 + px;
+        if (plan.vector_out) {
+          // Lane l writes pixels 8 (l % 2).. of channel l / 2 as one vector:
+          // W_out is a multiple of 8, so those eight pixels are all in the
+          // image or all past it, and their address is 16-byte aligned.
+          store_shared_accumulator<true>(scratch, acc, 16);  // scratch[channel * 16 + pixel]
+          __syncwarp();
+          const int c = lane / 2, half = lane % 2;
+          const int64_t co = cb + ct * 16 + c, ow = ow0 + 8 * half;
           if (co < co_end && oh < s.H_out && ow < s.W_out) {
             const float b = bias ? static_cast<float>(bias[co]) : 0.0f;
-            yn[co * HWo + oh * s.W_out + ow] = static_cast<T>(scratch[px * 16 + c] + b);
+            float v[8];
+            load_eight(v, scratch + c * 16 + 8 * half);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) v[i] += b;
+            store_eight<true>(yn + co * HWo + oh * s.W_out + ow, v, false);
+          }
+        } else {
+          store_shared_accumulator<false>(scratch, acc, 16);
+          __syncwarp();
+          // Lanes take consecutive pixels of one channel: contiguous stores.
+          for (int e = lane; e < 256; e += 32) {
+            const int px = e % 16, c = e / 16;
+            const int64_t co = cb + ct * 16 + c, ow = ow0 + px;
+            if (co < co_end && oh < s.H_out && ow < s.W_out) {
+              const float b = bias ? static_cast<float>(bias[co]) : 0.0f;
+              yn[co * HWo + oh * s.W_out + ow] = static_cast<T>(scratch[px * 16 + c] + b);
+            }
           }
         }
         __syncwarp();
@@ -588,22 +698,26 @@ bool make_tc_plan(const Conv2dSizes& s, int64_t elem_bytes, bool resident, TcPla
   const int64_t co_rows = round_up(s.C_out, 16) + kCoChunk;
   // Resident: step 1's input buffers, then all of first (C_in padded to the
   // chunk), the core and last, within the same budget (two blocks per
-  // multiprocessor). The widest chunk that double-buffers, else once; no
-  // wider than C_in needs (a wider one would copy zeros).
+  // multiprocessor). Its chunk is the narrowest that is at least as wide as
+  // the streaming plan's or as C_in (no wider than C_in needs: that would copy
+  // zeros), with as many buffers; where that does not fit, the streaming
+  // kernel runs: narrower chunks or one buffer cost more rounds than resident
+  // factors save (downsample_s2 in bfloat16 fitted only 16-channel chunks and
+  // ran 3-12% slower than streaming: benchmarks/RESULTS_GPU.md, run 8).
   bool is_resident = false;
   if (resident) {
     const int64_t core_bytes = taps * per_tap, last_bytes = co_rows * ld_z * elem_bytes;
-    const int64_t widest = std::max<int64_t>(16, round_up(s.C_in, 16));
-    for (const auto& [b, c] : {std::pair<int64_t, int64_t>{2, 64}, {2, 32}, {2, 16}, {1, 64}, {1, 32}, {1, 16}}) {
+    const int64_t need = std::min(kc, round_up(s.C_in, 16));
+    const int64_t c = need <= 16 ? 16 : need <= 32 ? 32 : 64;
+    for (const int64_t b : {int64_t{2}, int64_t{1}}) {
       const int64_t bytes = b * m_pad * (c + pad) * elem_bytes + rin_pad * (round_up(s.C_in, c) + pad) * elem_bytes +
                             core_bytes + last_bytes;
-      if (c <= widest && bytes <= avail) {
+      if (!is_resident && b >= buffers && bytes <= avail) {
         is_resident = true;
         kc = c;
         buffers = b;
         taps_chunk = taps;
         stage = round_up(bytes, 128);
-        break;
       }
     }
   }
@@ -633,6 +747,7 @@ bool make_tc_plan(const Conv2dSizes& s, int64_t elem_bytes, bool resident, TcPla
   plan->taps_chunk = static_cast<int>(taps_chunk);
   plan->resident = is_resident;
   plan->last_buffers = 2 * kCoChunk * ld_z * elem_bytes <= stage ? 2 : 1;
+  plan->vector_out = s.W_out % 8 == 0;  // launch_tc also checks the output's alignment
   plan->tiles_w = tiles_w;
   plan->tiles_per_image = tiles_h * tiles_w;
   plan->co_per_split = co_per_split;
@@ -669,17 +784,19 @@ void launch_tc(const at::Tensor& like, const Conv2dSizes& s, const TcPlan& plan,
 
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out);
+  TcPlan run = plan;
+  run.vector_out = plan.vector_out && reinterpret_cast<uintptr_t>(out) % kCopyBytes == 0;
   if (plan.resident) {
     // Two blocks per multiprocessor (the budget and __launch_bounds__), each
     // looping over items.
     const int64_t items = s.N * plan.tiles_per_image * plan.co_splits;
     allow_dynamic_shared_memory<fused_conv_tc_kernel<T, true>>(plan.smem_bytes);
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(items, 2 * sms));
-    fused_conv_tc_kernel<T, true><<<blocks, kThreads, plan.smem_bytes, stream>>>(s, plan, wsp, bias, out);
+    fused_conv_tc_kernel<T, true><<<blocks, kThreads, plan.smem_bytes, stream>>>(s, run, wsp, bias, out);
   } else {
     allow_dynamic_shared_memory<fused_conv_tc_kernel<T, false>>(plan.smem_bytes);
     const dim3 grid(static_cast<unsigned>(s.N * plan.tiles_per_image), static_cast<unsigned>(plan.co_splits));
-    fused_conv_tc_kernel<T, false><<<grid, kThreads, plan.smem_bytes, stream>>>(s, plan, wsp, bias, out);
+    fused_conv_tc_kernel<T, false><<<grid, kThreads, plan.smem_bytes, stream>>>(s, run, wsp, bias, out);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -689,10 +806,11 @@ void launch_tc(const at::Tensor& like, const Conv2dSizes& s, const TcPlan& plan,
 // same shapes), unset lets the op choose.
 FusedMode tc_switch() { return switch_from_env("TUCKER_OPS_CUDA_TC"); }
 
-// TUCKER_OPS_CUDA_TC_RESIDENT: "1" runs the resident variant wherever it fits;
-// unset or "0" the streaming one, the variant measured on a GPU (the resident
-// one has not run on a GPU yet: benchmarks/RESULTS_GPU.md).
-bool tc_resident() { return switch_from_env("TUCKER_OPS_CUDA_TC_RESIDENT") == FusedMode::kAlways; }
+// TUCKER_OPS_CUDA_TC_RESIDENT: "0" always runs the streaming variant; unset or
+// "1" the resident one wherever it fits with the streaming plan's chunks
+// (make_tc_plan). On run 8's sweep it was 0-18% faster on every shape it now
+// takes (benchmarks/RESULTS_GPU.md).
+bool tc_resident() { return switch_from_env("TUCKER_OPS_CUDA_TC_RESIDENT") != FusedMode::kNever; }
 
 // The dtype, the switch and the device allow the kernel (the shape aside):
 // TF32 for float32 only where cuDNN may use it, as nn.Conv2d.
@@ -709,7 +827,10 @@ bool fused_conv_tc_forced() { return tc_switch() == FusedMode::kAlways; }
 double fused_conv_tc_seconds(const Conv2dSizes& s, c10::ScalarType dtype, double multiprocessors) {
   TcPlan plan{};
   const int64_t elem_bytes = dtype == at::kFloat ? 4 : 2;
-  if (!tc_enabled(dtype) || !make_tc_plan(s, elem_bytes, tc_resident(), &plan)) {
+  // The streaming kernel's plan, which the model describes: where the resident
+  // variant runs instead (tc_resident), it is at most as slow (run 9's sweep:
+  // 0-20% faster), so the model errs on the chain's side there.
+  if (!tc_enabled(dtype) || !make_tc_plan(s, elem_bytes, false, &plan)) {
     return std::numeric_limits<double>::infinity();
   }
   // The packing pass: a launch, then its bytes read and written at a fraction
@@ -717,13 +838,13 @@ double fused_conv_tc_seconds(const Conv2dSizes& s, c10::ScalarType dtype, double
   // staged chunk (step 1's double-buffered chunks count half), then its
   // multiply-adds at one block's rate, halved when two blocks share a
   // multiprocessor (TF32: a third of the rate). Fitted by least squares to the
-  // "tensor cores" column of an H200 sweep (RESULTS_GPU.md); within 0.72-1.17x of a
-  // second sweep's times. benchmarks/fit_tc_model.py restates this model and
-  // make_tc_plan's counts to refit it: keep them in step. It describes the
-  // streaming kernel; on a resident plan (TUCKER_OPS_CUDA_TC_RESIDENT=1, not
-  // yet measured) it prices the same rounds, which the variant mostly avoids.
+  // streaming ("tensor cores") column of run 9's H200 sweep
+  // (benchmarks/gpu_runs/2026-11-28_run9_sweep.json): within 0.79-1.24x of its
+  // bfloat16 times, 0.67-1.19x of its float32 ones. benchmarks/fit_tc_model.py
+  // restates this model and make_tc_plan's streaming counts to refit it: keep
+  // them in step.
   constexpr double kPackSeconds = 3e-6, kPackBytesPerSecond = 1.5e12;
-  constexpr double kRoundSeconds = 3.5e-6, kMacsPerSecondPerBlock = 450e9;
+  constexpr double kRoundSeconds = 2.88e-6, kMacsPerSecondPerBlock = 528e9;
   const double rate = dtype == at::kFloat ? kMacsPerSecondPerBlock / 3 : kMacsPerSecondPerBlock;
   const double packed_bytes = static_cast<double>(plan.x_elems) * elem_bytes;
   const double input_bytes = static_cast<double>(s.N) * s.C_in * s.H * s.W * elem_bytes;
