@@ -585,6 +585,26 @@ def _cuda_kernel_names(fn) -> set[str]:
 
 
 @CUDA_ONLY
+def test_path_choice_follows_settings_changed_between_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The op remembers its path choice per shape (ShapeMemo in common.cuh); what
+    # the choice reads besides the shape must be in that memory's key. One float32
+    # shape, called again and again while the tensor-core switch and cuDNN's TF32
+    # flag change: the tensor-core kernel runs exactly when both allow it.
+    monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1")
+    tensors, conv = _layer_operands(TC_SHAPES["many_tiles"], "contiguous", torch.float32, "cuda", 23)
+
+    def runs_tensor_cores() -> bool:
+        names = _cuda_kernel_names(lambda: _ops.tucker_conv2d(*tensors, *conv, backend="fused"))
+        return any("fused_conv_tc_kernel" in n for n in names)
+
+    with torch.no_grad():
+        for tc, tf32 in (("1", True), ("1", False), ("0", True), ("1", True), ("0", False), ("1", True)):
+            monkeypatch.setenv("TUCKER_OPS_CUDA_TC", tc)
+            monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+            assert runs_tensor_cores() == (tc == "1" and tf32), (tc, tf32)
+
+
+@CUDA_ONLY
 def test_tensor_core_kernel_variant_follows_its_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     # TUCKER_OPS_CUDA_TC_RESIDENT must really select the variant (the tests above
     # would pass on a switch that was ignored): the resident one where it fits,

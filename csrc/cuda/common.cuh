@@ -8,7 +8,9 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <mutex>
+#include <unordered_map>
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -17,6 +19,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include "checks.h"
 
 namespace tucker_ops::cuda {
 
@@ -120,6 +124,56 @@ int cached_per_device(Compute compute) {
   const int value = compute(device);
   if (cached) cache[device].store(value + 1, std::memory_order_relaxed);
   return value;
+}
+
+// A per-thread memo of a value computed from a layer's shape and what else it
+// reads (dtype, device, switches, flags), all of it in the key. The op's path
+// choice builds launch plans and evaluates time models: host time that every
+// eager call paid, about 5% of a call where the choice was the cuDNN chain
+// (bench_gpu.py, runs 8-9: the op's chain against the chain forced, geometric
+// means 1.05x and 1.07x over 25 rows each). Bounded: forgets everything past
+// kMaxEntries shapes, so dynamic shapes cannot grow it without end.
+template <typename Value, size_t N>
+class ShapeMemo {
+ public:
+  using Key = std::array<int64_t, N>;
+  static constexpr size_t kMaxEntries = 1024;
+
+  template <typename Compute>
+  Value get(const Key& key, Compute compute) {
+    if (const auto it = map_.find(key); it != map_.end()) return it->second;
+    if (map_.size() >= kMaxEntries) map_.clear();
+    const Value value = compute();
+    map_.emplace(key, value);
+    return value;
+  }
+
+ private:
+  struct Hash {
+    size_t operator()(const Key& key) const noexcept {
+      size_t h = 0;
+      for (const int64_t v : key) h = h * 1000003u ^ std::hash<int64_t>{}(v);
+      return h;
+    }
+  };
+  std::unordered_map<Key, Value, Hash> map_;
+};
+
+// The fields of a conv layer's sizes, then `extra`, as a ShapeMemo key.
+template <size_t kExtra>
+std::array<int64_t, 18 + kExtra> conv_shape_key(const Conv2dSizes& s, const std::array<int64_t, kExtra>& extra) {
+  std::array<int64_t, 18 + kExtra> key{s.N,       s.C_in,     s.R_in,     s.R_out, s.C_out, s.H,
+                                       s.W,       s.kh,       s.kw,       s.H_out, s.W_out, s.stride_h,
+                                       s.stride_w, s.pad_h,   s.pad_w,    s.dil_h, s.dil_w,
+                                       (s.has_first ? 1 : 0) | (s.has_last ? 2 : 0) | (s.has_bias ? 4 : 0)};
+  for (size_t i = 0; i < kExtra; ++i) key[18 + i] = extra[i];
+  return key;
+}
+
+inline int64_t current_device_index() {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
 }
 
 // An attribute of the current device (multiprocessor count, compute

@@ -270,21 +270,29 @@ int cluster_size_from_env() {
 }
 
 FusedConvChoice choose_fused_conv(const Conv2dSizes& s, c10::ScalarType dtype) {
-  const double sms = cached_device_attribute<cudaDevAttrMultiProcessorCount>();
-  const double cuda_cores = cuda_core_seconds(s, sms);
-  const double tensor_cores = fused_conv_tc_seconds(s, dtype, sms);
-  if (std::isfinite(tensor_cores) && (fused_conv_tc_forced() || tensor_cores <= cuda_cores)) {
-    return {FusedConvKernel::kTensorCores, tensor_cores};
-  }
-  if (std::isfinite(cuda_cores)) return {FusedConvKernel::kCudaCores, cuda_cores};
-  return {FusedConvKernel::kNone, std::numeric_limits<double>::infinity()};
+  // Computed once per shape and settings (ShapeMemo): the key holds all the
+  // choice reads besides the shape (the device's multiprocessors and compute
+  // capability, the cluster and tensor-core switches, cuDNN's TF32 flag).
+  thread_local ShapeMemo<FusedConvChoice, 22> memo;
+  const auto key = conv_shape_key<4>(s, {static_cast<int64_t>(dtype), current_device_index(),
+                                         fused_conv_tc_settings(), cluster_size_from_env()});
+  return memo.get(key, [&]() -> FusedConvChoice {
+    const double sms = cached_device_attribute<cudaDevAttrMultiProcessorCount>();
+    const double cuda_cores = cuda_core_seconds(s, sms);
+    const double tensor_cores = fused_conv_tc_seconds(s, dtype, sms);
+    if (std::isfinite(tensor_cores) && (fused_conv_tc_forced() || tensor_cores <= cuda_cores)) {
+      return {FusedConvKernel::kTensorCores, tensor_cores};
+    }
+    if (std::isfinite(cuda_cores)) return {FusedConvKernel::kCudaCores, cuda_cores};
+    return {FusedConvKernel::kNone, std::numeric_limits<double>::infinity()};
+  });
 }
 
-bool fused_conv_preferred(const Conv2dSizes& s, const FusedConvChoice& choice) {
+bool fused_conv_preferred(const Conv2dSizes& s, const FusedConvChoice& choice, bool capturing) {
   if (choice.kernel == FusedConvKernel::kNone) return false;
   // Under graph capture only GPU time counts, and the kernel beat the chain's
   // replay only where it is launch-bound.
-  if (current_stream_is_capturing()) return 10e-6 + choice.seconds < 12e-6;
+  if (capturing) return 10e-6 + choice.seconds < 12e-6;
   // Eager, the chain's host time per call against the kernel's GPU time.
   return std::max(kFusedHostSeconds, choice.seconds) < eager_chain_seconds(s.has_first, s.has_last);
 }

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "checks.h"
+#include "cuda/common.cuh"
 
 namespace tucker_ops::cuda {
 
@@ -52,9 +53,15 @@ bool fused_conv_forward_tc(const at::Tensor& like, const Conv2dSizes& s, const C
 // does not apply (dtype, switch, device or shape).
 double fused_conv_tc_seconds(const Conv2dSizes& s, c10::ScalarType dtype, double multiprocessors);
 
+// What fused_conv_tc_seconds and fused_conv_tc_forced read besides the shape,
+// dtype and device (the TUCKER_OPS_CUDA_TC switch, cuDNN's TF32 flag), as one
+// number: part of choose_fused_conv's memo key.
+int64_t fused_conv_tc_settings();
+
 // Whether the chosen fused kernel is expected to beat the unfused chain on
 // this shape: its time model against the chain's host-side cost, both
-// measured on an H200 (benchmarks/RESULTS_GPU.md).
-bool fused_conv_preferred(const Conv2dSizes& s, const FusedConvChoice& choice);
+// measured on an H200 (benchmarks/RESULTS_GPU.md). `capturing`: the current
+// stream is capturing a CUDA graph (current_stream_is_capturing).
+bool fused_conv_preferred(const Conv2dSizes& s, const FusedConvChoice& choice, bool capturing);
 
 }  // namespace tucker_ops::cuda

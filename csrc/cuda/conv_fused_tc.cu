@@ -824,6 +824,10 @@ bool tc_enabled(c10::ScalarType dtype) {
 
 bool fused_conv_tc_forced() { return tc_switch() == FusedMode::kAlways; }
 
+int64_t fused_conv_tc_settings() {
+  return static_cast<int64_t>(tc_switch()) * 2 + (at::globalContext().allowTF32CuDNN() ? 1 : 0);
+}
+
 double fused_conv_tc_seconds(const Conv2dSizes& s, c10::ScalarType dtype, double multiprocessors) {
   TcPlan plan{};
   const int64_t elem_bytes = dtype == at::kFloat ? 4 : 2;

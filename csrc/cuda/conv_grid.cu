@@ -243,15 +243,26 @@ bool grid_conv_applies(const Conv2dSizes& s, c10::ScalarType dtype) {
   return s.R_in % run == 0 && small_geometry && grid::cooperative_launch_supported();
 }
 
-bool grid_conv_chosen(const Conv2dSizes& s, c10::ScalarType dtype, FusedMode mode, const FusedConvChoice& fused) {
-  if (mode == FusedMode::kNever || !grid_conv_applies(s, dtype)) return false;
+bool grid_conv_chosen(const Conv2dSizes& s, c10::ScalarType dtype, FusedMode mode, const FusedConvChoice& fused,
+                      bool capturing) {
+  if (mode == FusedMode::kNever) return false;
+  // Whether it applies and its time model, once per shape, dtype and device (ShapeMemo).
+  struct Model {
+    bool applies;
+    double seconds;
+  };
+  thread_local ShapeMemo<Model, 20> memo;
+  const Model model = memo.get(conv_shape_key<2>(s, {static_cast<int64_t>(dtype), current_device_index()}), [&] {
+    const bool applies = grid_conv_applies(s, dtype);
+    return Model{applies, applies ? grid_conv_seconds(s, dtype) : std::numeric_limits<double>::infinity()};
+  });
+  if (!model.applies) return false;
   const FusedMode grid = switch_from_env("TUCKER_OPS_CUDA_CONV_GRID");
   if (grid != FusedMode::kAuto) return grid == FusedMode::kAlways;
-  if (mode == FusedMode::kAlways || current_stream_is_capturing()) return false;
+  if (mode == FusedMode::kAlways || capturing) return false;
   const double fused_cost = fused.kernel == FusedConvKernel::kNone ? std::numeric_limits<double>::infinity()
                                                                    : std::max(kFusedHostSeconds, fused.seconds);
-  return std::max(kGridHostSeconds, grid_conv_seconds(s, dtype)) <
-         std::min(fused_cost, eager_chain_seconds(s.has_first, s.has_last));
+  return std::max(kGridHostSeconds, model.seconds) < std::min(fused_cost, eager_chain_seconds(s.has_first, s.has_last));
 }
 
 void grid_conv_forward(const at::Tensor& like, const Conv2dSizes& s, const ConvPointers& p, bool out_nhwc) {

@@ -29,7 +29,9 @@ bool grid_conv_applies(const Conv2dSizes& s, c10::ScalarType dtype);
 // bfloat16 and float32 with TF32 (the dtypes it was measured in). Never
 // where `mode` forces a path (TUCKER_OPS_CUDA_FUSED), nor in graph capture,
 // where the other paths replayed faster (benchmarks/RESULTS_GPU.md).
-bool grid_conv_chosen(const Conv2dSizes& s, c10::ScalarType dtype, FusedMode mode, const FusedConvChoice& fused);
+// `capturing`: the current stream is capturing (current_stream_is_capturing).
+bool grid_conv_chosen(const Conv2dSizes& s, c10::ScalarType dtype, FusedMode mode, const FusedConvChoice& fused,
+                      bool capturing);
 
 // Launches the kernel on the current stream; `out` is (N, C_out, H_out, W_out),
 // NHWC when out_nhwc, else NCHW. Scratch (the transposed NCHW input, the

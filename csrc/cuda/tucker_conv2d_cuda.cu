@@ -201,7 +201,9 @@ Tensor forward_before_layout(
   // beats it, and whether it beats the chain.
   const FusedConvChoice choice =
       mode == FusedMode::kNever ? FusedConvChoice{} : choose_fused_conv(s, input.scalar_type());
-  if (grid_conv_chosen(s, input.scalar_type(), mode, choice)) {
+  // One query per call: both path rules differ under graph capture.
+  const bool capturing = mode == FusedMode::kAuto && current_stream_is_capturing();
+  if (grid_conv_chosen(s, input.scalar_type(), mode, choice, capturing)) {
     // The whole-GPU kernel writes the output in the input's layout directly.
     const at::MemoryFormat format = conv_memory_format(input);
     Tensor out = at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options().memory_format(format));
@@ -211,7 +213,7 @@ Tensor forward_before_layout(
     return out;
   }
   const bool fits_32bit = indices_fit_32bit(s);
-  const bool try_fused = mode == FusedMode::kAlways || (mode == FusedMode::kAuto && fused_conv_preferred(s, choice));
+  const bool try_fused = mode == FusedMode::kAlways || (mode == FusedMode::kAuto && fused_conv_preferred(s, choice, capturing));
   if (!try_fused && fits_32bit) return chain_forward_aten(input, first, core, last, bias, stride, padding, dilation, s);
   Tensor out = at::empty({s.N, s.C_out, s.H_out, s.W_out}, input.options());
 
