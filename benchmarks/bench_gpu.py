@@ -219,6 +219,10 @@ def time_interleaved(columns: dict[str, Column], reps: int, warmup: int, target_
     every repetition takes one sample of each column in turn. So drift of the machine over
     the run (host load, clocks) reaches every column alike, instead of whichever column was
     being timed while it lasted: eager rows, host-bound, moved by up to 40% between runs.
+    Repetition i starts at column i (mod the columns), so no column always follows the same
+    one: with a fixed order the op's column, always first (after the forced kernels'), ran
+    its cuDNN chain about 5% slower than the same chain forced, which followed cuDNN calls
+    (RESULTS_GPU.md, runs 8-10).
     """
     inner = {}
     for name, (run, env) in columns.items():
@@ -228,8 +232,11 @@ def time_interleaved(columns: dict[str, Column], reps: int, warmup: int, target_
             one = measure(run, 1)
         inner[name] = max(1, min(50, int(target_ms / max(one, 1e-3))))
     samples: dict[str, list[float]] = {name: [] for name in columns}
-    for _ in range(reps):
-        for name, (run, env) in columns.items():
+    names = list(columns)
+    for rep in range(reps):
+        start = rep % len(names)
+        for name in names[start:] + names[:start]:
+            run, env = columns[name]
             with env_set(env):
                 samples[name].append(measure(run, inner[name]) / inner[name])
     return {name: statistics.median(values) for name, values in samples.items()}

@@ -62,7 +62,7 @@ def test_report_targets_for_the_op_and_for_the_fastest_paths() -> None:
     assert "| conv |" not in misses
 
 
-def test_time_interleaved_samples_columns_in_turn_under_their_switches(monkeypatch) -> None:
+def test_time_interleaved_samples_columns_in_rotating_turn_under_their_switches(monkeypatch) -> None:
     bench = _bench_gpu()
     monkeypatch.delenv("TUCKER_OPS_TEST_SWITCH", raising=False)
     log = []
@@ -84,8 +84,9 @@ def test_time_interleaved_samples_columns_in_turn_under_their_switches(monkeypat
     columns = {"a": (make("a"), {}), "b": (make("b"), {"TUCKER_OPS_TEST_SWITCH": "1"})}
     times = bench.time_interleaved(columns, reps=3, warmup=2, target_ms=2.0, measure=measure)
     samples = [(name, calls) for kind, name, calls in log if kind == "sample"]
-    # Warm-up and sizing per column, then one sample of each column per repetition, in turn.
-    assert samples == [("a", 1), ("b", 1), ("a", 2), ("b", 4), ("a", 2), ("b", 4), ("a", 2), ("b", 4)]
+    # Warm-up and sizing per column, then one sample of each column per repetition, in turn,
+    # repetition i starting at column i (mod 2): a b, then b a, then a b.
+    assert samples == [("a", 1), ("b", 1), ("a", 2), ("b", 4), ("b", 4), ("a", 2), ("a", 2), ("b", 4)]
     assert times == {"a": 2.0, "b": 3.0}  # medians of (1, 5, 2) and (4, 3, 1)
     # Each column ran under its own switches only, and the environment is restored.
     assert {switch for kind, name, switch in log if kind == "call" and name == "a"} == {None}
