@@ -1,6 +1,6 @@
 """Fit what an eager call of the op's unfused chain costs, and replay the op's path rule.
 
-    python benchmarks/fit_chain_model.py                          # fit on runs 5-7's eager rows
+    python benchmarks/fit_chain_model.py                          # fit on every run's eager rows (gpu_runs/)
     python benchmarks/fit_chain_model.py --replay --prices 24,30  # the targets under each rule
 
 For eager calls the op runs its unfused cuDNN/cuBLAS chain unless one of its own
@@ -27,7 +27,7 @@ fit_grid_model.py; where the tensor-core kernel does not apply, the CUDA-core
 kernel's model stands in as its CUDA-graph time in run 6 (its model is fitted to
 such times). The float32 chain is timed by the Sequential column (above), so a
 float32 row on the chain replays as a tie. What it showed on runs 5-7 is in
-RESULTS_GPU.md ("Changes since run 7").
+RESULTS_GPU.md ("Changes since run 7"), on runs 8-10 in "Runs 8-10".
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def replay(rows: list[dict], graph_rows: list[dict], chain_cost: ChainCost) -> l
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("eager_json", nargs="*", type=Path, default=DEFAULT_EAGER,
-                        help="the .json next to bench_gpu.py's eager results (default: runs 5-7)")
+                        help="the .json next to bench_gpu.py's eager results (default: every run in gpu_runs/)")
     parser.add_argument("--replay", action="store_true", help="the targets under each chain cost")
     parser.add_argument("--prices", default="24,30", help="flat prices per call to replay, in us (default 24,30)")
     parser.add_argument("--graphs", type=Path, default=DEFAULT_GRAPHS,
