@@ -13,8 +13,8 @@ cuDNN chain with fused_conv_tc_seconds (C++), the sum of
   how many blocks share a multiprocessor.
 The counts come from the kernel's launch plan (make_tc_plan), restated here for
 the streaming kernel, which the C++ model prices even where the resident variant
-runs (the default where it fits; at most as slow: run 9's sweep, its "tc_resident"
-column, 0-20% faster).
+runs (the default where it fits; run 9's sweep, its "tc_resident" column: from 3%
+slower to 25% faster).
 The packing terms are held at the C++ values; kRoundSeconds and the rate are
 fitted by non-negative least squares to the GPU times (CUDA-graph replays) of
 the kernel forced, on the rows where it applies. Prints the fitted constants,

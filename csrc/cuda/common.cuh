@@ -127,12 +127,13 @@ int cached_per_device(Compute compute) {
 }
 
 // A per-thread memo of a value computed from a layer's shape and what else it
-// reads (dtype, device, switches, flags), all of it in the key. The op's path
-// choice builds launch plans and evaluates time models: host time that every
-// eager call paid, about 5% of a call where the choice was the cuDNN chain
-// (bench_gpu.py, runs 8-9: the op's chain against the chain forced, geometric
-// means 1.05x and 1.07x over 25 rows each). Bounded: forgets everything past
-// kMaxEntries shapes, so dynamic shapes cannot grow it without end.
+// reads (dtype, device, switches, flags), all of it in the key: the op's path
+// choice builds launch plans and evaluates time models, host time each eager
+// call paid again. (How much that was is not known: the gap it was meant to
+// close, the op's chain about 5% slower than the chain forced, stayed in run
+// 10 and looks like the benchmark's column order: RESULTS_GPU.md, runs 8-10.)
+// Bounded: forgets everything past kMaxEntries shapes, so dynamic shapes
+// cannot grow it without end.
 template <typename Value, size_t N>
 class ShapeMemo {
  public:

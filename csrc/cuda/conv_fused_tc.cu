@@ -808,8 +808,8 @@ FusedMode tc_switch() { return switch_from_env("TUCKER_OPS_CUDA_TC"); }
 
 // TUCKER_OPS_CUDA_TC_RESIDENT: "0" always runs the streaming variant; unset or
 // "1" the resident one wherever it fits with the streaming plan's chunks
-// (make_tc_plan). On run 8's sweep it was 0-18% faster on every shape it now
-// takes (benchmarks/RESULTS_GPU.md).
+// (make_tc_plan). On runs 8-9's sweeps it ran from 3% slower to 25% faster
+// than the streaming kernel on the shapes it now takes (benchmarks/RESULTS_GPU.md).
 bool tc_resident() { return switch_from_env("TUCKER_OPS_CUDA_TC_RESIDENT") != FusedMode::kNever; }
 
 // The dtype, the switch and the device allow the kernel (the shape aside):
@@ -832,8 +832,8 @@ double fused_conv_tc_seconds(const Conv2dSizes& s, c10::ScalarType dtype, double
   TcPlan plan{};
   const int64_t elem_bytes = dtype == at::kFloat ? 4 : 2;
   // The streaming kernel's plan, which the model describes: where the resident
-  // variant runs instead (tc_resident), it is at most as slow (run 9's sweep:
-  // 0-20% faster), so the model errs on the chain's side there.
+  // variant runs instead (tc_resident) it took from 3% more to 25% less time
+  // (run 9's sweep), so there the model mostly errs on the chain's side.
   if (!tc_enabled(dtype) || !make_tc_plan(s, elem_bytes, false, &plan)) {
     return std::numeric_limits<double>::infinity();
   }
