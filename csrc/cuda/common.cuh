@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -169,12 +170,6 @@ std::array<int64_t, 18 + kExtra> conv_shape_key(const Conv2dSizes& s, const std:
                                        (s.has_first ? 1 : 0) | (s.has_last ? 2 : 0) | (s.has_bias ? 4 : 0)};
   for (size_t i = 0; i < kExtra; ++i) key[18 + i] = extra[i];
   return key;
-}
-
-inline int64_t current_device_index() {
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  return device;
 }
 
 // An attribute of the current device (multiprocessor count, compute

@@ -274,7 +274,7 @@ FusedConvChoice choose_fused_conv(const Conv2dSizes& s, c10::ScalarType dtype) {
   // choice reads besides the shape (the device's multiprocessors and compute
   // capability, the cluster and tensor-core switches, cuDNN's TF32 flag).
   thread_local ShapeMemo<FusedConvChoice, 22> memo;
-  const auto key = conv_shape_key<4>(s, {static_cast<int64_t>(dtype), current_device_index(),
+  const auto key = conv_shape_key<4>(s, {static_cast<int64_t>(dtype), c10::cuda::current_device(),
                                          fused_conv_tc_settings(), cluster_size_from_env()});
   return memo.get(key, [&]() -> FusedConvChoice {
     const double sms = cached_device_attribute<cudaDevAttrMultiProcessorCount>();

@@ -561,8 +561,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
     if (tap_parts == 2) {
       // Same fragment type, so lane l of both warps holds the same elements:
       // they pass register by register through the second warp's scratch.
-      static_assert(sizeof(zacc[0].x) / sizeof(float) * 32 <= kScratchFloats, "a fragment fits a scratch tile");
       constexpr int kFragFloats = sizeof(zacc[0].x) / sizeof(float);
+      static_assert(kFragFloats * 32 <= kScratchFloats, "a fragment fits a scratch tile");
       if (tap_part == 1) {
 #pragma unroll
         for (int e = 0; e < kFragFloats; ++e) scratch[e * 32 + lane] = zacc[0].x[e];

@@ -252,7 +252,8 @@ bool grid_conv_chosen(const Conv2dSizes& s, c10::ScalarType dtype, FusedMode mod
     double seconds;
   };
   thread_local ShapeMemo<Model, 20> memo;
-  const Model model = memo.get(conv_shape_key<2>(s, {static_cast<int64_t>(dtype), current_device_index()}), [&] {
+  const auto key = conv_shape_key<2>(s, {static_cast<int64_t>(dtype), c10::cuda::current_device()});
+  const Model model = memo.get(key, [&] {
     const bool applies = grid_conv_applies(s, dtype);
     return Model{applies, applies ? grid_conv_seconds(s, dtype) : std::numeric_limits<double>::infinity()};
   });
