@@ -125,3 +125,31 @@ def test_tensor_core_kernel_moves_sixteen_bytes_per_lane(tile_kernel_ptx: str) -
     for name, body in kernels.items():
         assert "st.global.cs.v4.u32" in body, name
         assert "st.shared.v4.u32" in body, name
+
+
+def _spill_stores(source: str, tmp_path: Path) -> dict[str, int]:
+    """ptxas's spill stores (bytes) per kernel of csrc/cuda/<source>, compiled for sm_90."""
+    root = Path(__file__).resolve().parents[1]
+    includes = [f"-I{p}" for p in [str(root / "csrc"), *cpp_extension.include_paths()]]
+    cmd = [_nvcc(), "-cubin", "-arch=sm_90", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas", "-v", *includes,
+           str(root / "csrc" / "cuda" / source), "-o", str(tmp_path / "kernel.cubin")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = re.findall(r"Function properties for (\w+)\s+\d+ bytes stack frame, (\d+) bytes spill stores",
+                       done.stderr)
+    return {name: int(stores) for name, stores in found}
+
+
+@pytest.mark.parametrize("source, kernel", [("conv_grid.cu", "grid_conv_kernelIf"),
+                                            ("linear_grid.cu", "grid_linear_kernelIf")])
+def test_whole_gpu_kernels_float32_loads_each_tile_before_its_products(source: str, kernel: str,
+                                                                       tmp_path: Path) -> None:
+    """Loading every tile of a step ahead of its products (kLoadsAhead, grid_stage.cuh)
+    made the float32 whole-GPU kernels 13-22% slower on the H200 while it helped
+    float16 / bfloat16: float32 tiles take twice the registers, and the conv kernel's
+    spill stores grew from 260 to 980 bytes (benchmarks/RESULTS_GPU.md, runs 8-9).
+    float32 loads each tile just before its products, which keeps its spills small."""
+    _with_cuda()
+    spills = {name: stores for name, stores in _spill_stores(source, tmp_path).items() if kernel in name}
+    assert len(spills) == 1, spills
+    assert max(spills.values()) <= 256, spills

@@ -24,8 +24,8 @@
 // steps per 32 k take those 8 elements in order (two steps of 4 in 16-bit,
 // four of 2 in TF32). A and B agree on which k each fragment slot holds, which
 // is all a dot product needs, so no shuffle or shared memory stages the
-// operands. float32 operands are rounded to TF32 as they load. All of a step's
-// loads are issued before its mmas.
+// operands. float32 operands are rounded to TF32 as they load. In 16-bit all of
+// a step's loads are issued before its mmas (kLoadsAhead).
 //
 // Where a row's K values come from is the Source policy: DenseSource (row r at
 // r * K: the linear's rows, NHWC pixels) or GatherSource (the implicit im2col
@@ -88,6 +88,14 @@ constexpr bool kIs16Bit = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10:
 // Tensor-core tasks exist for float16 / bfloat16 and, through TF32, float32.
 template <typename T>
 constexpr bool kHasTensorCores = kIs16Bit<T> || std::is_same_v<T, float>;
+
+// Whether a step issues all its row loads before its first multiply-add (one
+// L2 round trip per step) or loads each row or tile just before using it. On
+// the H200 (runs 5-9) loading ahead made the 16-bit kernels 4-14% faster and
+// the float32 ones 13-22% slower: float32 rows take twice the registers, and
+// the kernel's spills grew from 260 to 980 bytes.
+template <typename T>
+constexpr bool kLoadsAhead = kIs16Bit<T>;
 
 // One element through L2 only: written during this launch, so the
 // non-coherent and L1 caches may hold it stale.
@@ -375,24 +383,31 @@ __device__ void run_stage(const GridStage& st, unsigned char* red_bytes, int4* t
             for (int i = 0; i < V; ++i) wv[j][i] = F(0);
           }
         }
-        // Every row's 16 bytes are loaded before the first multiply-add, as in
-        // the tensor-core stage: one L2 round trip per step, not one per row.
         const typename Src::KPos kp = src.at(k);
-        uint4 raw[kRows];
+        // With kLoadsAhead every row's 16 bytes are loaded before the first
+        // multiply-add, as in the tensor-core stage.
+        uint4 raw[kLoadsAhead<T> ? kRows : 1];
+        if constexpr (kLoadsAhead<T>) {
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          raw[r] = make_uint4(0, 0, 0, 0);
-          if (r < rows) {
-            int64_t count;
-            const S* p = src.run(rows_of, r, kp, count);
-            raw[r] = load_raw16<S, true>(p, st.vec, count);
+          for (int r = 0; r < kRows; ++r) {
+            raw[r] = make_uint4(0, 0, 0, 0);
+            if (r < rows) {
+              int64_t count;
+              const S* p = src.run(rows_of, r, kp, count);
+              raw[r] = load_raw16<S, true>(p, st.vec, count);
+            }
           }
         }
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
           if (r >= rows) break;  // uniform across the warp
+          if constexpr (!kLoadsAhead<T>) {
+            int64_t count;
+            const S* p = src.run(rows_of, r, kp, count);
+            raw[0] = load_raw16<S, true>(p, st.vec, count);
+          }
           S xs[V];
-          memcpy(xs, &raw[r], sizeof(xs));
+          memcpy(xs, &raw[kLoadsAhead<T> ? r : 0], sizeof(xs));
 #pragma unroll
           for (int i = 0; i < V; ++i) {
             const F xv = static_cast<F>(xs[i]);
@@ -467,10 +482,10 @@ __device__ void run_stage_tc(const GridStage& st, unsigned char* red_bytes, int4
     if (task < tasks) {  // uniform across the warp
       const int rows = static_cast<int>(M - r0 < kTcRows ? M - r0 : kTcRows);
       const typename Src::Task rows_of = src.begin_task(r0, rows, lane);
-      // Every load of a step is issued before its first mma, so a step waits
-      // for one L2 round trip. (Loaded per tile, each consumed at once, behind
-      // the tile's bounds check, the loads were not hoisted: a step waited for
-      // up to five, in the SASS of the previous version.)
+      // With kLoadsAhead every load of a step is issued before its first mma,
+      // so a step waits for one L2 round trip. (Loaded per tile, each consumed
+      // at once, behind the tile's bounds check, the loads are not hoisted: a
+      // step waits for up to five.)
       const bool lo_in = o0 + g < n, hi_in = o0 + g + 8 < n;
       const T* w_lo = w + (lo_in ? o0 + g : 0) * K;
       const T* w_hi = w + (hi_in ? o0 + g + 8 : 0) * K;
@@ -479,21 +494,26 @@ __device__ void run_stage_tc(const GridStage& st, unsigned char* red_bytes, int4
         const TcFrag<T> a_lo = lo_in ? load_frag<T, T, kWThroughL2>(w_lo + k, st.vec, count) : TcFrag<T>{};
         const TcFrag<T> a_hi = hi_in ? load_frag<T, T, kWThroughL2>(w_hi + k, st.vec, count) : TcFrag<T>{};
         const typename Src::KPos kp = src.at(k);
-        TcFrag<T> b[kTcTiles];
-#pragma unroll
-        for (int j = 0; j < kTcTiles; ++j) {
+        auto load_tile = [&](int j) {
           const int r = 8 * j + g;
-          b[j] = TcFrag<T>{};
+          TcFrag<T> b{};
           if (r < rows) {
             int64_t left;
             const S* p = src.run(rows_of, r, kp, left);
-            b[j] = load_frag<T, S, true>(p, st.vec, left);
+            b = load_frag<T, S, true>(p, st.vec, left);
           }
+          return b;
+        };
+        TcFrag<T> b[kLoadsAhead<T> ? kTcTiles : 1];
+        if constexpr (kLoadsAhead<T>) {
+#pragma unroll
+          for (int j = 0; j < kTcTiles; ++j) b[j] = load_tile(j);
         }
 #pragma unroll
         for (int j = 0; j < kTcTiles; ++j) {
           if (8 * j >= rows) break;  // uniform across the warp
-          mma_k32<T>(acc + 4 * j, a_lo, a_hi, b[j]);
+          if constexpr (!kLoadsAhead<T>) b[0] = load_tile(j);
+          mma_k32<T>(acc + 4 * j, a_lo, a_hi, b[kLoadsAhead<T> ? j : 0]);
         }
       }
     }
