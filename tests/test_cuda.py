@@ -637,6 +637,51 @@ def test_tensor_core_kernel_variant_follows_its_switch(monkeypatch: pytest.Monke
 
 
 @CUDA_ONLY
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("name", TC_SHAPES)
+def test_tiled_pack_gives_the_same_bits(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    # TUCKER_OPS_CUDA_TC_TILED_PACK=1 packs NCHW input for the tensor-core kernel
+    # through shared-memory tiles instead of one 16-byte vector per thread. The
+    # workspace must be the same, zeros included, so the output is the same bits.
+    if "cuda" not in _WANTED:
+        pytest.skip("TUCKER_OPS_TEST_DEVICES excludes cuda")
+    monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1")
+    monkeypatch.setenv("TUCKER_OPS_CUDA_TC", "1")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", dtype == torch.float32)
+    tensors, conv = _layer_operands(TC_SHAPES[name], "contiguous", dtype, "cuda", 29)
+    outs = {}
+    for variant in ("streaming", "resident"):
+        monkeypatch.setenv("TUCKER_OPS_CUDA_TC_RESIDENT", "1" if variant == "resident" else "0")
+        for tiled in ("0", "1"):
+            monkeypatch.setenv("TUCKER_OPS_CUDA_TC_TILED_PACK", tiled)
+            outs[variant, tiled] = _ops.tucker_conv2d(*tensors, *conv, backend="fused")
+        assert torch.equal(outs[variant, "0"], outs[variant, "1"]), variant
+
+
+@CUDA_ONLY
+def test_tiled_pack_follows_its_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The test above would pass on a switch that was ignored: the tiled packing
+    # kernel runs for NCHW input with the switch on, and only then.
+    monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1")
+    monkeypatch.setenv("TUCKER_OPS_CUDA_TC", "1")
+
+    def runs_tiled_pack(layout: str) -> bool:
+        tensors, conv = _layer_operands(TC_SHAPES["many_tiles"], layout, torch.bfloat16, "cuda", 31)
+        names = _cuda_kernel_names(lambda: _ops.tucker_conv2d(*tensors, *conv, backend="fused"))
+        assert any("fused_conv_tc_kernel" in n for n in names), names
+        return any("pack_tc_operands_tiled_kernel" in n for n in names)
+
+    with torch.no_grad():
+        monkeypatch.delenv("TUCKER_OPS_CUDA_TC_TILED_PACK", raising=False)
+        assert not runs_tiled_pack("contiguous"), "unset"
+        for value, want in (("1", True), ("0", False)):
+            monkeypatch.setenv("TUCKER_OPS_CUDA_TC_TILED_PACK", value)
+            assert runs_tiled_pack("contiguous") == want, value
+        monkeypatch.setenv("TUCKER_OPS_CUDA_TC_TILED_PACK", "1")
+        assert not runs_tiled_pack("channels_last")
+
+
+@CUDA_ONLY
 def test_whole_gpu_kernels_run_where_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     # The switches must really select the kernels: the tests above would also pass
     # on a path that silently ignored them.

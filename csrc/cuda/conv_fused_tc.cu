@@ -272,72 +272,156 @@ struct TcPlan {
   int64_t x_elems, first_elems, core_elems, last_elems;
 };
 
-// Packs the operands into the workspace `ws` (layout in TcPlan), zeros
-// wherever the fused kernel must read zeros: the convolution's padding, the
-// tiles' overhang past the image, channels and ranks past the real ones. Each
-// thread writes 16 bytes; for NCHW input consecutive threads take consecutive
-// pixels, so the reads coalesce.
+// Packed vector v of the workspace `ws` (layout in TcPlan): 16 bytes, with
+// zeros wherever the fused kernel must read zeros (the convolution's padding,
+// the tiles' overhang past the image, channels and ranks past the real ones).
+// For NCHW input, consecutive v are consecutive pixels, so the reads coalesce
+// (the writes do not: pack_tc_operands_tiled_kernel transposes through
+// shared memory instead).
+template <typename T>
+__device__ __forceinline__ void pack_vector(const Conv2dSizes& s, const TcPlan& plan, int64_t v, const T* x,
+                                            bool nhwc, const T* first, const T* core, const T* last, T* ws) {
+  constexpr int V = kCopyBytes / sizeof(T);
+  const int64_t x_vecs = plan.x_elems / V, first_vecs = plan.first_elems / V;
+  const int64_t core_vecs = plan.core_elems / V;
+  const T zero = static_cast<T>(0.0f);
+  alignas(16) T vals[V];
+  int64_t dst = v * V;  // the four regions are contiguous and multiples of V
+  if (v < x_vecs) {
+    const int64_t groups = plan.c_pad / V;
+    int64_t n, g, hh, ww;
+    if (nhwc) {
+      g = v % groups;
+      int64_t rest = v / groups;
+      ww = rest % plan.wp;
+      rest /= plan.wp;
+      hh = rest % plan.hp;
+      n = rest / plan.hp;
+    } else {
+      ww = v % plan.wp;
+      int64_t rest = v / plan.wp;
+      hh = rest % plan.hp;
+      rest /= plan.hp;
+      g = rest % groups;
+      n = rest / groups;
+    }
+    const int64_t ih = hh - s.pad_h, iw = ww - s.pad_w;
+    const bool inside = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
+#pragma unroll
+    for (int u = 0; u < V; ++u) {
+      const int64_t c = g * V + u;
+      vals[u] = inside && c < s.C_in
+                    ? x[nhwc ? ((n * s.H + ih) * s.W + iw) * s.C_in + c : ((n * s.C_in + c) * s.H + ih) * s.W + iw]
+                    : zero;
+    }
+    dst = ((n * plan.hp + hh) * plan.wp + ww) * plan.c_pad + g * V;
+  } else if (v < x_vecs + first_vecs) {
+    const int64_t e = (v - x_vecs) * V, r = e / plan.c_pad, c0 = e % plan.c_pad;
+#pragma unroll
+    for (int u = 0; u < V; ++u) vals[u] = r < s.R_in && c0 + u < s.C_in ? first[r * s.C_in + c0 + u] : zero;
+  } else if (v < x_vecs + first_vecs + core_vecs) {
+    const int64_t taps = s.kh * s.kw;
+    const int64_t e = (v - x_vecs - first_vecs) * V, r0 = e % plan.rin_pad;
+    const int64_t ro = (e / plan.rin_pad) % plan.rout_pad, t = e / (plan.rin_pad * plan.rout_pad);
+#pragma unroll
+    for (int u = 0; u < V; ++u) {
+      vals[u] = ro < s.R_out && r0 + u < s.R_in ? core[(ro * s.R_in + r0 + u) * taps + t] : zero;
+    }
+  } else {
+    const int64_t e = (v - x_vecs - first_vecs - core_vecs) * V, co = e / plan.rout_pad, ro0 = e % plan.rout_pad;
+#pragma unroll
+    for (int u = 0; u < V; ++u) vals[u] = co < s.C_out && ro0 + u < s.R_out ? last[co * s.R_out + ro0 + u] : zero;
+  }
+#pragma unroll
+  for (int u = 0; u < V; ++u) vals[u] = tc_operand(vals[u]);
+  *reinterpret_cast<uint4*>(ws + dst) = *reinterpret_cast<const uint4*>(vals);
+}
+
+// Packs every operand, one 16-byte vector per thread and step.
 template <typename T>
 __global__ void __launch_bounds__(256) pack_tc_operands_kernel(
     Conv2dSizes s, TcPlan plan, const T* __restrict__ x, bool nhwc, const T* __restrict__ first,
     const T* __restrict__ core, const T* __restrict__ last, T* __restrict__ ws) {
   constexpr int V = kCopyBytes / sizeof(T);
-  const int64_t x_vecs = plan.x_elems / V, first_vecs = plan.first_elems / V;
-  const int64_t core_vecs = plan.core_elems / V, last_vecs = plan.last_elems / V;
-  const int64_t total = x_vecs + first_vecs + core_vecs + last_vecs;
-  const T zero = static_cast<T>(0.0f);
-  const int64_t taps = s.kh * s.kw;
+  const int64_t total = (plan.x_elems + plan.first_elems + plan.core_elems + plan.last_elems) / V;
   for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < total;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    alignas(16) T vals[V];
-    int64_t dst = v * V;  // the four regions are contiguous and multiples of V
-    if (v < x_vecs) {
-      const int64_t groups = plan.c_pad / V;
-      int64_t n, g, hh, ww;
-      if (nhwc) {
-        g = v % groups;
-        int64_t rest = v / groups;
-        ww = rest % plan.wp;
-        rest /= plan.wp;
-        hh = rest % plan.hp;
-        n = rest / plan.hp;
-      } else {
-        ww = v % plan.wp;
-        int64_t rest = v / plan.wp;
-        hh = rest % plan.hp;
-        rest /= plan.hp;
-        g = rest % groups;
-        n = rest / groups;
-      }
-      const int64_t ih = hh - s.pad_h, iw = ww - s.pad_w;
-      const bool inside = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
-#pragma unroll
-      for (int u = 0; u < V; ++u) {
-        const int64_t c = g * V + u;
-        vals[u] = inside && c < s.C_in
-                      ? x[nhwc ? ((n * s.H + ih) * s.W + iw) * s.C_in + c : ((n * s.C_in + c) * s.H + ih) * s.W + iw]
-                      : zero;
-      }
-      dst = ((n * plan.hp + hh) * plan.wp + ww) * plan.c_pad + g * V;
-    } else if (v < x_vecs + first_vecs) {
-      const int64_t e = (v - x_vecs) * V, r = e / plan.c_pad, c0 = e % plan.c_pad;
-#pragma unroll
-      for (int u = 0; u < V; ++u) vals[u] = r < s.R_in && c0 + u < s.C_in ? first[r * s.C_in + c0 + u] : zero;
-    } else if (v < x_vecs + first_vecs + core_vecs) {
-      const int64_t e = (v - x_vecs - first_vecs) * V, r0 = e % plan.rin_pad;
-      const int64_t ro = (e / plan.rin_pad) % plan.rout_pad, t = e / (plan.rin_pad * plan.rout_pad);
-#pragma unroll
-      for (int u = 0; u < V; ++u) {
-        vals[u] = ro < s.R_out && r0 + u < s.R_in ? core[(ro * s.R_in + r0 + u) * taps + t] : zero;
-      }
-    } else {
-      const int64_t e = (v - x_vecs - first_vecs - core_vecs) * V, co = e / plan.rout_pad, ro0 = e % plan.rout_pad;
-#pragma unroll
-      for (int u = 0; u < V; ++u) vals[u] = co < s.C_out && ro0 + u < s.R_out ? last[co * s.R_out + ro0 + u] : zero;
+    pack_vector(s, plan, v, x, nhwc, first, core, last, ws);
+  }
+}
+
+// The tiled packing of NCHW input: one block per (image, packed row, 32
+// packed columns, 64 channels) tile, 256 threads.
+constexpr int kPackTilePixels = 32, kPackTileChannels = 64, kPackThreads = 256;
+
+inline int64_t pack_input_tiles(const Conv2dSizes& s, const TcPlan& plan) {
+  return s.N * plan.hp * ceil_div(plan.wp, kPackTilePixels) * ceil_div(plan.c_pad, kPackTileChannels);
+}
+
+// Packs NCHW input as pack_tc_operands_kernel does, but with both sides
+// coalesced: a tile is read channel row by channel row (a warp takes 32
+// consecutive pixels of one channel) into shared memory, then written pixel by
+// pixel (consecutive threads write consecutive 16-byte vectors of a pixel's
+// channels), where the per-vector kernel wrote 16 bytes per pixel at a stride
+// of c_pad elements. Index arithmetic in 64 bits once per tile, not per
+// vector. Blocks past the input's tiles pack the factors.
+template <typename T>
+__global__ void __launch_bounds__(kPackThreads) pack_tc_operands_tiled_kernel(
+    Conv2dSizes s, TcPlan plan, const T* __restrict__ x, const T* __restrict__ first, const T* __restrict__ core,
+    const T* __restrict__ last, T* __restrict__ ws, int64_t input_tiles) {
+  constexpr int V = kCopyBytes / sizeof(T);
+  const int tid = threadIdx.x;
+  if (static_cast<int64_t>(blockIdx.x) >= input_tiles) {
+    const int64_t x_vecs = plan.x_elems / V;
+    const int64_t factor_vecs = (plan.first_elems + plan.core_elems + plan.last_elems) / V;
+    const int64_t stride = (static_cast<int64_t>(gridDim.x) - input_tiles) * kPackThreads;
+    for (int64_t v = (static_cast<int64_t>(blockIdx.x) - input_tiles) * kPackThreads + tid; v < factor_vecs;
+         v += stride) {
+      pack_vector(s, plan, x_vecs + v, x, false, first, core, last, ws);
     }
+    return;
+  }
+  // +1: phase 2 reads a column of the tile (one channel per element of a vector)
+  __shared__ T tile[kPackTileChannels][kPackTilePixels + 1];
+  const int64_t channel_tiles = ceil_div(plan.c_pad, kPackTileChannels);
+  const int64_t column_tiles = ceil_div(plan.wp, kPackTilePixels);
+  int64_t rest = blockIdx.x;
+  const int64_t c0 = (rest % channel_tiles) * kPackTileChannels;
+  rest /= channel_tiles;
+  const int64_t ww0 = (rest % column_tiles) * kPackTilePixels;
+  rest /= column_tiles;
+  const int64_t hh = rest % plan.hp, n = rest / plan.hp;
+  const int64_t ih = hh - s.pad_h;
+  const T zero = static_cast<T>(0.0f);
+
+  // Phase 1: warp w reads channels c0 + w, c0 + w + 8, ...; lane p pixel ww0 + p.
+  const int p = tid % kPackTilePixels;
+  const int64_t iw = ww0 + p - s.pad_w;
+  const bool inside = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
+  const T* row = inside ? x + (n * s.C_in * s.H + ih) * s.W + iw : x;  // the pixel in channel 0
+  constexpr int kWarpsPerTile = kPackThreads / kPackTilePixels;
+  const int64_t plane = s.H * s.W;
+  T loaded[kPackTileChannels / kWarpsPerTile];  // every load issued before the first store
 #pragma unroll
-    for (int u = 0; u < V; ++u) vals[u] = tc_operand(vals[u]);
-    *reinterpret_cast<uint4*>(ws + dst) = *reinterpret_cast<const uint4*>(vals);
+  for (int i = 0; i < kPackTileChannels / kWarpsPerTile; ++i) {
+    const int64_t channel = c0 + tid / kPackTilePixels + i * kWarpsPerTile;
+    loaded[i] = inside && channel < s.C_in ? row[channel * plane] : zero;
+  }
+#pragma unroll
+  for (int i = 0; i < kPackTileChannels / kWarpsPerTile; ++i) tile[tid / kPackTilePixels + i * kWarpsPerTile][p] = loaded[i];
+  __syncthreads();
+
+  // Phase 2: the tile's pixels, each as (channels in the tile) / V vectors.
+  const int channels = plan.c_pad - c0 < kPackTileChannels ? static_cast<int>(plan.c_pad - c0) : kPackTileChannels;
+  const int per_pixel = channels / V;
+  T* dst = ws + ((n * plan.hp + hh) * plan.wp + ww0) * plan.c_pad + c0;
+  for (int e = tid; e < kPackTilePixels * per_pixel; e += kPackThreads) {
+    const int q = e % per_pixel, pixel = e / per_pixel;
+    if (ww0 + pixel >= plan.wp) break;  // e only grows
+    alignas(16) T vals[V];
+#pragma unroll
+    for (int u = 0; u < V; ++u) vals[u] = tc_operand(tile[q * V + u][pixel]);
+    *reinterpret_cast<uint4*>(dst + pixel * plan.c_pad + q * V) = *reinterpret_cast<const uint4*>(vals);
   }
 }
 
@@ -767,6 +851,12 @@ bool make_tc_plan(const Conv2dSizes& s, int64_t elem_bytes, bool resident, TcPla
   return true;
 }
 
+// TUCKER_OPS_CUDA_TC_TILED_PACK: "1" packs NCHW input with
+// pack_tc_operands_tiled_kernel; unset or anything else with the per-vector
+// kernel, until the tiled one has been timed on a GPU (it compiles here; the
+// GPU tests compare the two bit for bit).
+bool tc_tiled_pack() { return switch_from_env("TUCKER_OPS_CUDA_TC_TILED_PACK") == FusedMode::kAlways; }
+
 template <typename T>
 void launch_tc(const at::Tensor& like, const Conv2dSizes& s, const TcPlan& plan, const ConvPointers& p) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -774,12 +864,21 @@ void launch_tc(const at::Tensor& like, const Conv2dSizes& s, const TcPlan& plan,
   // On the caching allocator and the current stream: graph-capture safe.
   const at::Tensor ws = at::empty({elems}, like.options());
   T* wsp = static_cast<T*>(ws.mutable_data_ptr());
-  const int64_t vecs = elems / (kCopyBytes / static_cast<int64_t>(sizeof(T)));
+  const int64_t per_vector = kCopyBytes / static_cast<int64_t>(sizeof(T));
   const int64_t sms = cached_device_attribute<cudaDevAttrMultiProcessorCount>();
-  const unsigned pack_blocks = static_cast<unsigned>(std::clamp<int64_t>(ceil_div(vecs, 256), 1, sms * 16));
-  pack_tc_operands_kernel<T><<<pack_blocks, 256, 0, stream>>>(
-      s, plan, static_cast<const T*>(p.x), p.nhwc, static_cast<const T*>(p.first), static_cast<const T*>(p.core),
-      static_cast<const T*>(p.last), wsp);
+  const T* x = static_cast<const T*>(p.x);
+  const T *first = static_cast<const T*>(p.first), *core = static_cast<const T*>(p.core);
+  const T* last = static_cast<const T*>(p.last);
+  const int64_t input_tiles = p.nhwc || !tc_tiled_pack() ? 0 : pack_input_tiles(s, plan);
+  const int64_t factor_vectors = (plan.first_elems + plan.core_elems + plan.last_elems) / per_vector;
+  const int64_t factor_blocks = std::clamp<int64_t>(ceil_div(factor_vectors, kPackThreads), 1, sms * 4);
+  if (input_tiles > 0 && input_tiles + factor_blocks <= std::numeric_limits<int32_t>::max()) {
+    pack_tc_operands_tiled_kernel<T><<<static_cast<unsigned>(input_tiles + factor_blocks), kPackThreads, 0, stream>>>(
+        s, plan, x, first, core, last, wsp, input_tiles);
+  } else {
+    const unsigned pack_blocks = static_cast<unsigned>(std::clamp<int64_t>(ceil_div(elems / per_vector, 256), 1, sms * 16));
+    pack_tc_operands_kernel<T><<<pack_blocks, 256, 0, stream>>>(s, plan, x, p.nhwc, first, core, last, wsp);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const T* bias = static_cast<const T*>(p.bias);
