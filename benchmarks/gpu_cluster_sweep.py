@@ -9,9 +9,10 @@ tensor-core kernel, streaming (TUCKER_OPS_CUDA_TC_RESIDENT=0: the variant its
 time model describes; bfloat16, and float32 through TF32 under torch's default
 cuDNN flags), resident (=1, the default: the factors kept in shared memory by
 persistent blocks, where they fit with the streaming plan's chunks; elsewhere
-the column times the streaming kernel again) and resident with NCHW input
-packed through shared-memory tiles (TUCKER_OPS_CUDA_TC_TILED_PACK=1, opt-in
-until timed), each call a CUDA-graph replay,
+the column times the streaming kernel again), and resident with each trial
+switch on (opt-in until timed): NCHW input packed through shared-memory tiles
+(TUCKER_OPS_CUDA_TC_TILED_PACK=1) and step 3's narrow output runs where W_out
+is not a multiple of 8 (TUCKER_OPS_CUDA_TC_NARROW_RUNS=1), each call a CUDA-graph replay,
 so the table is GPU time alone:
 the data behind the op's choice of kernel and cluster size and its
 fused-or-chain time models (csrc/cuda/conv_fused*.cu).
@@ -29,9 +30,10 @@ import torch
 from bench_gpu import CASES, Layer, graphed, time_ms
 
 SIZES = ("0", "2", "4", "8")  # TUCKER_OPS_CUDA_CLUSTER, with TUCKER_OPS_CUDA_TC=0
-COLUMNS = (*SIZES, "tc", "tc_resident", "tc_tiled_pack")
+COLUMNS = (*SIZES, "tc", "tc_resident", "tc_tiled_pack", "tc_narrow_runs")
 TITLES = {"tc": "tensor cores", "tc_resident": "tensor cores, resident",
-          "tc_tiled_pack": "tensor cores, resident, tiled packing"}
+          "tc_tiled_pack": "tensor cores, resident, tiled packing",
+          "tc_narrow_runs": "tensor cores, resident, narrow output runs"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--columns", default=",".join(COLUMNS),
                         help="comma-separated subset of " + ",".join(COLUMNS)
-                        + " (cluster sizes, tc, tc_resident, tc_tiled_pack)")
+                        + " (cluster sizes, tc, tc_resident, tc_tiled_pack, tc_narrow_runs)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_cluster_sweep.py: no CUDA GPU; nothing to measure", file=sys.stderr)
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                     for column in columns:
                         env = {"TUCKER_OPS_CUDA_FUSED": "1", "TUCKER_OPS_CUDA_TC": "1",
                                "TUCKER_OPS_CUDA_TC_RESIDENT": "0" if column == "tc" else "1",
-                               "TUCKER_OPS_CUDA_TC_TILED_PACK": "1" if column == "tc_tiled_pack" else "0"}
+                               "TUCKER_OPS_CUDA_TC_TILED_PACK": "1" if column == "tc_tiled_pack" else "0",
+                               "TUCKER_OPS_CUDA_TC_NARROW_RUNS": "1" if column == "tc_narrow_runs" else "0"}
                         if column in SIZES:
                             env.update(TUCKER_OPS_CUDA_CLUSTER=column, TUCKER_OPS_CUDA_TC="0")
                         os.environ.update(env)

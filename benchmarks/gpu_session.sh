@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Everything a lent GPU is for, in one call (device time is scarce: one call,
-# then the machine goes back). About 6-7 minutes on an H200, at most 560 s
+# then the machine goes back). About 5-6 minutes on an H200, at most 580 s
 # (the device tool allows 600 s a call):
 #   1. benchmarks/gpu_check.sh: build, smoke, CUDA tests, eager benchmark, memcheck;
 #   2. bench_gpu.py --graphs: GPU time alone (CUDA-graph replays);
-#   3. gpu_cluster_sweep.py --columns tc,tc_resident,tc_tiled_pack: the tensor-core
-#      kernel, its resident variant, and that with the tiled packing, for
-#      fit_tc_model.py --sweep;
+#   3. gpu_cluster_sweep.py --columns tc,tc_resident,tc_tiled_pack,tc_narrow_runs:
+#      the tensor-core kernel, its resident variant, and that with each trial
+#      switch on, for fit_tc_model.py --sweep;
 #   4. profile_eager.py: host time and kernels per eager call.
 # Each later stage is bounded and runs whatever an earlier one did (a failed
 # test run still leaves the build for the benchmarks).
@@ -40,8 +40,8 @@ run() {  # run NAME SECONDS COMMAND...: bounded, logged to $W/NAME.log, status k
 }
 
 run gpu_check 300 bash benchmarks/gpu_check.sh "$W/RESULTS_GPU.md.draft"
-run graphs 100 "$PY" benchmarks/bench_gpu.py --graphs --reps 3 --out "$W/graphs.md"
-run sweep 120 "$PY" benchmarks/gpu_cluster_sweep.py --reps 3 --columns tc,tc_resident,tc_tiled_pack --out "$W/sweep.md"
+run graphs 110 "$PY" benchmarks/bench_gpu.py --graphs --reps 3 --out "$W/graphs.md"
+run sweep 130 "$PY" benchmarks/gpu_cluster_sweep.py --reps 3 --columns tc,tc_resident,tc_tiled_pack,tc_narrow_runs --out "$W/sweep.md"
 run profile 40 "$PY" benchmarks/profile_eager.py --out "$W/profile.md"
 printf '\n=== done (%s), status %s; files in %s:\n' "$(date +%T)" "$status" "$W"
 ls -la "$W"

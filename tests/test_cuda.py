@@ -637,12 +637,17 @@ def test_tensor_core_kernel_variant_follows_its_switch(monkeypatch: pytest.Monke
 
 
 @CUDA_ONLY
+@pytest.mark.parametrize("switch", ["TUCKER_OPS_CUDA_TC_TILED_PACK", "TUCKER_OPS_CUDA_TC_NARROW_RUNS"])
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
 @pytest.mark.parametrize("name", TC_SHAPES)
-def test_tiled_pack_gives_the_same_bits(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    # TUCKER_OPS_CUDA_TC_TILED_PACK=1 packs NCHW input for the tensor-core kernel
-    # through shared-memory tiles instead of one 16-byte vector per thread. The
-    # workspace must be the same, zeros included, so the output is the same bits.
+def test_trial_switches_give_the_same_bits(
+    name: str, dtype: torch.dtype, switch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tensor-core kernel's trial variants (conv_fused_tc.cu) compute the same
+    # values and store them differently: TILED_PACK packs NCHW input through
+    # shared-memory tiles (the same workspace, zeros included), NARROW_RUNS stores
+    # 4, 2 or 1 output pixels per lane where W_out is not a multiple of 8 (the
+    # same conversions). So the output is the same bits with the switch on or off.
     if "cuda" not in _WANTED:
         pytest.skip("TUCKER_OPS_TEST_DEVICES excludes cuda")
     monkeypatch.setenv("TUCKER_OPS_CUDA_FUSED", "1")
@@ -652,9 +657,9 @@ def test_tiled_pack_gives_the_same_bits(name: str, dtype: torch.dtype, monkeypat
     outs = {}
     for variant in ("streaming", "resident"):
         monkeypatch.setenv("TUCKER_OPS_CUDA_TC_RESIDENT", "1" if variant == "resident" else "0")
-        for tiled in ("0", "1"):
-            monkeypatch.setenv("TUCKER_OPS_CUDA_TC_TILED_PACK", tiled)
-            outs[variant, tiled] = _ops.tucker_conv2d(*tensors, *conv, backend="fused")
+        for on in ("0", "1"):
+            monkeypatch.setenv(switch, on)
+            outs[variant, on] = _ops.tucker_conv2d(*tensors, *conv, backend="fused")
         assert torch.equal(outs[variant, "0"], outs[variant, "1"]), variant
 
 

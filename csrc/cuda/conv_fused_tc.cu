@@ -196,6 +196,22 @@ __device__ __forceinline__ void store16(void* dst, uint4 w) {
   }
 }
 
+// Two floats as the 32 bits of a pair of 16-bit S, round to nearest even as
+// c10's conversions.
+template <typename S>
+__device__ __forceinline__ uint32_t pack_pair(float a, float b) {
+  uint32_t w;
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    memcpy(&w, &h, sizeof(w));
+  } else {
+    static_assert(std::is_same_v<S, c10::Half>, "a 16-bit storage type");
+    const __half2 h = __floats2half2_rn(a, b);
+    memcpy(&w, &h, sizeof(w));
+  }
+  return w;
+}
+
 // Eight consecutive values into 16-byte aligned shared (kGlobal false) or
 // global memory in the storage type S: one 16-byte store for 16-bit types,
 // two for float. `round` rounds float32 to TF32 (an mma operand, tc_operand).
@@ -208,19 +224,30 @@ __device__ __forceinline__ void store_eight(S* dst, const float (&v)[8], bool ro
     store16<kGlobal>(dst, make_uint4(w[0], w[1], w[2], w[3]));
     store16<kGlobal>(dst + 4, make_uint4(w[4], w[5], w[6], w[7]));
   } else {
-    // Converted in pairs, round to nearest even as c10's conversions.
-    auto pair = [](float a, float b) {
-      uint32_t w;
-      if constexpr (std::is_same_v<S, c10::BFloat16>) {
-        const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-        memcpy(&w, &h, sizeof(w));
-      } else {
-        const __half2 h = __floats2half2_rn(a, b);
-        memcpy(&w, &h, sizeof(w));
-      }
-      return w;
-    };
-    store16<kGlobal>(dst, make_uint4(pair(v[0], v[1]), pair(v[2], v[3]), pair(v[4], v[5]), pair(v[6], v[7])));
+    store16<kGlobal>(dst, make_uint4(pack_pair<S>(v[0], v[1]), pack_pair<S>(v[2], v[3]), pack_pair<S>(v[4], v[5]),
+                                     pack_pair<S>(v[6], v[7])));
+  }
+}
+
+// kW (1, 2 or 4) consecutive values into global memory aligned to their size,
+// in the storage type S, as one evict-first store (as store_eight's).
+template <int kW, typename S>
+__device__ __forceinline__ void store_run(S* dst, const float (&v)[kW]) {
+  static_assert(kW == 1 || kW == 2 || kW == 4, "store_eight writes eight");
+  if constexpr (std::is_same_v<S, float>) {
+    if constexpr (kW == 4) {
+      __stcs(reinterpret_cast<float4*>(dst), make_float4(v[0], v[1], v[2], v[3]));
+    } else if constexpr (kW == 2) {
+      __stcs(reinterpret_cast<float2*>(dst), make_float2(v[0], v[1]));
+    } else {
+      __stcs(dst, v[0]);
+    }
+  } else if constexpr (kW == 4) {
+    __stcs(reinterpret_cast<uint2*>(dst), make_uint2(pack_pair<S>(v[0], v[1]), pack_pair<S>(v[2], v[3])));
+  } else if constexpr (kW == 2) {
+    __stcs(reinterpret_cast<unsigned*>(dst), pack_pair<S>(v[0], v[1]));
+  } else {
+    *dst = static_cast<S>(v[0]);
   }
 }
 
@@ -261,7 +288,8 @@ struct TcPlan {
   int taps_chunk;         // core taps staged at once
   bool resident;          // first, core and last stay in shared memory; persistent blocks (fused_conv_tc_kernel)
   int last_buffers;       // step 3's staging buffers for chunks of `last` (streaming): 2 where they fit in `stage`
-  bool vector_out;        // step 3 writes 8 pixels per lane (W_out a multiple of 8, output 16-byte aligned)
+  int out_run;            // step 3's pixels per lane and store: 8 (W_out a multiple of 8, output 16-byte
+                          // aligned), 4, 2 or 1 (TUCKER_OPS_CUDA_TC_NARROW_RUNS), 0 (the element loop)
   int64_t tiles_w, tiles_per_image;
   int64_t co_splits, co_per_split;
   int64_t off_stage, off_scratch;  // byte offsets in shared memory
@@ -422,6 +450,34 @@ __global__ void __launch_bounds__(kPackThreads) pack_tc_operands_tiled_kernel(
 #pragma unroll
     for (int u = 0; u < V; ++u) vals[u] = tc_operand(tile[q * V + u][pixel]);
     *reinterpret_cast<uint4*>(dst + pixel * plan.c_pad + q * V) = *reinterpret_cast<const uint4*>(vals);
+  }
+}
+
+// Step 3's output for one 16-pixel row of a tile and 16 channels, from
+// `scratch` (column-major: scratch[channel * 16 + pixel]) plus bias: kW
+// pixels of one channel per lane and store, 16 / kW lanes per channel row,
+// consecutive lanes on consecutive pixels. W_out is a multiple of kW and the
+// tile starts at a multiple of 16, so a lane's kW pixels are all in the image
+// or all past it, and their address is aligned to their size.
+template <int kW, typename T>
+__device__ __forceinline__ void write_output_runs(const float* scratch, int lane, T* yn, const T* bias, int64_t co0,
+                                                  int64_t co_end, int64_t oh, int64_t ow0, const Conv2dSizes& s,
+                                                  int64_t HWo) {
+  constexpr int kLanesPerRow = 16 / kW, kRowsPerStep = 32 / kLanesPerRow;
+  const int px = (lane % kLanesPerRow) * kW;
+  const int64_t ow = ow0 + px;
+  if (oh >= s.H_out || ow >= s.W_out) return;
+#pragma unroll
+  for (int step = 0; step < 16 / kRowsPerStep; ++step) {
+    const int c = step * kRowsPerStep + lane / kLanesPerRow;
+    const int64_t co = co0 + c;
+    if (co < co_end) {
+      const float b = bias ? static_cast<float>(bias[co]) : 0.0f;
+      float v[kW];
+#pragma unroll
+      for (int i = 0; i < kW; ++i) v[i] = scratch[c * 16 + px + i] + b;
+      store_run<kW>(yn + co * HWo + oh * s.W_out + ow, v);
+    }
   }
 }
 
@@ -707,7 +763,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
           wmma::mma_sync(acc, a, b, acc);
         }
         const int64_t oh = oh0 + y;
-        if (plan.vector_out) {
+        if (plan.out_run == 8) {
           // Lane l writes pixels 8 (l % 2).. of channel l / 2 as one vector:
           // W_out is a multiple of 8, so those eight pixels are all in the
           // image or all past it, and their address is 16-byte aligned.
@@ -722,6 +778,17 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
 #pragma unroll
             for (int i = 0; i < 8; ++i) v[i] += b;
             store_eight<true>(yn + co * HWo + oh * s.W_out + ow, v, false);
+          }
+        } else if (plan.out_run > 0) {
+          store_shared_accumulator<true>(scratch, acc, 16);  // scratch[channel * 16 + pixel]
+          __syncwarp();
+          const int64_t co0 = cb + ct * 16;
+          if (plan.out_run == 4) {
+            write_output_runs<4>(scratch, lane, yn, bias, co0, co_end, oh, ow0, s, HWo);
+          } else if (plan.out_run == 2) {
+            write_output_runs<2>(scratch, lane, yn, bias, co0, co_end, oh, ow0, s, HWo);
+          } else {
+            write_output_runs<1>(scratch, lane, yn, bias, co0, co_end, oh, ow0, s, HWo);
           }
         } else {
           store_shared_accumulator<false>(scratch, acc, 16);
@@ -750,6 +817,17 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
   cp_async_wait<0>();  // nothing left in flight at exit
 #endif
 }
+
+// Trial switches, "1" to turn on: variants compiled here but not yet timed on
+// a GPU, each the default once it is faster there (the GPU tests compare each
+// with the default bit for bit).
+// TUCKER_OPS_CUDA_TC_TILED_PACK: NCHW input packed by
+// pack_tc_operands_tiled_kernel instead of the per-vector kernel.
+bool tc_tiled_pack() { return switch_from_env("TUCKER_OPS_CUDA_TC_TILED_PACK") == FusedMode::kAlways; }
+// TUCKER_OPS_CUDA_TC_NARROW_RUNS: where W_out is not a multiple of 8, step 3
+// stores 4, 2 or 1 pixels per lane (write_output_runs) instead of the element
+// loop.
+bool tc_narrow_runs() { return switch_from_env("TUCKER_OPS_CUDA_TC_NARROW_RUNS") == FusedMode::kAlways; }
 
 // The launch plan, or false when the shape does not fit the kernel. With
 // `resident`, the resident variant wherever its shared memory fits.
@@ -831,7 +909,8 @@ bool make_tc_plan(const Conv2dSizes& s, int64_t elem_bytes, bool resident, TcPla
   plan->taps_chunk = static_cast<int>(taps_chunk);
   plan->resident = is_resident;
   plan->last_buffers = 2 * kCoChunk * ld_z * elem_bytes <= stage ? 2 : 1;
-  plan->vector_out = s.W_out % 8 == 0;  // launch_tc also checks the output's alignment
+  // launch_tc also checks the output's alignment.
+  plan->out_run = s.W_out % 8 == 0 ? 8 : !tc_narrow_runs() ? 0 : s.W_out % 4 == 0 ? 4 : s.W_out % 2 == 0 ? 2 : 1;
   plan->tiles_w = tiles_w;
   plan->tiles_per_image = tiles_h * tiles_w;
   plan->co_per_split = co_per_split;
@@ -850,12 +929,6 @@ bool make_tc_plan(const Conv2dSizes& s, int64_t elem_bytes, bool resident, TcPla
   plan->last_elems = plan->co_rows * rout_pad;
   return true;
 }
-
-// TUCKER_OPS_CUDA_TC_TILED_PACK: "1" packs NCHW input with
-// pack_tc_operands_tiled_kernel; unset or anything else with the per-vector
-// kernel, until the tiled one has been timed on a GPU (it compiles here; the
-// GPU tests compare the two bit for bit).
-bool tc_tiled_pack() { return switch_from_env("TUCKER_OPS_CUDA_TC_TILED_PACK") == FusedMode::kAlways; }
 
 template <typename T>
 void launch_tc(const at::Tensor& like, const Conv2dSizes& s, const TcPlan& plan, const ConvPointers& p) {
@@ -884,7 +957,11 @@ void launch_tc(const at::Tensor& like, const Conv2dSizes& s, const TcPlan& plan,
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out);
   TcPlan run = plan;
-  run.vector_out = plan.vector_out && reinterpret_cast<uintptr_t>(out) % kCopyBytes == 0;
+  // Runs narrow to what the output's alignment allows; the element loop takes
+  // over from 8 (the default) and where the runs are off.
+  while (run.out_run > 1 && reinterpret_cast<uintptr_t>(out) % (run.out_run * sizeof(T)) != 0) {
+    run.out_run = run.out_run == 8 && !tc_narrow_runs() ? 0 : run.out_run / 2;
+  }
   if (plan.resident) {
     // Two blocks per multiprocessor (the budget and __launch_bounds__), each
     // looping over items.
