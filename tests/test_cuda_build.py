@@ -153,3 +153,16 @@ def test_whole_gpu_kernels_float32_loads_each_tile_before_its_products(source: s
     spills = {name: stores for name, stores in _spill_stores(source, tmp_path).items() if kernel in name}
     assert len(spills) == 1, spills
     assert max(spills.values()) <= 256, spills
+
+
+def test_tensor_core_kernel_has_narrow_output_runs(tile_kernel_ptx: str) -> None:
+    """Step 3's trial narrow runs (TUCKER_OPS_CUDA_TC_NARROW_RUNS, W_out not a multiple
+    of 8) store 4 and 2 pixels of a channel per instruction: 8- and 4-byte vector
+    stores in 16-bit, 16- and 8-byte ones in float32, evict-first as the 8-pixel runs."""
+    kernels = {name: body for name, body in _entries(tile_kernel_ptx).items() if "fused_conv_tc_kernel" in name}
+    assert len(kernels) == 6, sorted(kernels)
+    for name, body in kernels.items():
+        wanted = (("st.global.cs.v4.f32", "st.global.cs.v2.f32") if "fused_conv_tc_kernelIf" in name
+                  else ("st.global.cs.v2.u32", "st.global.cs.u32"))
+        for store in wanted:
+            assert re.search(re.escape(store) + r"\s", body), (name, store)
