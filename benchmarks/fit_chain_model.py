@@ -2,6 +2,7 @@
 
     python benchmarks/fit_chain_model.py                          # fit on every run's eager rows (gpu_runs/)
     python benchmarks/fit_chain_model.py --replay --prices 24,30  # the targets under each rule
+    python benchmarks/fit_chain_model.py --capture                 # the capture rule on runs 8-9's graphs
 
 For eager calls the op runs its unfused cuDNN/cuBLAS chain unless one of its own
 kernels is predicted cheaper (fused_conv_preferred, grid_conv_chosen,
@@ -51,8 +52,10 @@ DEFAULT_EAGER = sorted(RUNS.glob("*_eager.json"))
 DEFAULT_GRAPHS = RUNS / "2026-11-27_run6_graphs.json"
 
 CPP_CALL_SECONDS = 24e-6  # kChainCallSeconds: every chain call, whatever its work
+CPP_REPLAY_CALL_SECONDS = 6e-6  # kChainReplayCallSeconds: the chain's replay floor per call
 FUSED_HOST_SECONDS, GRID_HOST_SECONDS = 15e-6, 18e-6  # kFusedHostSeconds, kGridHostSeconds
 LINEAR_MAX_FACTOR_ELEMS, LINEAR_MAX_ROWS = 1 << 17, 512  # linear_fused.cu
+LINEAR_MAX_FACTOR_ELEMS_CAPTURED = 1 << 13  # linear_fused.cu, under capture (float32 only)
 
 
 def group(c: Case, dtype: str) -> tuple[str, str]:
@@ -121,11 +124,21 @@ def grid_seconds(c: Case, dtype: str, batch: int) -> float:
             + elements(c, batch) * ELEMENT_SIZE[dtype] / bytes_per_second)
 
 
-def linear_fused_applies(c: Case, batch: int) -> bool:
+def linear_factor_elems(c: Case) -> int:
+    """The factor elements fused_linear_applies counts (early stages plus the last)."""
     r_in, r_out = c.ranks[0] or c.c_in, c.ranks[1] or c.c_out
     early = (r_in * c.c_in if c.ranks[0] else 0) + (r_out * r_in if c.ranks[1] else 0)
-    final = c.c_out * (r_out if c.ranks[1] else r_in)
-    return early + final <= LINEAR_MAX_FACTOR_ELEMS and batch <= LINEAR_MAX_ROWS
+    return early + c.c_out * (r_out if c.ranks[1] else r_in)
+
+
+def linear_fused_applies(c: Case, batch: int) -> bool:
+    return linear_factor_elems(c) <= LINEAR_MAX_FACTOR_ELEMS and batch <= LINEAR_MAX_ROWS
+
+
+def linear_fused_captured(c: Case, dtype: str, batch: int) -> bool:
+    """fused_linear_applies under capture: tiny factor sets, float32 only."""
+    return (linear_fused_applies(c, batch) and linear_factor_elems(c) <= LINEAR_MAX_FACTOR_ELEMS_CAPTURED
+            and dtype == "float32")
 
 
 def chosen_path(c: Case, dtype: str, batch: int, chain_cost: float, cuda_core_seconds: float) -> str:
@@ -174,6 +187,45 @@ def replay(rows: list[dict], graph_rows: list[dict], chain_cost: ChainCost) -> l
     return out
 
 
+def fused_prediction(c: Case, dtype: str, batch: int, cuda_core_seconds: float) -> float:
+    """The tile kernel's predicted seconds as choose_fused_conv gives them: the tensor-core
+    model where it applies, else (here) the CUDA-core kernel's replay time in run 6."""
+    terms = tc_terms(c, dtype, batch)
+    if terms is None:
+        return cuda_core_seconds
+    return tc_predict(terms, TC_CPP["round_seconds"], TC_CPP["macs_per_second_per_block"])
+
+
+def replay_capture(graph_rows: list[dict], run6_rows: list[dict], per_call: float,
+                   kind: str = "conv") -> dict[str, float]:
+    """The capture rules on the rows of a --graphs table of one layer kind: for conv
+    rows fused_conv_preferred while capturing (the kernel where predicted below
+    per_call seconds per chain call), for linear rows fused_linear_applies'.
+    Returns the kernel's picks, their speed-up over the chain (geometric mean and
+    least), and the op's speed-up over the Sequential chain over all rows of the kind."""
+    cases = {c.name: c for c in CASES}
+    cuda_core = {(r["case"], r["dtype"], r["batch"]): r["kernel_ms"] * 1e-3 for r in run6_rows}
+    gains, vs_seq = [], []
+    for r in graph_rows:
+        c = cases[r["case"]]
+        if c.kind != kind or r["dtype"] not in ELEMENT_SIZE:
+            continue
+        if kind == "linear":
+            kernel = linear_fused_captured(c, r["dtype"], r["batch"])
+        else:
+            stand_in = cuda_core.get((r["case"], r["dtype"], r["batch"]), math.inf)
+            kernel = fused_prediction(c, r["dtype"], r["batch"], stand_in) < per_call * calls(c)
+        if kernel:
+            gains.append(r["chain_ms"] / r["kernel_ms"])
+        vs_seq.append(r["sequential_ms"] / (r["kernel_ms"] if kernel else r["chain_ms"]))
+
+    def geomean(v: list[float]) -> float:
+        return math.exp(sum(map(math.log, v)) / len(v)) if v else math.nan
+
+    return {"picks": len(gains), "gain": geomean(gains), "worst": min(gains, default=math.nan),
+            "vs_seq": geomean(vs_seq), "vs_seq_min": min(vs_seq, default=math.nan)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("eager_json", nargs="*", type=Path, default=DEFAULT_EAGER,
@@ -182,7 +234,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prices", default="24,30", help="flat prices per call to replay, in us (default 24,30)")
     parser.add_argument("--graphs", type=Path, default=DEFAULT_GRAPHS,
                         help="a --graphs run's .json: the CUDA-core kernel's GPU times for --replay")
+    parser.add_argument("--capture", nargs="*", type=Path, metavar="GRAPHS_JSON",
+                        help="replay the capture rule on these --graphs tables instead (default: runs 8-9's)")
+    parser.add_argument("--replay-prices", default="", help="--capture: other floors per chain call to replay, in us")
     args = parser.parse_args(argv)
+    if args.capture is not None:
+        tables = args.capture or sorted(RUNS.glob("2026-11-28_run*_graphs.json"))
+        run6 = json.loads(DEFAULT_GRAPHS.read_text(encoding="utf-8"))
+        for table in tables:
+            rows = json.loads(table.read_text(encoding="utf-8"))
+            prices = ["cpp", *(p for p in args.replay_prices.split(",") if p)]
+            runs = [("conv", p) for p in prices] + [("linear", "cpp")]
+            for kind, price in runs:
+                per_call = CPP_REPLAY_CALL_SECONDS if price == "cpp" else float(price) * 1e-6
+                r = replay_capture(rows, run6, per_call, kind)
+                picks = (f"kernel on {r['picks']} {kind} rows, {r['gain']:.2f}x the chain's replay (geometric "
+                         f"mean), {r['worst']:.2f}x at worst" if r["picks"] else f"the chain on every {kind} row")
+                rule = (f"floor {per_call * 1e6:.1f} us/call{' (C++)' if price == 'cpp' else ''}" if kind == "conv"
+                        else "the C++ rule")
+                print(f"{table.name}, {kind}, {rule}: {picks}; {kind} rows vs Sequential {r['vs_seq']:.3f}x "
+                      f"(geometric mean), {r['vs_seq_min']:.2f}x at least")
+        return 0
     rows = load_rows(args.eager_json)
     fitted = fit(rows)
     for g, f in fitted.items():

@@ -80,3 +80,41 @@ def test_replay_times_each_row_by_its_chosen_path(tmp_path: Path) -> None:
     graphs_path = tmp_path / "graphs.json"
     graphs_path.write_text(json.dumps(graphs), encoding="utf-8")
     assert fit_chain_model.main([str(path), "--replay", "--prices", "24,30", "--graphs", str(graphs_path)]) == 0
+
+
+def test_capture_replay_takes_the_kernel_only_below_the_floor() -> None:
+    # Synthetic rows: thesis_conv1 (two chain calls, no tensor-core kernel: the CUDA-core
+    # stand-in decides) with the stand-in under and over the 2 x 6 us floor.
+    row = {"case": "thesis_conv1", "dtype": "float32", "batch": 1, "chain_ms": 0.010, "kernel_ms": 0.005,
+           "sequential_ms": 0.010}
+    fast = [{"case": "thesis_conv1", "dtype": "float32", "batch": 1, "kernel_ms": 0.011}]
+    slow = [{**fast[0], "kernel_ms": 0.013}]
+    took = fit_chain_model.replay_capture([row], fast, 6e-6)
+    assert took["picks"] == 1 and took["gain"] == pytest.approx(2.0) and took["vs_seq"] == pytest.approx(2.0)
+    kept = fit_chain_model.replay_capture([row], slow, 6e-6)
+    assert kept["picks"] == 0 and kept["vs_seq"] == pytest.approx(1.0)
+
+
+def test_capture_floor_gains_on_the_recorded_graph_runs() -> None:
+    # The C++ floor (kChainReplayCallSeconds) on runs 8-9's CUDA-graph tables: the
+    # rows it moves to the kernel are faster there than the chain's replay, on
+    # geometric mean (RESULTS_GPU.md, "Since run 10").
+    run6 = json.loads(fit_chain_model.DEFAULT_GRAPHS.read_text(encoding="utf-8"))
+    for name in ("2026-11-28_run8_graphs.json", "2026-11-28_run9_graphs.json"):
+        rows = json.loads((fit_chain_model.RUNS / name).read_text(encoding="utf-8"))
+        r = fit_chain_model.replay_capture(rows, run6, fit_chain_model.CPP_REPLAY_CALL_SECONDS)
+        assert r["picks"] > 0 and r["gain"] > 1.1 and r["worst"] > 0.85, (name, r)
+
+
+def test_capture_replay_of_the_linear_rule_keeps_16_bit_on_the_chain() -> None:
+    # thesis_l2's factors (6 K elements) are under the captured limit: its fused kernel
+    # in float32, the chain in bfloat16 (the kernel lost every bfloat16 graph row).
+    rows = [{"case": "thesis_l2", "dtype": dtype, "batch": 8, "chain_ms": 0.006, "kernel_ms": 0.012,
+             "sequential_ms": 0.006} for dtype in ("float32", "bfloat16")]
+    fp32 = fit_chain_model.replay_capture(rows[:1], [], 6e-6, "linear")
+    bf16 = fit_chain_model.replay_capture(rows[1:], [], 6e-6, "linear")
+    assert fp32["picks"] == 1 and fp32["vs_seq"] == pytest.approx(0.5)
+    assert bf16["picks"] == 0 and bf16["vs_seq"] == pytest.approx(1.0)
+    # thesis_l1 (64 K elements) stays on the chain in both.
+    l1 = [{**rows[0], "case": "thesis_l1"}]
+    assert fit_chain_model.replay_capture(l1, [], 6e-6, "linear")["picks"] == 0

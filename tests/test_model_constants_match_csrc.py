@@ -46,6 +46,7 @@ def rates(source: str, condition: str) -> tuple[float, float]:
 
 def test_chain_and_host_prices() -> None:
     assert fit_chain_model.CPP_CALL_SECONDS == constant("common.cuh", "kChainCallSeconds")
+    assert fit_chain_model.CPP_REPLAY_CALL_SECONDS == constant("common.cuh", "kChainReplayCallSeconds")
     assert fit_chain_model.FUSED_HOST_SECONDS == constant("common.cuh", "kFusedHostSeconds")
     assert fit_chain_model.GRID_HOST_SECONDS == constant("common.cuh", "kGridHostSeconds")
 
@@ -71,3 +72,16 @@ def test_whole_gpu_kernel_models(kind: str, source: str, branches: dict[str, str
     fixed = constant(source, "kFixedSeconds")
     for group, condition in branches.items():
         assert fit_grid_model.CPP_MODEL[(kind, group)] == (fixed, *rates(source, condition)), (kind, group)
+
+
+def test_linear_fused_limits() -> None:
+    text = (CUDA / "linear_fused.cu").read_text()
+
+    def shifted(name: str) -> int:
+        found = re.findall(rf"\b{name}\s*=\s*int64_t\{{1\}}\s*<<\s*(\d+);", text)
+        assert len(found) == 1, name
+        return 1 << int(found[0])
+
+    assert fit_chain_model.LINEAR_MAX_FACTOR_ELEMS == shifted("kMaxFactorElems")
+    assert fit_chain_model.LINEAR_MAX_FACTOR_ELEMS_CAPTURED == shifted("kMaxFactorElemsCaptured")
+    assert [int(v) for v in re.findall(r"\bkMaxRows\s*=\s*(\d+);", text)] == [fit_chain_model.LINEAR_MAX_ROWS]

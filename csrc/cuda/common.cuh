@@ -110,6 +110,16 @@ inline double eager_chain_seconds(bool has_first, bool has_last) {
   return kChainCallSeconds * (1.0 + (has_first ? 1.0 : 0.0) + (has_last ? 1.0 : 0.0));
 }
 
+// What a CUDA-graph replay of the unfused chain costs at least: no host time,
+// but each of its kernels a launch and a tail on the GPU. The least per call
+// over the conv chains' replays of runs 8-9 was 4.8 us (two calls) to 6.2 us
+// (three calls); a kernel predicted below this floor beats the chain's replay
+// whatever the chain's own work.
+constexpr double kChainReplayCallSeconds = 6e-6;
+inline double replay_chain_floor_seconds(bool has_first, bool has_last) {
+  return kChainReplayCallSeconds * (1.0 + (has_first ? 1.0 : 0.0) + (has_last ? 1.0 : 0.0));
+}
+
 // compute(device) for the current device, run once per device and process:
 // each call site (each lambda type) has its own cache. Values are >= 0.
 template <typename Compute>

@@ -175,8 +175,12 @@ bool fused_linear_applies(const at::Tensor& like, const LinearSizes& s) {
   if (fused_mode_from_env() != FusedMode::kAlways) {
     if (early + final_stage > kMaxFactorElems || s.M > kMaxRows) return false;
     // In a CUDA graph the three cuBLAS kernels replay without host cost and
-    // beat this kernel unless the factors are tiny (RESULTS_GPU.md, graphs).
-    if (early + final_stage > kMaxFactorElemsCaptured && current_stream_is_capturing()) return false;
+    // beat this kernel unless the factors are tiny, and in float16 / bfloat16
+    // even then: in runs 5-9's graph tables thesis_l2 (6 K factor elements)
+    // took 1.2-2.3x the chain's replay time in bfloat16 at every batch; in
+    // float32 1.2x at batch 1-8 and 0.55x at 32-128 (RESULTS_GPU.md).
+    const bool half = like.scalar_type() == at::kHalf || like.scalar_type() == at::kBFloat16;
+    if ((half || early + final_stage > kMaxFactorElemsCaptured) && current_stream_is_capturing()) return false;
   }
   const int64_t acc_bytes = c10::elementSize(at::toOpMathType(like.scalar_type()));
   const int64_t smem = kRows * ((s.has_first ? s.R_in : 0) + (s.has_last ? s.R_out : 0)) * acc_bytes;
