@@ -145,13 +145,13 @@ if ! timeout 240 "$PY" benchmarks/bench_gpu.py "${BENCH_GRID[@]}" --out "$RESULT
 fi
 
 # Out-of-bounds reads and writes on a few small random configurations, both
-# paths, every cluster size, the tensor-core kernel and both whole-GPU kernels
+# paths, every cluster size, the tensor-core kernel (and its trial variants) and both whole-GPU kernels
 # (compute-sanitizer is slow: bounded, and reported, not fatal on timeout).
 if command -v compute-sanitizer >/dev/null && [ "${GPU_CHECK_SANITIZER:-1}" = 1 ]; then
   stage "compute-sanitizer memcheck (bounded to 60 s)"
   TUCKER_OPS_TEST_DEVICES=cuda timeout 60 compute-sanitizer --tool memcheck --error-exitcode 3 \
     "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py \
-    -k "random_configurations and (cuda-0] or cuda-1] or cuda-2] or cuda-3] or cuda-4] or cuda-5] or cuda-8]) or row_blocks_and_output_splits and tucker2 and cuda-9- or every_cluster_size and float32 and (resnet or dilated) or tensor_core_kernel and contiguous and (odd_sizes or ranks_128 or dilated) or linear_whole_gpu_kernel and cuda-torch.float32 and tucker2 or linear_whole_gpu_kernel and cuda-torch.bfloat16 and wide and tucker2 or conv_whole_gpu_kernel and cuda-torch.float32-resnet-tucker2-contiguous or conv_whole_gpu_kernel and cuda-torch.bfloat16-strided and channels_last" \
+    -k "random_configurations and (cuda-0] or cuda-1] or cuda-2] or cuda-3] or cuda-4] or cuda-5] or cuda-8]) or row_blocks_and_output_splits and tucker2 and cuda-9- or every_cluster_size and float32 and (resnet or dilated) or tensor_core_kernel and contiguous and (odd_sizes or ranks_128 or dilated) or linear_whole_gpu_kernel and cuda-torch.float32 and tucker2 or linear_whole_gpu_kernel and cuda-torch.bfloat16 and wide and tucker2 or conv_whole_gpu_kernel and cuda-torch.float32-resnet-tucker2-contiguous or conv_whole_gpu_kernel and cuda-torch.bfloat16-strided and channels_last or trial_switches and (bfloat16 and (odd_sizes or dilated or many_tiles) or float32 and odd_sizes)" \
     >"$LOGS/gpu_check_sanitizer.log" 2>&1
   rc=$?
   grep -E "Invalid|ERROR SUMMARY|passed|failed" "$LOGS/gpu_check_sanitizer.log" | tail -n 15
