@@ -43,7 +43,7 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import CASES, Case, chain_macs, target_lines  # noqa: E402
+from bench_gpu import CASES, Case, chain_macs, geomean, target_lines  # noqa: E402
 from fit_grid_model import CPP_MODEL, ELEMENT_SIZE, elements, nonnegative_fit  # noqa: E402
 from fit_tc_model import CPP as TC_CPP, predict as tc_predict, tc_terms  # noqa: E402
 
@@ -141,6 +141,15 @@ def linear_fused_captured(c: Case, dtype: str, batch: int) -> bool:
             and dtype == "float32")
 
 
+def fused_prediction(c: Case, dtype: str, batch: int, cuda_core_seconds: float) -> float:
+    """The tile kernel's predicted seconds as choose_fused_conv gives them: the tensor-core
+    model where it applies, else (here) the CUDA-core kernel's replay time in run 6."""
+    terms = tc_terms(c, dtype, batch)
+    if terms is None:
+        return cuda_core_seconds
+    return tc_predict(terms, TC_CPP["round_seconds"], TC_CPP["macs_per_second_per_block"])
+
+
 def chosen_path(c: Case, dtype: str, batch: int, chain_cost: float, cuda_core_seconds: float) -> str:
     """The op's eager forward path for a row: "chain", "kernel" (a fused tile kernel)
     or "grid" (the whole-GPU kernel), as the C++ rule picks it for this chain cost."""
@@ -149,9 +158,7 @@ def chosen_path(c: Case, dtype: str, batch: int, chain_cost: float, cuda_core_se
             return "kernel"
         grid = max(GRID_HOST_SECONDS, grid_seconds(c, dtype, batch))
         return "grid" if grid < chain_cost else "chain"
-    terms = tc_terms(c, dtype, batch)
-    fused = (tc_predict(terms, TC_CPP["round_seconds"], TC_CPP["macs_per_second_per_block"]) if terms is not None
-             else cuda_core_seconds)
+    fused = fused_prediction(c, dtype, batch, cuda_core_seconds)
     fused_cost = max(FUSED_HOST_SECONDS, fused) if math.isfinite(fused) else math.inf
     if grid_applies(c, dtype) and max(GRID_HOST_SECONDS, grid_seconds(c, dtype, batch)) < min(fused_cost, chain_cost):
         return "grid"
@@ -187,15 +194,6 @@ def replay(rows: list[dict], graph_rows: list[dict], chain_cost: ChainCost) -> l
     return out
 
 
-def fused_prediction(c: Case, dtype: str, batch: int, cuda_core_seconds: float) -> float:
-    """The tile kernel's predicted seconds as choose_fused_conv gives them: the tensor-core
-    model where it applies, else (here) the CUDA-core kernel's replay time in run 6."""
-    terms = tc_terms(c, dtype, batch)
-    if terms is None:
-        return cuda_core_seconds
-    return tc_predict(terms, TC_CPP["round_seconds"], TC_CPP["macs_per_second_per_block"])
-
-
 def replay_capture(graph_rows: list[dict], run6_rows: list[dict], per_call: float,
                    kind: str = "conv") -> dict[str, float]:
     """The capture rules on the rows of a --graphs table of one layer kind: for conv
@@ -218,10 +216,6 @@ def replay_capture(graph_rows: list[dict], run6_rows: list[dict], per_call: floa
         if kernel:
             gains.append(r["chain_ms"] / r["kernel_ms"])
         vs_seq.append(r["sequential_ms"] / (r["kernel_ms"] if kernel else r["chain_ms"]))
-
-    def geomean(v: list[float]) -> float:
-        return math.exp(sum(map(math.log, v)) / len(v)) if v else math.nan
-
     return {"picks": len(gains), "gain": geomean(gains), "worst": min(gains, default=math.nan),
             "vs_seq": geomean(vs_seq), "vs_seq_min": min(vs_seq, default=math.nan)}
 
@@ -241,8 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.capture is not None:
         tables = args.capture or sorted(RUNS.glob("2026-11-28_run*_graphs.json"))
         run6 = json.loads(DEFAULT_GRAPHS.read_text(encoding="utf-8"))
+        cases = {c.name: c for c in CASES}
         for table in tables:
             rows = json.loads(table.read_text(encoding="utf-8"))
+            for n in (2, 3):  # the floor's evidence: the least replay per chain call
+                per_call = [r["chain_ms"] / n for r in rows if cases[r["case"]].kind == "conv"
+                            and calls(cases[r["case"]]) == n]
+                if per_call:
+                    print(f"{table.name}, conv chains of {n} calls: least replay {min(per_call) * 1e3:.1f} us per call")
             prices = ["cpp", *(p for p in args.replay_prices.split(",") if p)]
             runs = [("conv", p) for p in prices] + [("linear", "cpp")]
             for kind, price in runs:

@@ -186,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             subset = [(r, t) for r, t in used if r["dtype"] == dtype]
             lo, hi = ratio_range(subset, rs, mr)
             print(f"  {name} model / measured, {dtype}: {lo:.2f}-{hi:.2f}x")
+    # The packing pass's share of the kernel (its held term against the measured time).
+    large = [t.pack / r["seconds"] for r, t in used if r["batch"] >= 32]
+    if large:
+        print(f"  packing term / measured, batch >= 32: {min(large):.2f}-{max(large):.2f}")
     return 0
 
 

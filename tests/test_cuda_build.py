@@ -65,17 +65,23 @@ def _nvcc() -> str:
     return found
 
 
+def _compile_for_sm90(source: str, output: Path, *flags: str) -> subprocess.CompletedProcess:
+    """nvcc on csrc/cuda/<source> for sm_90 with `flags` (-ptx, -cubin, ...) into `output`."""
+    root = Path(__file__).resolve().parents[1]
+    includes = [f"-I{p}" for p in [str(root / "csrc"), *cpp_extension.include_paths()]]
+    cmd = [_nvcc(), *flags, "-arch=sm_90", "-std=c++20", "--expt-relaxed-constexpr", *includes,
+           str(root / "csrc" / "cuda" / source), "-o", str(output)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.fixture(scope="module")
 def tile_kernel_ptx(tmp_path_factory: pytest.TempPathFactory) -> str:
     """conv_fused_tc.cu compiled to PTX for sm_90 (no GPU needed; about 15 s)."""
     _with_cuda()
-    root = Path(__file__).resolve().parents[1]
     ptx = tmp_path_factory.mktemp("ptx") / "conv_fused_tc.ptx"
-    includes = [f"-I{p}" for p in [str(root / "csrc"), *cpp_extension.include_paths()]]
-    cmd = [_nvcc(), "-ptx", "-arch=sm_90", "-std=c++20", "--expt-relaxed-constexpr", *includes,
-           str(root / "csrc" / "cuda" / "conv_fused_tc.cu"), "-o", str(ptx)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _compile_for_sm90("conv_fused_tc.cu", ptx, "-ptx")
     return ptx.read_text()
 
 
@@ -129,12 +135,7 @@ def test_tensor_core_kernel_moves_sixteen_bytes_per_lane(tile_kernel_ptx: str) -
 
 def _spill_stores(source: str, tmp_path: Path) -> dict[str, int]:
     """ptxas's spill stores (bytes) per kernel of csrc/cuda/<source>, compiled for sm_90."""
-    root = Path(__file__).resolve().parents[1]
-    includes = [f"-I{p}" for p in [str(root / "csrc"), *cpp_extension.include_paths()]]
-    cmd = [_nvcc(), "-cubin", "-arch=sm_90", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas", "-v", *includes,
-           str(root / "csrc" / "cuda" / source), "-o", str(tmp_path / "kernel.cubin")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _compile_for_sm90(source, tmp_path / "kernel.cubin", "-cubin", "-Xptxas", "-v")
     found = re.findall(r"Function properties for (\w+)\s+\d+ bytes stack frame, (\d+) bytes spill stores",
                        done.stderr)
     return {name: int(stores) for name, stores in found}

@@ -106,8 +106,12 @@ bool current_stream_is_capturing();
 constexpr double kChainCallSeconds = 24e-6;
 constexpr double kFusedHostSeconds = 15e-6;
 constexpr double kGridHostSeconds = 18e-6;
+// The unfused chain's calls: the core, plus one per 1x1 stage / factor product.
+inline double chain_calls(bool has_first, bool has_last) {
+  return 1.0 + (has_first ? 1.0 : 0.0) + (has_last ? 1.0 : 0.0);
+}
 inline double eager_chain_seconds(bool has_first, bool has_last) {
-  return kChainCallSeconds * (1.0 + (has_first ? 1.0 : 0.0) + (has_last ? 1.0 : 0.0));
+  return kChainCallSeconds * chain_calls(has_first, has_last);
 }
 
 // What a CUDA-graph replay of the unfused chain costs at least: no host time,
@@ -117,7 +121,7 @@ inline double eager_chain_seconds(bool has_first, bool has_last) {
 // whatever the chain's own work.
 constexpr double kChainReplayCallSeconds = 6e-6;
 inline double replay_chain_floor_seconds(bool has_first, bool has_last) {
-  return kChainReplayCallSeconds * (1.0 + (has_first ? 1.0 : 0.0) + (has_last ? 1.0 : 0.0));
+  return kChainReplayCallSeconds * chain_calls(has_first, has_last);
 }
 
 // compute(device) for the current device, run once per device and process:

@@ -229,12 +229,14 @@ __device__ __forceinline__ void store_eight(S* dst, const float (&v)[8], bool ro
   }
 }
 
-// kW (1, 2 or 4) consecutive values into global memory aligned to their size,
-// in the storage type S, as one evict-first store (as store_eight's).
+// kW (1, 2, 4 or 8) consecutive values into global memory aligned to their
+// size, in the storage type S, as one evict-first store (two for eight floats).
 template <int kW, typename S>
 __device__ __forceinline__ void store_run(S* dst, const float (&v)[kW]) {
-  static_assert(kW == 1 || kW == 2 || kW == 4, "store_eight writes eight");
-  if constexpr (std::is_same_v<S, float>) {
+  static_assert(kW == 1 || kW == 2 || kW == 4 || kW == 8, "a run of 1, 2, 4 or 8");
+  if constexpr (kW == 8) {
+    store_eight<true>(dst, v, false);
+  } else if constexpr (std::is_same_v<S, float>) {
     if constexpr (kW == 4) {
       __stcs(reinterpret_cast<float4*>(dst), make_float4(v[0], v[1], v[2], v[3]));
     } else if constexpr (kW == 2) {
@@ -455,10 +457,11 @@ __global__ void __launch_bounds__(kPackThreads) pack_tc_operands_tiled_kernel(
 
 // Step 3's output for one 16-pixel row of a tile and 16 channels, from
 // `scratch` (column-major: scratch[channel * 16 + pixel]) plus bias: kW
-// pixels of one channel per lane and store, 16 / kW lanes per channel row,
-// consecutive lanes on consecutive pixels. W_out is a multiple of kW and the
-// tile starts at a multiple of 16, so a lane's kW pixels are all in the image
-// or all past it, and their address is aligned to their size.
+// pixels of one channel per lane and store (kW = 8: lane l writes pixels
+// 8 (l % 2).. of channel l / 2 as one 16-byte vector), 16 / kW lanes per
+// channel row, consecutive lanes on consecutive pixels. W_out is a multiple of
+// kW and the tile starts at a multiple of 16, so a lane's kW pixels are all in
+// the image or all past it, and their address is aligned to their size.
 template <int kW, typename T>
 __device__ __forceinline__ void write_output_runs(const float* scratch, int lane, T* yn, const T* bias, int64_t co0,
                                                   int64_t co_end, int64_t oh, int64_t ow0, const Conv2dSizes& s,
@@ -474,8 +477,14 @@ __device__ __forceinline__ void write_output_runs(const float* scratch, int lane
     if (co < co_end) {
       const float b = bias ? static_cast<float>(bias[co]) : 0.0f;
       float v[kW];
+      if constexpr (kW == 8) {
+        load_eight(v, scratch + c * 16 + px);
+      } else {
 #pragma unroll
-      for (int i = 0; i < kW; ++i) v[i] = scratch[c * 16 + px + i] + b;
+        for (int i = 0; i < kW; ++i) v[i] = scratch[c * 16 + px + i];
+      }
+#pragma unroll
+      for (int i = 0; i < kW; ++i) v[i] += b;
       store_run<kW>(yn + co * HWo + oh * s.W_out + ow, v);
     }
   }
@@ -763,27 +772,13 @@ __global__ void __launch_bounds__(kThreads, 2) fused_conv_tc_kernel(
           wmma::mma_sync(acc, a, b, acc);
         }
         const int64_t oh = oh0 + y;
-        if (plan.out_run == 8) {
-          // Lane l writes pixels 8 (l % 2).. of channel l / 2 as one vector:
-          // W_out is a multiple of 8, so those eight pixels are all in the
-          // image or all past it, and their address is 16-byte aligned.
-          store_shared_accumulator<true>(scratch, acc, 16);  // scratch[channel * 16 + pixel]
-          __syncwarp();
-          const int c = lane / 2, half = lane % 2;
-          const int64_t co = cb + ct * 16 + c, ow = ow0 + 8 * half;
-          if (co < co_end && oh < s.H_out && ow < s.W_out) {
-            const float b = bias ? static_cast<float>(bias[co]) : 0.0f;
-            float v[8];
-            load_eight(v, scratch + c * 16 + 8 * half);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) v[i] += b;
-            store_eight<true>(yn + co * HWo + oh * s.W_out + ow, v, false);
-          }
-        } else if (plan.out_run > 0) {
+        if (plan.out_run > 0) {
           store_shared_accumulator<true>(scratch, acc, 16);  // scratch[channel * 16 + pixel]
           __syncwarp();
           const int64_t co0 = cb + ct * 16;
-          if (plan.out_run == 4) {
+          if (plan.out_run == 8) {
+            write_output_runs<8>(scratch, lane, yn, bias, co0, co_end, oh, ow0, s, HWo);
+          } else if (plan.out_run == 4) {
             write_output_runs<4>(scratch, lane, yn, bias, co0, co_end, oh, ow0, s, HWo);
           } else if (plan.out_run == 2) {
             write_output_runs<2>(scratch, lane, yn, bias, co0, co_end, oh, ow0, s, HWo);
